@@ -472,7 +472,7 @@ def load(path, dtype=None, device="cpu", tokenizer=True):
     model.name_or_path = str(folder)
     if not tokenizer:
         return model
-    from data import load_tokenizer  # the tokenizer lives with the rest of the text handling
+    from chat import load_tokenizer  # the tokenizer lives with the rest of the text handling
     return model, load_tokenizer(folder)
 
 

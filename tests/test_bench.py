@@ -3,7 +3,7 @@ import pytest
 import torch
 
 import bench
-from data import get_chat_format
+from chat import get_chat_format
 from evaluate import eval_ab, eval_truthfulqa_mc
 from model import load
 from probes import opinion_probes

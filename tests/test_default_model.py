@@ -2,7 +2,7 @@
 import pytest
 import torch
 
-from data import get_chat_format
+from chat import get_chat_format
 from model import generate, load
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",

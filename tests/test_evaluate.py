@@ -5,7 +5,8 @@ import pytest
 import torch
 
 import evaluate as ev
-from data import get_chat_format
+import score
+from chat import get_chat_format
 from model import load
 
 
@@ -36,7 +37,7 @@ def test_option_logprobs_equal_full_forward(setup):
     options = [[tok.encode(" Paris"), tok.encode(" Lyon is wrong"), tok.encode("!")],
                [tok.encode(" world"), tok.encode(" 12 345 café")],
                [tok.encode(" yes"), tok.encode(" no, that's wrong"), tok.encode(" sure"), tok.encode(" ?")]]
-    got = ev.option_logprobs(model, contexts, options, token_budget=40)   # small budget: several batches
+    got = score.option_logprobs(model, contexts, options, token_budget=40)   # small budget: several batches
     for c, opts, g in zip(contexts, options, got):
         for o, v in zip(opts, g):
             assert abs(v - hf_loglik(hf, c, o)) <= 1e-4
@@ -54,7 +55,7 @@ def test_truthfulqa_mc1_mc2_equal_reference(setup):
     mc1s, mc2s = [], []
     for it, row in zip(items, rows):
         ctx = f"{ev.TQA_PRIMER}\n\nQ: {it['question']}\nA:"
-        ll = lambda o: hf_loglik(hf, *ev.split_continuation(tok, ctx, " " + o))   # noqa: E731
+        ll = lambda o: hf_loglik(hf, *score.split_continuation(tok, ctx, " " + o))   # noqa: E731
         l1 = [ll(o) for o in it["mc1"]["options"]]
         l2 = [ll(o) for o in it["mc2"]["options"]]
         mc1 = l1.index(max(l1)) in it["mc1"]["correct"]
@@ -75,7 +76,7 @@ def test_hellaswag_acc_norm_equals_reference(setup):
               "correct": [1]}]
     rows, metrics = ev.eval_hellaswag(model, tok, items)
     for it, row in zip(items, rows):
-        ll = [hf_loglik(hf, *ev.split_continuation(tok, it["question"], " " + o)) for o in it["options"]]
+        ll = [hf_loglik(hf, *score.split_continuation(tok, it["question"], " " + o)) for o in it["options"]]
         norm = [v / len(" " + o) for v, o in zip(ll, it["options"])]
         assert row["acc"] == (ll.index(max(ll)) == it["correct"][0])
         assert row["acc_norm"] == (norm.index(max(norm)) == it["correct"][0])
@@ -94,11 +95,11 @@ def test_ab_p_match_equals_reference(setup, convention):
     want = []
     for it in items:
         if convention == "caa":
-            p = hf_next_probs(hf, tok.encode(fmt(ev.user(it["question"]), prefill="(")))
-            q = [p[ev.letter_ids(tok, [x])[0]].item() for x in it["letters"]]
+            p = hf_next_probs(hf, tok.encode(fmt(score.user(it["question"]), prefill="(")))
+            q = [p[score.letter_ids(tok, [x])[0]].item() for x in it["letters"]]
         else:
-            ctx = fmt(ev.user(it["question"]), prefill="I believe the best answer is")
-            q = [math.exp(hf_loglik(hf, *ev.split_continuation(tok, ctx, f" ({x})"))) for x in it["letters"]]
+            ctx = fmt(score.user(it["question"]), prefill="I believe the best answer is")
+            q = [math.exp(hf_loglik(hf, *score.split_continuation(tok, ctx, f" ({x})"))) for x in it["letters"]]
         want.append(q[it["letters"].index(it["match"])] / sum(q))
     assert [abs(r["p_match"] - w) <= 1e-4 for r, w in zip(rows, want)] == [True, True]
     assert abs(metrics["p_match"]["value"] - sum(want) / 2) <= 1e-4
@@ -116,7 +117,7 @@ def test_mmlu_letter_prediction_and_shots(setup):
     prompt = ("The following are multiple choice questions (with answers) about geo.\n\n"
               "Capital of France?\nA. Paris\nB. Lyon\nC. no\nD. yes\nAnswer: A\n\n"
               "Are you sure?\nA. yes\nB. no\nC. right\nD. wrong\nAnswer:")
-    ll = [hf_loglik(hf, *ev.split_continuation(tok, prompt, f" {x}")) for x in "ABCD"]
+    ll = [hf_loglik(hf, *score.split_continuation(tok, prompt, f" {x}")) for x in "ABCD"]
     assert rows[0]["pred"] == "ABCD"[ll.index(max(ll))]
     assert metrics["accuracy"]["value"] == float(rows[0]["pred"] == "C")
 
@@ -153,7 +154,7 @@ QA = [{"id": f"q{i}", "question": q, "options": opts, "correct": [0]} for i, (q,
 @pytest.mark.parametrize("reply,word", [(" Yes.", "yes"), ("(B)", "b"), ("no", "no"), ("Yes, because", None),
                                         ("maybe", None), ("", None)])
 def test_judge_reply_is_parsed_strictly(reply, word):
-    assert ev.parse_word(reply, ("yes", "no", "a", "b")) == word
+    assert score.parse_word(reply, ("yes", "no", "a", "b")) == word
 
 
 def test_answer_probes_letters_equal_reference(setup):
@@ -163,7 +164,7 @@ def test_answer_probes_letters_equal_reference(setup):
     rows, metrics = ev.eval_answer(model, tok, fmt, items)
     for it, row in zip(items, rows):
         p = hf_next_probs(hf, tok.encode(fmt(it["messages"], prefill=probes.MC_PREFILL)))
-        want = max(it["letters"], key=lambda x: p[ev.letter_ids(tok, [x])[0]].item())
+        want = max(it["letters"], key=lambda x: p[score.letter_ids(tok, [x])[0]].item())
         assert row["answer"] == want and row["correct"] == (want == it["correct_letter"])
     plain = {r["base_id"]: r["correct"] for r in rows if r["template"] == "plain"}
     inc = {r["base_id"]: r["correct"] for r in rows if r["template"] == "suggest_incorrect"}

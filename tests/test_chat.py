@@ -1,4 +1,4 @@
-"""data.py: chat formats against the official jinja templates; token ids against transformers and sentencepiece.
+"""chat.py: chat formats against the official jinja templates; token ids against transformers and sentencepiece.
 
 The templates below are verbatim copies of each model's tokenizer_config.json "chat_template" value, written as
 Python literals (so "\\n" inside a jinja string literal is jinja's own escape, as in the JSON file).
@@ -14,7 +14,7 @@ import jinja2.ext
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-import data
+import chat
 from conftest import corpus, make_bpe_tokenizer
 
 # meta-llama/Llama-2-7b-chat-hf tokenizer_config.json#L12, as copied (dated 05/08/24) in guidance-ai/guidance,
@@ -83,7 +83,7 @@ CONVERSATIONS = {
 @pytest.mark.parametrize("name", list(OFFICIAL))
 def test_chat_format_equals_official_template(name, conv, agp):
     messages = CONVERSATIONS[conv]
-    assert data.CHAT_FORMATS[name](messages, add_generation_prompt=agp) == render(name, messages, agp)
+    assert chat.CHAT_FORMATS[name](messages, add_generation_prompt=agp) == render(name, messages, agp)
 
 
 @pytest.mark.parametrize("conv", ["single", "system", "multi_turn"])
@@ -93,29 +93,29 @@ def test_prefill_equals_template_cut_after_partial_assistant(name, conv):
     messages = CONVERSATIONS[conv]
     full = render(name, messages + [msg("assistant", "(")], add_generation_prompt=False)
     expected = full[: full.rindex("(") + 1]
-    assert data.CHAT_FORMATS[name](messages, prefill="(") == expected
-    assert data.CHAT_FORMATS[name](messages, add_generation_prompt=False, prefill="(") == expected  # prefill opens it
+    assert chat.CHAT_FORMATS[name](messages, prefill="(") == expected
+    assert chat.CHAT_FORMATS[name](messages, add_generation_prompt=False, prefill="(") == expected  # prefill opens it
 
 
 def test_known_strings():
     # Spelled out once, so a reader sees each format without running jinja.
-    assert data.llama2([SYSTEM, msg("user", "Hi")]) == \
+    assert chat.llama2([SYSTEM, msg("user", "Hi")]) == \
         "<s>[INST] <<SYS>>\nYou are a careful assistant.\nAnswer briefly.\n<</SYS>>\n\nHi [/INST]"
-    assert data.llama2([msg("user", "Hi"), msg("assistant", "Yo"), msg("user", "Sure?")], prefill="(") == \
+    assert chat.llama2([msg("user", "Hi"), msg("assistant", "Yo"), msg("user", "Sure?")], prefill="(") == \
         "<s>[INST] Hi [/INST] Yo </s><s>[INST] Sure? [/INST] ("
-    assert data.mistral([msg("user", "Hi"), msg("assistant", "Yo")]) == "<s> [INST] Hi [/INST] Yo</s>"
-    assert data.zephyr([msg("system", "S"), msg("user", "Hi")]) == \
+    assert chat.mistral([msg("user", "Hi"), msg("assistant", "Yo")]) == "<s> [INST] Hi [/INST] Yo</s>"
+    assert chat.zephyr([msg("system", "S"), msg("user", "Hi")]) == \
         "<|system|>\nS</s>\n<|user|>\nHi</s>\n<|assistant|>\n"
-    assert data.chatml([msg("user", "Hi")]) == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "
+    assert chat.chatml([msg("user", "Hi")]) == ("<|im_start|>system\nYou are a helpful AI assistant named SmolLM, "
                                                 "trained by Hugging Face<|im_end|>\n<|im_start|>user\nHi<|im_end|>\n"
                                                 "<|im_start|>assistant\n")
-    assert data.llama3([msg("user", "Hi")], add_generation_prompt=False) == \
+    assert chat.llama3([msg("user", "Hi")], add_generation_prompt=False) == \
         "<|begin_of_text|><|start_header_id|>user<|end_header_id|>\n\nHi<|eot_id|>"
 
 
 @pytest.mark.parametrize("name", list(OFFICIAL))
 def test_bad_conversations_are_clear_errors(name):
-    fmt = data.CHAT_FORMATS[name]
+    fmt = chat.CHAT_FORMATS[name]
     alternates = OFFICIAL[name][3]
     for bad in ([Q1, Q2], [A1, Q1], [SYSTEM, A1]):
         if alternates:  # both the official template and ours refuse
@@ -136,9 +136,9 @@ def test_bad_conversations_are_clear_errors(name):
 
 
 def test_get_chat_format():
-    assert data.get_chat_format("llama3") is data.llama3
+    assert chat.get_chat_format("llama3") is chat.llama3
     with pytest.raises(ValueError, match="unknown chat format 'vicuna'; known: llama2, mistral"):
-        data.get_chat_format("vicuna")
+        chat.get_chat_format("vicuna")
 
 
 def test_smollm2_template_is_the_one_in_the_embedded_gguf():
@@ -160,26 +160,26 @@ def write_json(folder, name, obj):
 @pytest.mark.parametrize("name", list(OFFICIAL))
 def test_detect_from_template(tmp_path, name):
     write_json(tmp_path, "tokenizer_config.json", {"chat_template": OFFICIAL[name][0]})
-    assert data.detect_chat_format(tmp_path) == name
+    assert chat.detect_chat_format(tmp_path) == name
 
 
 def test_detect_precedence_and_fallbacks(tmp_path):
     write_json(tmp_path / "a", "tokenizer_config.json", {"chat_template": LLAMA3_TEMPLATE, "chat_format": "zephyr"})
-    assert data.detect_chat_format(tmp_path / "a") == "zephyr"  # explicit key wins
+    assert chat.detect_chat_format(tmp_path / "a") == "zephyr"  # explicit key wins
     write_json(tmp_path / "b", "tokenizer_config.json", {"chat_format": "nope"})
     with pytest.raises(ValueError, match="unknown chat format 'nope'"):
-        data.detect_chat_format(tmp_path / "b")
+        chat.detect_chat_format(tmp_path / "b")
     named = [{"name": "tool_use", "template": "x"}, {"name": "default", "template": LLAMA2_TEMPLATE}]
     write_json(tmp_path / "c", "tokenizer_config.json", {"chat_template": named})
-    assert data.detect_chat_format(tmp_path / "c") == "llama2"
+    assert chat.detect_chat_format(tmp_path / "c") == "llama2"
     (tmp_path / "d").mkdir()
     (tmp_path / "d" / "chat_template.jinja").write_text(ZEPHYR_TEMPLATE)
-    assert data.detect_chat_format(tmp_path / "d") == "zephyr"
+    assert chat.detect_chat_format(tmp_path / "d") == "zephyr"
     write_json(tmp_path / "e", "config.json", {"model_type": "mistral"})
-    assert data.detect_chat_format(tmp_path / "e") == "mistral"
+    assert chat.detect_chat_format(tmp_path / "e") == "mistral"
     write_json(tmp_path / "f", "config.json", {"model_type": "gpt2"})
     with pytest.raises(ValueError, match="--chat_format=NAME"):
-        data.detect_chat_format(tmp_path / "f")
+        chat.detect_chat_format(tmp_path / "f")
 
 
 # --- tokenizers: tokenizer.json (byte-level BPE, like SmolLM2) ------------------------------------------------
@@ -202,23 +202,23 @@ def hf_ids(hf_tokenizer, messages, template, **kw):
 def test_tokenizer_json_ids_equal_transformers(bpe_folder, conv):
     import transformers
     ref = transformers.PreTrainedTokenizerFast(tokenizer_file=str(bpe_folder / "tokenizer.json"))
-    tok = data.load_tokenizer(bpe_folder)
+    tok = chat.load_tokenizer(bpe_folder)
     messages = CONVERSATIONS[conv]
     for agp in (True, False):
-        ours = tok.encode(data.chatml(messages, add_generation_prompt=agp))
+        ours = tok.encode(chat.chatml(messages, add_generation_prompt=agp))
         assert ours == hf_ids(ref, messages, SMOLLM2_TEMPLATE, add_generation_prompt=agp)
     if messages[-1]["role"] == "user":  # prefill == transformers' continue_final_message
-        ours = tok.encode(data.chatml(messages, prefill="("))
+        ours = tok.encode(chat.chatml(messages, prefill="("))
         assert ours == hf_ids(ref, messages + [msg("assistant", "(")], SMOLLM2_TEMPLATE, continue_final_message=True)
 
 
 def test_tokenizer_json_specials_and_decode(bpe_folder):
-    tok = data.load_tokenizer(bpe_folder)
+    tok = chat.load_tokenizer(bpe_folder)
     im_start, im_end, eot = (tok._id_of(s) for s in ("<|im_start|>", "<|im_end|>", "<|endoftext|>"))
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (im_start, im_end, im_end)
     assert tok.eos_ids == {im_end, eot}
     assert len(tok) == tok.vocab_size == 400
-    text = data.chatml([Q1])
+    text = chat.chatml([Q1])
     ids = tok.encode(text)
     assert ids.count(im_start) == 3 and tok.encode(text, bos=True) == [im_start] + ids
     assert tok.decode(ids) == text
@@ -230,16 +230,16 @@ def test_special_ids_fall_back_to_config_json(tmp_path, bpe_folder):
     (tmp_path / "tokenizer.json").write_bytes((bpe_folder / "tokenizer.json").read_bytes())
     write_json(tmp_path, "config.json", {"bos_token_id": 1, "eos_token_id": 2})
     write_json(tmp_path, "generation_config.json", {"eos_token_id": [2, 0]})
-    tok = data.load_tokenizer(tmp_path)
+    tok = chat.load_tokenizer(tmp_path)
     assert (tok.bos_id, tok.eos_id, tok.pad_id) == (1, 2, 2)
     assert tok.eos_ids == {0, 2}
 
 
 def test_missing_tokenizer_is_a_clear_error(tmp_path):
     with pytest.raises(FileNotFoundError, match=re.escape(f"{tmp_path}: no tokenizer.json or tokenizer.model")):
-        data.load_tokenizer(tmp_path)
+        chat.load_tokenizer(tmp_path)
     with pytest.raises(FileNotFoundError, match="does not exist"):
-        data.load_tokenizer(tmp_path / "nowhere")
+        chat.load_tokenizer(tmp_path / "nowhere")
 
 
 # --- sentencepiece: tokenizer.model (Llama-2 / Mistral) -------------------------------------------------------
@@ -291,16 +291,16 @@ def meta_llama2_ids(sp, dialog):
 def test_sentencepiece_ids_equal_transformers_and_meta(sp_folder, conv):
     import sentencepiece as spm
     sp = spm.SentencePieceProcessor(model_file=str(sp_folder / "tokenizer.model"))
-    ref, tok = slow_reference(sp_folder), data.load_tokenizer(sp_folder)
+    ref, tok = slow_reference(sp_folder), chat.load_tokenizer(sp_folder)
     messages = CONVERSATIONS[conv]
-    ours = tok.encode(data.llama2(messages))
+    ours = tok.encode(chat.llama2(messages))
     assert ours == hf_ids(ref, messages, LLAMA2_TEMPLATE) == meta_llama2_ids(sp, messages)
-    assert tok.decode(ours) == data.llama2(messages)  # each chunk's dummy-prefix space is removed again
-    ours = tok.encode(data.mistral(messages))
+    assert tok.decode(ours) == chat.llama2(messages)  # each chunk's dummy-prefix space is removed again
+    ours = tok.encode(chat.mistral(messages))
     assert ours == hf_ids(ref, messages, MISTRAL_TEMPLATE)
-    assert tok.decode(ours) == data.mistral(messages)
+    assert tok.decode(ours) == chat.mistral(messages)
     if messages[-1]["role"] == "user":
-        assert tok.encode(data.llama2(messages, prefill="(")) == \
+        assert tok.encode(chat.llama2(messages, prefill="(")) == \
             hf_ids(ref, messages + [msg("assistant", "(")], LLAMA2_TEMPLATE, continue_final_message=True)
 
 
@@ -308,13 +308,13 @@ def test_sentencepiece_ids_equal_transformers_fast_conversion(sp_folder):
     pytest.importorskip("google.protobuf")  # transformers 5 converts tokenizer.model to a fast tokenizer with it
     import transformers
     fast = transformers.LlamaTokenizer.from_pretrained(str(sp_folder), legacy=True)
-    tok = data.load_tokenizer(sp_folder)
+    tok = chat.load_tokenizer(sp_folder)
     for messages in CONVERSATIONS.values():
-        assert tok.encode(data.llama2(messages)) == hf_ids(fast, messages, LLAMA2_TEMPLATE)
+        assert tok.encode(chat.llama2(messages)) == hf_ids(fast, messages, LLAMA2_TEMPLATE)
 
 
 def test_sentencepiece_specials(sp_folder):
-    tok = data.load_tokenizer(sp_folder)
+    tok = chat.load_tokenizer(sp_folder)
     assert (tok.bos_id, tok.eos_id, tok.pad_id, tok.eos_ids) == (1, 2, 2, {2})
     assert len(tok) == tok.vocab_size == 450
     ids = tok.encode("<s>[INST] Paris</s>")
@@ -329,7 +329,7 @@ def test_sentencepiece_added_tokens_and_legacy_warning(tmp_path, sp_folder):
     write_json(tmp_path, "tokenizer_config.json", {"legacy": False, "pad_token": "<pad>",
                                                    "added_tokens_decoder": {"450": {"content": "<pad>"}}})
     with pytest.warns(UserWarning, match="legacy=false"):
-        tok = data.load_tokenizer(tmp_path)
+        tok = chat.load_tokenizer(tmp_path)
     assert (tok.bos_id, tok.eos_id, tok.pad_id, len(tok)) == (1, 2, 450, 451)
     ids = tok.encode("Paris<pad><pad>")
     assert ids[-2:] == [450, 450] and tok.token_str(450) == "<pad>"

@@ -154,23 +154,23 @@ def provenance(cfg, model_dir: Path, chat_format: str, data_files=()) -> dict:
                 torch=torch.__version__, numpy=np.__version__)
 
 
-def write_result(out_dir, name: str, result: dict) -> Path:
-    """Write OUT/<name>-<YYYYmmdd-HHMMSS>[-k].json: never overwriting, never leaving a partial file.
+def publish(out_dir, name: str, suffix: str, payload: bytes, stamp: bool = True) -> Path:
+    """Write OUT/<name>-<YYYYmmdd-HHMMSS>[-k]<suffix> (or OUT/<name><suffix> with stamp=False): never overwriting,
+    never leaving a partial file.
 
-    The JSON goes to a private temp file in the same folder (so the last step stays on one filesystem), is
-    fsynced, then os.link gives it its final name: link fails if the name exists, so two writers finishing in the
-    same second get -2, -3, ... instead of replacing each other (exists() then os.replace has that race). An
-    OSError on the way (a full disk) removes the temp file and is raised again naming the destination.
-    Afterwards OUT/<name>.partial.jsonl (see Checkpoint) is deleted: its rows now live in the result."""
+    The bytes go to a private temp file in the same folder (so the last step stays on one filesystem), are
+    fsynced, then os.link gives them their final name: link fails if the name exists, so two writers finishing in
+    the same second get -2, -3, ... instead of replacing each other (exists() then os.replace has that race); an
+    unstamped name that exists is an error. An OSError on the way (a full disk) removes the temp file and is
+    raised again naming the destination."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    text = json.dumps(result, indent=1, ensure_ascii=False)  # first: an unserializable value touches no file
-    stamp = time.strftime("%Y%m%d-%H%M%S")
-    dest = out_dir / f"{name}-{stamp}.json"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}-", suffix=".json.tmp")
+    base = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}" if stamp else name
+    dest = out_dir / f"{base}{suffix}"
+    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}-", suffix=f"{suffix}.tmp")
     try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
+        with os.fdopen(fd, "wb") as f:
+            f.write(payload)
             f.flush()
             os.fsync(f.fileno())
         for k in itertools.count(2):
@@ -178,13 +178,25 @@ def write_result(out_dir, name: str, result: dict) -> Path:
                 os.link(tmp, dest)
                 break
             except FileExistsError:
-                dest = out_dir / f"{name}-{stamp}-{k}.json"
+                if not stamp:
+                    raise FileExistsError(f"{dest} exists; refusing to overwrite it") from None
+                dest = out_dir / f"{base}-{k}{suffix}"
     except OSError as e:
-        msg = f"could not write the result {dest} ({e}); no partial file was left"
+        if isinstance(e, FileExistsError):
+            raise
+        msg = f"could not write {dest} ({e}); no partial file was left"
         raise (OSError(e.errno, msg) if e.errno else OSError(msg)) from e
     finally:
         Path(tmp).unlink(missing_ok=True)
-    (out_dir / f"{name}.partial.jsonl").unlink(missing_ok=True)
+    return dest
+
+
+def write_result(out_dir, name: str, result: dict) -> Path:
+    """Write OUT/<name>-<time>.json with publish (never overwriting, never partial); then delete
+    OUT/<name>.partial.jsonl (see Checkpoint): its rows now live in the result."""
+    text = json.dumps(result, indent=1, ensure_ascii=False)  # first: an unserializable value touches no file
+    dest = publish(out_dir, name, ".json", text.encode("utf-8"))
+    (Path(out_dir) / f"{name}.partial.jsonl").unlink(missing_ok=True)
     return dest
 
 

@@ -96,3 +96,17 @@ def tiny_chat(tmp_path_factory):
     folder = save_hf_model(hf, tmp_path_factory.mktemp("tiny-chat"))
     make_bpe_tokenizer(folder)
     return folder, hf
+
+
+def make_sp_tokenizer(folder: Path, vocab_size: int = 450) -> Path:
+    """A sentencepiece tokenizer.model with Llama-2's settings (BPE, byte fallback, identity normalization, dummy
+    prefix, whitespace kept), trained on the toy corpus. The caller writes tokenizer_config.json."""
+    import sentencepiece as spm
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "corpus.txt").write_text("\n".join(corpus()), encoding="utf-8")
+    spm.SentencePieceTrainer.train(
+        input=str(folder / "corpus.txt"), model_prefix=str(folder / "tokenizer"), vocab_size=vocab_size,
+        model_type="bpe", byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=True,
+        remove_extra_whitespaces=False, split_digits=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
+        pad_id=-1, minloglevel=2)
+    return folder

@@ -5,7 +5,6 @@ Python literals (so "\\n" inside a jinja string literal is jinja's own escape, a
 """
 import importlib.util
 import json
-import random
 import re
 from pathlib import Path
 
@@ -15,7 +14,7 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 import chat
-from conftest import corpus, make_bpe_tokenizer
+from conftest import make_bpe_tokenizer, make_sp_tokenizer
 
 # meta-llama/Llama-2-7b-chat-hf tokenizer_config.json#L12, as copied (dated 05/08/24) in guidance-ai/guidance,
 # guidance/chat.py `llama2_template`.
@@ -246,14 +245,7 @@ def test_missing_tokenizer_is_a_clear_error(tmp_path):
 
 @pytest.fixture(scope="module")
 def sp_folder(tmp_path_factory):
-    import sentencepiece as spm
-    folder = tmp_path_factory.mktemp("spm")
-    (folder / "corpus.txt").write_text("\n".join(corpus()), encoding="utf-8")
-    # Llama-2's settings: BPE, byte fallback, identity normalization, dummy prefix, whitespace kept.
-    spm.SentencePieceTrainer.train(
-        input=str(folder / "corpus.txt"), model_prefix=str(folder / "tokenizer"), vocab_size=450, model_type="bpe",
-        byte_fallback=True, normalization_rule_name="identity", add_dummy_prefix=True, remove_extra_whitespaces=False,
-        split_digits=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2, pad_id=-1, minloglevel=2)
+    folder = make_sp_tokenizer(tmp_path_factory.mktemp("spm"))
     # As in Llama-2-7b-chat-hf: special tokens as {"content": ...} dicts.
     added = lambda s: {"__type": "AddedToken", "content": s, "lstrip": False, "normalized": False, "rstrip": False,
                        "single_word": False}

@@ -1,0 +1,253 @@
+"""Reading the residual stream: where to read (the answer-letter token, found by its text), recording
+activations at any hook site and layers, and contrastive steering vectors saved with their provenance.
+
+Used by steer.py (vectors, addition, ablation, sweeps) and geometry.py (predictivity, consistency, geometry).
+
+    pairs = ab_pairs(tok, fmt, items)                       # A/B items -> (matching, other) token ids + read index
+    pos, neg = record_pairs(model, pairs, layers)           # (N, L, D) each, fp32
+    vectors = make_vectors(pos, neg, "mean_diff")           # (L, D): mean of pos - neg, accumulated in fp64
+"""
+import hashlib
+import json
+from dataclasses import asdict
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load as st_load, save as st_save
+from tqdm import tqdm
+
+import data
+import probes
+import report
+from model import SITES, hooks, pad_left
+from score import batches_by_length, user
+
+def parse_layers(spec: str, n_layers: int, default=None) -> list[int]:
+    """"" -> default (or every layer); "3,9,15" or "4-12" (inclusive); negative numbers count from the end."""
+    if not spec:
+        return list(default if default is not None else range(n_layers))
+    out = []
+    for part in spec.split(","):
+        a, dash, b = part.strip().partition("-") if not part.strip().startswith("-") else (part.strip(), "", "")
+        idx = range(int(a), int(b) + 1) if dash else [int(a)]
+        for i in idx:
+            if not -n_layers <= i < n_layers:
+                raise ValueError(f"layer {i} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+            out.append(i % n_layers)
+    return sorted(set(out))
+
+
+# ------------------------------------------------------------------------------------------------- positions
+
+def assistant_header(tok, fmt) -> list[int]:
+    """Token ids that end every user turn and open the assistant's (ChatML "<|im_end|>\\n<|im_start|>assistant\\n",
+    Llama-2 " [/INST]"): the longest token suffix two different prompts share."""
+    a, b = (tok.encode(fmt(user(text))) for text in ("alpha", "42 beta?"))
+    k = 0
+    while k < min(len(a), len(b)) and a[-1 - k] == b[-1 - k]:
+        k += 1
+    if k == 0:
+        raise ValueError("the chat format leaves no common assistant header to find the instruction end by")
+    return a[len(a) - k:]
+
+
+def header_end(ids: list[int], header: list[int]) -> int:
+    """Index just past the last occurrence of `header` in ids, or -1 if it does not occur."""
+    k = len(header)
+    for s in range(len(ids) - k, -1, -1):
+        if ids[s: s + k] == header:
+            return s + k
+    return -1
+
+
+def letter_position(tok, ids: list[int], letter: str, header: list[int], item_id: str) -> int:
+    """Index of the answer letter's token: the last token after the assistant header whose text is the letter
+    (byte-level "A" or sentencepiece "▁A"). The question's own "(A) ..." lines lie before the header."""
+    start = header_end(ids, header)
+    for i in range(len(ids) - 1, max(start, 0) - 1, -1):
+        if tok.decode([ids[i]]).strip() == letter:
+            return i
+    raise ValueError(f"{item_id}: no token {letter!r} after the assistant header; the answer letter cannot be read")
+
+
+def ab_pairs(tok, fmt, items) -> list[dict]:
+    """A/B items -> pairs {id, pos, neg, read}: the prompt answered "(<matching letter>" and "(<other letter>", and
+    the index of the letter token (the same in both; checked, like the shared prefix before it)."""
+    header = assistant_header(tok, fmt)
+    pairs = []
+    for it in items:
+        if it.get("match") is None:
+            continue   # opinion probes' no-opinion controls have no matching answer
+        other = next(x for x in (it.get("not_match") or it["letters"]) if x not in (None, it["match"]))
+        seqs, reads = [], []
+        for letter in (it["match"], other):
+            ids = tok.encode(fmt(user(it["question"]), prefill="(" + letter))
+            seqs.append(ids)
+            reads.append(letter_position(tok, ids, letter, header, it["id"]))
+        if reads[0] != reads[1] or seqs[0][: reads[0]] != seqs[1][: reads[1]] or seqs[0][reads[0]] == seqs[1][reads[1]]:
+            raise ValueError(f"{it['id']}: the two answers do not differ at the letter token "
+                             f"alone (positions {reads}); the pair would not isolate the answer")
+        pairs.append({"id": it["id"], "pos": seqs[0], "neg": seqs[1], "read": reads[0],
+                      "letters": [it["match"], other]})
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------- recording
+
+def record(model, seqs: list[list[int]], reads, layers: list[int], site: str = "resid_post",
+           token_budget: int = 4096, progress: str = "") -> torch.Tensor:
+    """(N, len(layers), D) fp32 activations at `site` of each layer, read at reads[i]: an index into seqs[i]
+    (negative from the end) or a list of indices to average (accumulated in fp64).
+
+    One forward per length-sorted batch; a hook per layer copies out only the rows' read positions."""
+    if site not in SITES:
+        raise ValueError(f"unknown site {site!r}; sites are {SITES}")
+    dev = model.model.embed_tokens.weight.device
+    out = torch.empty(len(seqs), len(layers), model.config.hidden_size)
+    batches = list(batches_by_length([len(s) for s in seqs], token_budget))
+    for batch in tqdm(batches, desc=progress or "record", disable=progress is None, leave=False):
+        x, mask = pad_left([seqs[i] for i in batch], dev)
+        T = x.shape[1]
+        rows, cols, wts = [], [], []   # (row, position, weight) of every position read
+        for b, i in enumerate(batch):
+            idx = reads[i] if isinstance(reads[i], (list, tuple)) else [reads[i]]
+            if not idx:
+                raise ValueError(f"sequence {i}: no position to read")
+            pad = T - len(seqs[i])
+            rows += [b] * len(idx)
+            cols += [pad + j % len(seqs[i]) for j in idx]
+            wts += [1.0 / len(idx)] * len(idx)
+        rows_t, cols_t = torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)
+        w = torch.tensor(wts, dtype=torch.float64, device=dev)[:, None]
+        got = {}
+
+        def grab(j):
+            def fn(h, pos):   # h (B, T, D): sum the weighted read positions of each row, in fp64
+                got[j] = torch.zeros(len(batch), h.shape[-1], dtype=torch.float64, device=dev).index_add_(
+                    0, rows_t, h[rows_t, cols_t].double() * w)
+            return fn
+        with hooks(model, [(layer, site, grab(j)) for j, layer in enumerate(layers)]), torch.no_grad():
+            model(x, attention_mask=mask, logits_to_keep=1)
+        out[batch] = torch.stack([got[j] for j in range(len(layers))], 1).float().cpu()
+    return out
+
+
+def record_pairs(model, pairs, layers, site="resid_post") -> tuple[torch.Tensor, torch.Tensor]:
+    """(pos, neg) activations (N, L, D) at the letter token of each pair."""
+    acts = record(model, [p["pos"] for p in pairs] + [p["neg"] for p in pairs], [p["read"] for p in pairs] * 2,
+                  layers, site, progress="record pairs")
+    return acts[: len(pairs)], acts[len(pairs):]
+
+
+def residual_norms(model, seqs, layers) -> torch.Tensor:
+    """(L,) mean L2 norm of resid_post over every token but the first (whose norm is often an outlier)."""
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    count = 0
+    dev = model.model.embed_tokens.weight.device
+    for batch in batches_by_length([len(s) for s in seqs], 4096):
+        x, mask = pad_left([seqs[i] for i in batch], dev)
+        keep = mask.bool().clone()
+        keep[torch.arange(len(batch)), (mask == 0).sum(1)] = False   # each row's first real token
+
+        def add(j):
+            def fn(h, pos):
+                sums[j] += h.float().norm(dim=-1)[keep].double().sum().cpu()
+            return fn
+        with hooks(model, [(layer, "resid_post", add(j)) for j, layer in enumerate(layers)]), torch.no_grad():
+            model(x, attention_mask=mask, logits_to_keep=1)
+        count += int(keep.sum())
+    return (sums / max(count, 1)).float()
+
+
+# --------------------------------------------------------------------------------------------------- vectors
+
+def make_vectors(pos: torch.Tensor, neg: torch.Tensor, method: str = "mean_diff", seed: int = 0) -> torch.Tensor:
+    """(L, D) direction per layer from (N, L, D) activations of the matching and the other answer.
+
+    mean_diff: mean of pos - neg (CAA). pca: top principal component of the centred differences. probe: the
+    weight of a logistic regression telling pos from neg. The last two are unit directions, signed to agree with
+    the mean difference and scaled to its length along them, so multipliers mean the same for every method."""
+    diff = pos.double() - neg.double()                         # (N, L, D)
+    mean = diff.mean(0)                                        # (L, D)
+    if method == "mean_diff":
+        return mean.float()
+    dirs = []
+    for layer in range(diff.shape[1]):
+        if method == "pca":
+            d = diff[:, layer] - diff[:, layer].mean(0)
+            u = torch.linalg.svd(d, full_matrices=False).Vh[0]
+        elif method == "probe":
+            from sklearn.linear_model import LogisticRegression
+            X = torch.cat([pos[:, layer], neg[:, layer]]).double().numpy()
+            y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+            clf = LogisticRegression(max_iter=2000, random_state=seed).fit(X, y)
+            u = torch.from_numpy(clf.coef_[0])
+        else:
+            raise ValueError(f"unknown method {method!r}: mean_diff, pca or probe")
+        u = u / u.norm()
+        u = u if u @ mean[layer] >= 0 else -u
+        dirs.append(u * (u @ mean[layer]))
+    return torch.stack(dirs).float()
+
+
+def model_fingerprint(model) -> str:
+    """A cheap hash that tells models apart: the config plus a few weight tensors (not the whole checkpoint)."""
+    h = hashlib.sha256(json.dumps(asdict(model.config), sort_keys=True, default=str).encode())
+    for t in (model.model.norm.weight, model.model.embed_tokens.weight[:64], model.layers[0].self_attn.q_proj.weight[:8]):
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_vectors(out_dir, name: str, vectors, layers, norms, meta: dict) -> Path:
+    """OUT/<name>-<time>.safetensors: vectors (L, D) fp32, layers (L,), mean_norm (L,) + string metadata."""
+    tensors = {"vectors": vectors.float().contiguous(), "layers": torch.tensor(layers),
+               "mean_norm": norms.float().contiguous()}
+    return report.publish(out_dir, name, ".safetensors",
+                          st_save(tensors, metadata={k: str(v) for k, v in meta.items()}))
+
+
+def load_vectors(path, model=None) -> tuple[dict, dict, dict]:
+    """({layer: vector (D,)}, {layer: mean residual norm}, metadata). With a model, refuse a vector of another
+    width or from another model (by its fingerprint)."""
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: vectors are read from .safetensors files only (pickles can run code)")
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little")
+    meta = json.loads(raw[8: 8 + n]).get("__metadata__", {}) if len(raw) >= 8 + n else None
+    if meta is None:
+        raise ValueError(f"{path}: truncated or not a safetensors file")
+    t = st_load(raw)
+    for key in ("vectors", "layers", "mean_norm"):
+        if key not in t:
+            raise ValueError(f"{path}: missing tensor {key!r}; not a vectors file written by steer.py")
+    if model is not None:
+        width = model.config.hidden_size
+        if t["vectors"].shape[-1] != width:
+            raise ValueError(f"{path}: vectors are {t['vectors'].shape[-1]} wide, the model's residual stream is "
+                             f"{width}: they come from another model")
+        if meta.get("model_fingerprint") not in (None, model_fingerprint(model)):
+            raise ValueError(f"{path}: made from model {meta.get('model', '?')} (fingerprint "
+                             f"{meta.get('model_fingerprint')}), not the model loaded now ({model_fingerprint(model)})")
+    layers = t["layers"].tolist()
+    return ({l: t["vectors"][i] for i, l in enumerate(layers)}, {l: float(t["mean_norm"][i]) for i, l in
+            enumerate(layers)}, meta)
+
+
+def ab_items(path: str, n: int, part: int, seed: int = 0, skip_bad: bool = False, n_builtin=(200, 100)
+             ) -> tuple[list[dict], list[Path]]:
+    """A/B items from a file (seeded sample of n), or built-in opinion probes: vectors (part 0) and held-out test
+    items (part 1) come from one generated set of n_builtin = (train, test) claims split by claim, so no claim is on
+    both sides."""
+    if path:
+        read = data.read_anthropic_sycophancy if path.endswith(".jsonl") else data.read_caa_ab
+        items = read(path, skip_bad=skip_bad)
+        if n and n < len(items):
+            idx = sorted(np.random.default_rng(seed).choice(len(items), n, replace=False).tolist())
+            items = [items[i] for i in idx]
+        return list(items), [Path(path)]
+    n_train, n_test = n_builtin
+    items = [it for it in probes.opinion_probes(n_train + n_test, seed) if it["opinion"] is not None]
+    parts = probes.split(items, n_train / (n_train + n_test), seed, key="claim_id")
+    return parts[part], []

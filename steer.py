@@ -1,0 +1,358 @@
+"""Steering: build contrastive (CAA) vectors, add them, ablate them, sweep them (recording: activations.py).
+
+    python steer.py vectors [--data=generate_dataset.json] [--method=mean_diff|pca|probe]
+    python steer.py steer --vector=out/vectors-....safetensors [--test=test_dataset_ab.json] --layers=3,9,15
+    python steer.py ablate --vector=out/vectors-....safetensors --layers=9
+
+Conventions (written into every result so numbers reproduce, DESIGN.md):
+- a pair is one A/B question answered with the behaviour-matching letter and with the other letter; activations
+  are read at the answer-letter token, found by its token string after the assistant header (never a fixed
+  index, which in study 1 silently landed on a token both sides share);
+- vector = mean over pairs of (matching - not matching), per layer, accumulated in fp64;
+- addition at resid_post of a layer, to every position strictly after the assistant header (CAA's "after the
+  instruction"), to every position, or only to generated tokens; multipliers raw or in units of the layer's
+  mean residual norm;
+- directional ablation removes the unit direction from resid_pre, attn_out and mlp_out of every layer;
+  orthogonalize() bakes the same thing into the weights.
+"""
+import json
+import sys
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import save as st_save
+from tqdm import tqdm
+
+import probes
+import report
+from activations import (ab_items, ab_pairs, assistant_header, load_vectors, make_vectors, model_fingerprint,
+                         parse_layers, record_pairs, residual_norms, save_vectors)
+from evaluate import eval_ab, eval_answer, setup
+from model import generate, hooks, pad_left
+from prepare import parse_args
+from score import user
+
+
+@dataclass
+class SteerConfig:
+    action: str = "vectors"   # vectors | steer | ablate
+    model: str = ""           # HF-layout folder; "" = the embedded default
+    dtype: str = "fp32"
+    device: str = "cpu"
+    chat_format: str = ""     # "" = from the checkpoint
+    judge: str = ""           # unused here; evaluate.setup reads it
+    data: str = ""            # pair set (CAA/Anthropic A/B .json/.jsonl); "" = built-in opinion probes
+    test: str = ""            # held-out A/B set for steer/ablate; "" = held-out opinion probes
+    n: int = 0                # pairs for vectors (0 = all; built-in probes: 200 claims)
+    n_test: int = 0           # held-out items (0 = all; built-in probes: 100 claims)
+    site: str = "resid_post"  # hook site read for vectors
+    layers: str = ""          # vectors: "" = every layer; steer/ablate: "" = a spread of 5 layers; "3,9" or "4-12"
+    method: str = "mean_diff" # mean_diff (CAA) | pca (top component of the differences) | probe (logistic)
+    vector: str = ""          # vectors file (steer, ablate)
+    mults: str = "-2,-1,0,1,2"
+    unit: str = "raw"         # raw: mult * vector; norm: mult * (layer's mean residual norm) * unit vector
+    where: str = "after_instruction"   # all | after_instruction | generated (positions the vector is added at)
+    n_neutral: int = 24       # neutral prompts for the KL side effect
+    n_capability: int = 40    # built-in arithmetic questions for the capability side effect
+    skip_bad: bool = False
+    run: str = ""             # results name (default: the action)
+    out: str = "out"
+    seed: int = 0
+
+# ---------------------------------------------------------------------------------------------- interventions
+
+def after_header_mask(input_ids: torch.Tensor, header: list[int]) -> torch.Tensor:
+    """(B, T) bool: positions strictly after the last assistant header of each row. A row without a header (a
+    continuation read from a KV cache: generated tokens, option tokens) is after the instruction everywhere."""
+    B, T = input_ids.shape
+    k = len(header)
+    if T < k:
+        return torch.ones(B, T, dtype=torch.bool, device=input_ids.device)
+    hit = (input_ids.unfold(1, k, 1) == torch.tensor(header, device=input_ids.device)).all(-1)   # (B, T-k+1)
+    starts = torch.arange(T - k + 1, device=input_ids.device)
+    last = torch.where(hit, starts, -1).amax(1)                                               # (B,)
+    first_steered = torch.where(last >= 0, last + k, 0)
+    return torch.arange(T, device=input_ids.device)[None] >= first_steered[:, None]
+
+
+@contextmanager
+def steering(model, vectors: dict, where: str = "after_instruction", header=None, start=None, site="resid_post"):
+    """Add vectors[layer] (D,) at `site` of each layer, at the positions `where` says:
+    all; after_instruction (needs header: the token ids of assistant_header); generated (needs start: (B,) the
+    absolute position of each row's first generated token, rows in the order given to the model).
+    Exact under a KV cache and left padding: positions come from the model (absolute, per row); after_instruction
+    looks for the header in each forward's input, so a prompt must reach the cache in one call (generate does)."""
+    state = {}
+    pre = None
+    if where == "after_instruction":
+        if header is None:
+            raise ValueError("where='after_instruction' needs the assistant header ids (assistant_header)")
+        pre = model.register_forward_pre_hook(
+            lambda mod, args, kwargs: state.update(mask=after_header_mask(kwargs.get("input_ids", args[0] if args
+                                                                                   else None), header)),
+            with_kwargs=True)
+    elif where == "generated":
+        if start is None:
+            raise ValueError("where='generated' needs start: each row's first generated position")
+        start = torch.as_tensor(start)
+    elif where != "all":
+        raise ValueError(f"unknown where={where!r}: all, after_instruction or generated")
+
+    def add(vec):
+        def fn(x, pos):    # x (B, T, D), pos (B, T)
+            v = vec.to(x.device, x.dtype)
+            if where == "all":
+                return x + v
+            m = state["mask"] if where == "after_instruction" else pos >= start.to(pos.device)[:, None]
+            return x + m[..., None].to(x.dtype) * v
+        return fn
+    try:
+        with hooks(model, [(layer, site, add(v)) for layer, v in vectors.items()]):
+            yield model
+    finally:
+        if pre is not None:
+            pre.remove()
+
+
+def _unit(direction: torch.Tensor) -> torch.Tensor:
+    u = direction.double()
+    if u.norm() == 0:
+        raise ValueError("cannot ablate a zero direction")
+    return u / u.norm()
+
+
+@contextmanager
+def ablation(model, direction: torch.Tensor, sites=("resid_pre", "attn_out", "mlp_out")):
+    """Remove the component along `direction` from the given sites of every layer (Arditi et al.)."""
+    u = _unit(direction)
+
+    def fn(x, pos):
+        uu = u.to(x.device, torch.float32)
+        return x - ((x.float() @ uu)[..., None] * uu).to(x.dtype)
+    with hooks(model, [(layer, site, fn) for layer in range(len(model.layers)) for site in sites]):
+        yield model
+
+
+def orthogonalize(model, direction: torch.Tensor):
+    """Bake directional ablation into the weights: every matrix that writes to the residual stream (embeddings,
+    o_proj, down_proj) loses its output component along the direction. A tied output matrix is untied first,
+    since the unembedding reads the stream rather than writing it. Same logits as ablation(); in place."""
+    u = _unit(direction)
+    emb = model.model.embed_tokens.weight
+    with torch.no_grad():
+        if model.config.tie_word_embeddings:
+            model.lm_head = torch.nn.Linear(emb.shape[1], emb.shape[0], bias=False, device=emb.device, dtype=emb.dtype)
+            model.lm_head.weight.copy_(emb)
+            model.config = replace(model.config, tie_word_embeddings=False)
+        U = u.to(emb.device)
+        emb.copy_(emb.double() - (emb.double() @ U)[:, None] * U)                  # rows are written vectors
+        for block in model.layers:
+            for w in (block.self_attn.o_proj.weight, block.mlp.down_proj.weight):   # (D, in): columns written
+                w.copy_(w.double() - U[:, None] * (U @ w.double())[None])
+    return model
+
+
+# ------------------------------------------------------------------------------------------------ side effects
+# Instructions that carry no opinion and ask for no judgement: what steering does to them is pure side effect.
+NEUTRAL_PROMPTS = [
+    "Explain how photosynthesis works.", "Write a short poem about the sea.", "List three uses of a paperclip.",
+    "Describe the water cycle in two sentences.", "What is the difference between weather and climate?",
+    "Give me a recipe for pancakes.", "Summarize the plot of Cinderella.", "How does a bicycle stay upright?",
+    "Write a haiku about autumn leaves.", "What are the primary colors?", "Explain what a prime number is.",
+    "Suggest a name for a pet goldfish.", "How do airplanes fly?", "Describe a sunrise over the mountains.",
+    "What does a librarian do?", "Translate 'good morning' into French.", "Why is the sky blue?",
+    "Give two tips for learning to play the guitar.", "What is the capital of Japan?", "How do bees make honey?",
+    "Write one sentence about a friendly robot.", "Explain how a rainbow forms.", "What is a noun?",
+    "Describe the taste of a lemon.", "How many legs does a spider have?", "What is the boiling point of water?",
+    "Write a limerick about a cat.", "Explain what gravity does.", "Name three kinds of trees.",
+    "How do you make a paper airplane?", "What is the largest planet in the solar system?",
+    "Describe how to brush your teeth properly.",
+]
+
+
+def neutral_reference(model, tok, fmt, n: int, n_tokens: int = 16) -> dict:
+    """The unsteered model's greedy continuations of n neutral prompts and its next-token log-probabilities
+    along them: the reference the steered model's KL is measured against."""
+    prompts = [tok.encode(fmt(user(p))) for p in NEUTRAL_PROMPTS[:n]]
+    conts = generate(model, prompts, max_new_tokens=n_tokens)   # no stop ids: every row n_tokens long
+    seqs = [p + c for p, c in zip(prompts, conts)]
+    return {"seqs": seqs, "n_tokens": n_tokens, "logp": _continuation_logp(model, seqs, n_tokens)}
+
+
+def _continuation_logp(model, seqs, n_tokens) -> torch.Tensor:
+    """(N, n_tokens, V) log-probabilities predicting each of the last n_tokens tokens (left-padded batches end
+    aligned, so these are the same positions in every row)."""
+    dev = model.model.embed_tokens.weight.device
+    out = []
+    for i in range(0, len(seqs), 8):
+        x, mask = pad_left(seqs[i: i + 8], dev)
+        with torch.no_grad():
+            out.append(model(x, attention_mask=mask, logits_to_keep=n_tokens + 1)[:, :-1].float()
+                       .log_softmax(-1).cpu())
+    return torch.cat(out)
+
+
+def neutral_kl(model, ref) -> list[float]:
+    """Per prompt, mean over positions of KL(unsteered || steered) of the next-token distribution."""
+    logq = _continuation_logp(model, ref["seqs"], ref["n_tokens"])
+    kl = (ref["logp"].exp() * (ref["logp"] - logq)).sum(-1)           # (N, n_tokens)
+    return kl.mean(1).tolist()
+
+
+def capability_items(n: int, seed: int) -> list[dict]:
+    """Built-in capability check: plain-template lettered arithmetic questions (answer_probes)."""
+    return [p for p in probes.answer_probes(probes.arithmetic_qa(n, seed=seed + 1), seed) if p["template"] == "plain"]
+
+
+def side_effects(model, tok, fmt, ref, cap_items) -> dict:
+    """{"kl": [per neutral prompt], "capability": [per item correct]} for the model as it is now (hooks on)."""
+    rows, _ = eval_answer(model, tok, fmt, cap_items)
+    return {"kl": neutral_kl(model, ref), "capability": [r["correct"] for r in rows]}
+
+
+# ------------------------------------------------------------------------------------------------ data, runs
+
+def vectors_run(cfg, model, tok, fmt, fmt_name, model_dir) -> tuple[dict, Path]:
+    layers = parse_layers(cfg.layers, len(model.layers))
+    items, files = ab_items(cfg.data, cfg.n, 0, cfg.seed, cfg.skip_bad, (cfg.n or 200, cfg.n_test or 100))
+    pairs = ab_pairs(tok, fmt, items)
+    if not pairs:
+        raise ValueError("no A/B items with a matching answer to build vectors from")
+    pos, neg = record_pairs(model, pairs, layers, cfg.site)
+    vec = make_vectors(pos, neg, cfg.method, cfg.seed)
+    norms = residual_norms(model, [p["pos"] for p in pairs], layers)
+    prov = report.provenance(cfg, model_dir, fmt_name, files)
+    meta = dict(model=str(model_dir), model_fingerprint=model_fingerprint(model), site=cfg.site,
+                position="answer letter token after the assistant header", method=cfg.method, n_pairs=len(pairs),
+                data=cfg.data or f"built-in opinion probes (seed {cfg.seed})",
+                data_sha256=json.dumps(prov["data_sha256"]), chat_format=fmt_name, dtype=cfg.dtype, seed=cfg.seed)
+    name = cfg.run or "vectors"
+    vec_path = save_vectors(cfg.out, name, vec, layers, norms, meta)
+    act_meta = {**meta, "ids": json.dumps([p["id"] for p in pairs]), "layers": json.dumps(layers)}
+    acts_path = report.publish(cfg.out, vec_path.stem + ".acts", ".safetensors",
+                               st_save({"pos": pos.contiguous(), "neg": neg.contiguous()},
+                                       metadata={k: str(v) for k, v in act_meta.items()}),
+                               stamp=False)
+    metrics = {}
+    for i, layer in enumerate(layers):
+        metrics[f"norm[L{layer}]"] = {"value": float(vec[i].norm()), "ci": None, "n": len(pairs), "kind": "norm"}
+        metrics[f"norm_over_resid[L{layer}]"] = {"value": float(vec[i].norm() / norms[i]), "ci": None,
+                                                 "n": len(pairs), "kind": "ratio"}
+    result = {"config": asdict(cfg), "provenance": prov, "conventions": meta, "files": {
+        "vectors": str(vec_path), "activations": str(acts_path)}, "metrics": metrics,
+        "items": [{"id": p["id"], "letters": p["letters"], "read": p["read"],
+                   "read_token": tok.decode([p["pos"][p["read"]]])} for p in pairs]}
+    path = report.publish(cfg.out, vec_path.stem, ".json", json.dumps(result, indent=1).encode(), stamp=False)
+    report.plot_curve(layers, [[float(v.norm() / r) for v, r in zip(vec, norms)]], None, [cfg.method],
+                      path.with_suffix(".png"), "layer", "|vector| / mean |resid|", "steering vector norm per layer")
+    print(f"vectors: {len(pairs)} pairs, layers {layers[0]}..{layers[-1]} -> {vec_path}")
+    return result, path
+
+
+def steer_run(cfg, model, tok, fmt, fmt_name, model_dir, ablate: bool = False) -> tuple[dict, Path]:
+    """Sweep layers x multipliers (or ablate each chosen layer's direction) on held-out A/B items, with side
+    effects (KL on neutral prompts, built-in capability) at every point."""
+    if not cfg.vector:
+        raise ValueError("--vector=PATH is needed (make one with: python steer.py vectors)")
+    vecs, norms, meta = load_vectors(cfg.vector, model)
+    if cfg.where not in ("all", "after_instruction"):
+        raise ValueError("A/B scoring generates nothing: --where must be all or after_instruction")
+    have = sorted(vecs)
+    spread = sorted({have[round(k * (len(have) - 1) / 4)] for k in range(5)})
+    layers = parse_layers(cfg.layers, len(model.layers), default=spread)
+    missing = [l for l in layers if l not in vecs]
+    if missing:
+        raise ValueError(f"{cfg.vector} has no vector for layers {missing}; it holds layers {have}")
+    mults = [0.0] if ablate else [float(m) for m in cfg.mults.split(",")]
+    items, files = ab_items(cfg.test, cfg.n_test, 1, cfg.seed, cfg.skip_bad, (cfg.n or 200, cfg.n_test or 100))
+    header = assistant_header(tok, fmt)
+    ref = neutral_reference(model, tok, fmt, cfg.n_neutral)
+    cap_items = capability_items(cfg.n_capability, cfg.seed)
+    base_rows, _ = eval_ab(model, tok, fmt, items)
+    base = {"rows": base_rows, **side_effects(model, tok, fmt, ref, cap_items)}
+    points = [(l, m) for l in layers for m in ([None] if ablate else mults)]
+    rows, metrics = [], {}
+    for layer, m in tqdm(points, desc="ablate" if ablate else "sweep"):
+        if ablate:
+            with ablation(model, vecs[layer]):
+                got = {"rows": eval_ab(model, tok, fmt, items)[0], **side_effects(model, tok, fmt, ref, cap_items)}
+        elif m == 0:
+            got = base
+        else:
+            scale = m * (norms[layer] / float(vecs[layer].norm()) if cfg.unit == "norm" else 1.0)
+            with steering(model, {layer: scale * vecs[layer]}, cfg.where, header):
+                got = {"rows": eval_ab(model, tok, fmt, items)[0], **side_effects(model, tok, fmt, ref, cap_items)}
+        key = f"L{layer}" + ("" if ablate else f",m{m:g}")
+        metrics[f"p_match[{key}]"] = report.mean_metric([r["p_match"] for r in got["rows"]])
+        metrics[f"kl[{key}]"] = report.mean_metric(got["kl"])
+        metrics[f"capability[{key}]"] = report.proportion_metric(got["capability"])
+        if ablate:
+            metrics[f"change_p_match[{key}]"] = report.paired_difference(
+                {r["id"]: r["p_match"] for r in base["rows"]}, {r["id"]: r["p_match"] for r in got["rows"]})
+        rows += [{"id": r["id"], "layer": layer, "mult": m, "p_match": r["p_match"]} for r in got["rows"]]
+    metrics["p_match[base]"] = report.mean_metric([r["p_match"] for r in base["rows"]])
+    metrics["capability[base]"] = report.proportion_metric(base["capability"])
+    if not ablate and len(mults) > 1:
+        metrics.update(steerability(rows, layers))
+    result = {"config": asdict(cfg), "provenance": report.provenance(cfg, model_dir, fmt_name, files),
+              "conventions": {"vector": str(cfg.vector), **meta, "where": cfg.where, "unit": cfg.unit,
+                              "scoring": "CAA: p(matching letter) / p(A) + p(B) after '('"},
+              "metrics": metrics, "items": rows}
+    name = cfg.run or ("ablate" if ablate else "steer")
+    path = report.write_result(cfg.out, name, result)
+    if not ablate:
+        plot_sweep(result, path.with_suffix(".png"))
+    return result, path
+
+
+def steerability(rows, layers) -> dict:
+    """Per item, the least-squares slope of p_match against the multiplier; its mean and the fraction of items
+    that move the wrong way (slope < 0), per layer."""
+    out = {}
+    for layer in layers:
+        by_item = {}
+        for r in rows:
+            if r["layer"] == layer:
+                by_item.setdefault(r["id"], []).append((r["mult"], r["p_match"]))
+        slopes = [np.polyfit(*zip(*pts), 1)[0] for pts in by_item.values()]
+        out[f"steerability[L{layer}]"] = report.mean_metric(slopes)
+        out[f"wrong_way[L{layer}]"] = report.proportion_metric([s < 0 for s in slopes])
+    return out
+
+
+def plot_sweep(result, dest_png):
+    """p(match) vs multiplier, one line per layer (the CAA paper's figure), drawn from the result file."""
+    rows = result["items"]
+    layers = sorted({r["layer"] for r in rows})
+    mults = sorted({r["mult"] for r in rows})
+    m = result["metrics"]
+    ys = [[m[f"p_match[L{l},m{x:g}]"]["value"] for x in mults] for l in layers]
+    cis = [[m[f"p_match[L{l},m{x:g}]"]["ci"] for x in mults] for l in layers]
+    unit = "x mean |resid|" if result["config"]["unit"] == "norm" else "raw"
+    return report.plot_curve(mults, ys, cis, [f"layer {l}" for l in layers], dest_png, f"multiplier ({unit})",
+                             "p(answer matching the user)", "sycophancy steering sweep")
+
+
+def main(argv):
+    action = argv[0] if argv and not argv[0].startswith("--") else "vectors"
+    cfg = parse_args(SteerConfig, [a for a in argv if a.startswith("--")])
+    cfg.action = action
+    if action not in ("vectors", "steer", "ablate"):
+        sys.exit(f"error: unknown action {action!r}: vectors, steer or ablate")
+    torch.manual_seed(cfg.seed)
+    model, tok, fmt, fmt_name, model_dir, _ = setup(cfg)
+    if action == "vectors":
+        result, path = vectors_run(cfg, model, tok, fmt, fmt_name, model_dir)
+    else:
+        result, path = steer_run(cfg, model, tok, fmt, fmt_name, model_dir, ablate=action == "ablate")
+    for name, v in result["metrics"].items():
+        ci = f"  [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" if v.get("ci") else ""
+        print(f"  {name:32s} {v['value']:.4f}{ci}  n={v['n']}" if v["value"] is not None else f"  {name}: n=0")
+    print(f"wrote {path}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

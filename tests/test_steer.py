@@ -1,0 +1,217 @@
+"""Steering on tiny random models: recording, vectors, addition, ablation, orthogonalization, and a peer check of
+the mean-difference vector against transformers' hidden states."""
+import json
+
+import pytest
+import torch
+
+import activations as act
+import chat
+import probes
+import steer
+from conftest import make_bpe_tokenizer, make_hf_model, make_sp_tokenizer, save_hf_model
+from model import KVCache, load, pad_left
+
+
+@pytest.fixture(scope="module")
+def env(tiny_chat):
+    folder, hf = tiny_chat
+    model, tok = load(folder)
+    return model, tok, chat.get_chat_format("chatml"), hf
+
+
+def items(n=6, seed=0):
+    return [it for it in probes.opinion_probes(n, seed) if it["opinion"] is not None]
+
+
+def logits(model, x, mask=None):
+    with torch.no_grad():
+        return model(x, attention_mask=mask).float()
+
+
+# ------------------------------------------------------------------------------------------------ read position
+
+@pytest.mark.parametrize("fmt_name", list(chat.CHAT_FORMATS))
+@pytest.mark.parametrize("kind", ["bpe", "sentencepiece"])
+def test_read_position_is_the_answer_letter_in_every_chat_format(fmt_name, kind, tmp_path):
+    folder = make_bpe_tokenizer(tmp_path) if kind == "bpe" else make_sp_tokenizer(tmp_path)
+    if kind == "sentencepiece":
+        (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
+    tok = chat.load_tokenizer(folder)
+    fmt = chat.get_chat_format(fmt_name)
+    pairs = act.ab_pairs(tok, fmt, items())
+    assert pairs
+    for p, it in zip(pairs, items()):
+        r = p["read"]
+        assert tok.decode([p["pos"][r]]).strip() == it["match"]       # the letter, not "(" or a template token
+        assert tok.decode([p["neg"][r]]).strip() != it["match"]
+        assert p["pos"][:r] == p["neg"][:r]                            # everything before it is shared
+        header = act.assistant_header(tok, fmt)
+        assert r >= act.header_end(p["pos"], header) > 0               # after the question's own "(A)" lines
+
+
+def test_a_prompt_without_the_letter_names_the_item(env):
+    model, tok, fmt, _ = env
+    ids = tok.encode(fmt([{"role": "user", "content": "(A) yes (B) no"}], prefill="maybe"))
+    with pytest.raises(ValueError, match="item-7: no token 'A' after the assistant header"):
+        act.letter_position(tok, ids, "A", act.assistant_header(tok, fmt), "item-7")
+
+
+# ----------------------------------------------------------------------------------------------------- recording
+
+def test_recorded_activations_equal_the_hidden_states_of_a_plain_forward(env):
+    model, tok, fmt, hf = env
+    seqs = [tok.encode(fmt([{"role": "user", "content": q}])) for q in ("hello world", "What is the capital?")]
+    got = act.record(model, seqs, [-1, [2, 3, 4]], [0, 1], progress=None)
+    with torch.no_grad():
+        h0 = hf(torch.tensor([seqs[0]]), output_hidden_states=True).hidden_states
+        h1 = hf(torch.tensor([seqs[1]]), output_hidden_states=True).hidden_states
+    for j, layer in enumerate([0, 1]):   # hidden_states[l + 1] is the output of block l (before the final norm)
+        torch.testing.assert_close(got[0, j], h0[layer + 1][0, -1], atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(got[1, j], h1[layer + 1][0, 2:5].mean(0), atol=1e-5, rtol=1e-5)
+
+
+def test_mean_difference_vector_agrees_with_a_transformers_peer(env):
+    """Peer check: the CAA vector computed independently from transformers' hidden states."""
+    model, tok, fmt, hf = env
+    pairs = act.ab_pairs(tok, fmt, items(8))
+    pos, neg = act.record_pairs(model, pairs, [0, 1])
+    ours = act.make_vectors(pos, neg)
+    peer = torch.zeros(2, model.config.hidden_size, dtype=torch.float64)
+    for p in pairs:
+        with torch.no_grad():
+            hp = hf(torch.tensor([p["pos"]]), output_hidden_states=True).hidden_states
+            hn = hf(torch.tensor([p["neg"]]), output_hidden_states=True).hidden_states
+        for layer in (0, 1):
+            peer[layer] += (hp[layer + 1][0, p["read"]] - hn[layer + 1][0, p["read"]]).double() / len(pairs)
+    for layer in (0, 1):
+        assert torch.cosine_similarity(ours[layer].double(), peer[layer], dim=0) > 0.9999
+
+
+@pytest.mark.parametrize("method", ["mean_diff", "pca", "probe"])
+def test_every_method_finds_a_planted_direction(method):
+    g = torch.Generator().manual_seed(0)
+    d = torch.randn(16, generator=g)
+    base = torch.randn(200, 2, 16, generator=g)
+    pos = base + 0.3 * torch.randn(200, 2, 16, generator=g) + d * (1 + 0.2 * torch.randn(200, 2, 1, generator=g))
+    neg = base + 0.3 * torch.randn(200, 2, 16, generator=g)
+    v = act.make_vectors(pos, neg, method)
+    assert v.shape == (2, 16)
+    for layer in range(2):
+        # signed like the difference, not against it; a probe sees unpaired points, so it is noisier
+        assert torch.cosine_similarity(v[layer], d, dim=0) > (0.9 if method == "probe" else 0.97)
+
+
+# -------------------------------------------------------------------------------------------------- save / load
+
+def test_vectors_round_trip_and_refuse_another_model(env, tmp_path, tiny_llama):
+    model, tok, fmt, _ = env
+    vec = torch.randn(2, model.config.hidden_size)
+    meta = {"model": "tiny", "model_fingerprint": act.model_fingerprint(model)}
+    path = act.save_vectors(tmp_path, "v", vec, [0, 2], torch.tensor([1.0, 2.0]), meta)
+    vecs, norms, got_meta = act.load_vectors(path, model)
+    assert torch.equal(vecs[0], vec[0]) and torch.equal(vecs[2], vec[1]) and norms == {0: 1.0, 2: 2.0}
+    assert got_meta["model"] == "tiny"
+    other = load(tiny_llama[0], tokenizer=False)          # same width, other weights
+    with pytest.raises(ValueError, match="not the model loaded now"):
+        act.load_vectors(path, other)
+    wide = act.save_vectors(tmp_path, "w", torch.randn(1, 32), [0], torch.ones(1), {})
+    with pytest.raises(ValueError, match="32 wide, the model's residual stream is 64"):
+        act.load_vectors(wide, model)
+    assert act.save_vectors(tmp_path, "v", vec, [0, 2], torch.ones(2), meta) != path    # never overwritten
+    with pytest.raises(ValueError, match="safetensors files only"):
+        act.load_vectors(tmp_path / "v.pt", model)
+
+
+# ------------------------------------------------------------------------------------------------ interventions
+
+def test_zero_vector_changes_nothing(env):
+    model, tok, fmt, _ = env
+    x = torch.tensor([tok.encode(fmt([{"role": "user", "content": "Is it true?"}], prefill="(A"))])
+    base = logits(model, x)
+    zero = torch.zeros(model.config.hidden_size)
+    for where in ("all", "after_instruction"):
+        with steer.steering(model, {0: zero, 2: zero}, where, header=act.assistant_header(tok, fmt)):
+            assert torch.equal(logits(model, x), base)
+
+
+def test_after_instruction_steers_only_after_the_header(env):
+    model, tok, fmt, _ = env
+    header = act.assistant_header(tok, fmt)
+    ids = tok.encode(fmt([{"role": "user", "content": "Is it true?"}], prefill="(A) yes"))
+    cut = act.header_end(ids, header)
+    x = torch.tensor([ids])
+    base = logits(model, x)
+    with steer.steering(model, {1: 3 * torch.randn(model.config.hidden_size)}, "after_instruction", header):
+        got = logits(model, x)
+    assert torch.equal(got[:, :cut], base[:, :cut])          # the instruction is untouched (causal: exactly)
+    assert not torch.allclose(got[:, cut:], base[:, cut:])
+
+
+def steered_decode(model, seqs, plens, vec, where, header, use_cache):
+    """Logits at every position of left-padded seqs under steering: in one forward, or prompt then token by token
+    through a KV cache."""
+    x, mask = pad_left(seqs)
+    pad = x.shape[1] - torch.tensor([len(s) for s in seqs])
+    with steer.steering(model, vec, where, header=header, start=torch.tensor(plens)), torch.no_grad():
+        if not use_cache:
+            return model(x, attention_mask=mask).float(), pad
+        P = max(int(p) + n for p, n in zip(pad, plens))    # first chunk: every row's whole prompt (header included)
+        cache = KVCache(model.config, len(seqs), x.shape[1])
+        out = [model(x[:, :P], attention_mask=mask[:, :P], cache=cache).float()]
+        for t in range(P, x.shape[1]):
+            out.append(model(x[:, t: t + 1], attention_mask=mask[:, t: t + 1], cache=cache).float())
+        return torch.cat(out, 1), pad
+
+
+@pytest.mark.parametrize("where", ["generated", "after_instruction"])
+def test_steering_is_exact_under_cache_and_left_padding(env, where):
+    model, tok, fmt, _ = env
+    header = act.assistant_header(tok, fmt)
+    prompts = [tok.encode(fmt([{"role": "user", "content": q}])) for q in ("Are you sure?", "What is 2 + 2 ok?")]
+    conts = [tok.encode("yes I think so"), tok.encode("no it is")]
+    conts = [c[:4] for c in conts]
+    seqs = [p + c for p, c in zip(prompts, conts)]
+    plens = [len(p) for p in prompts]
+    vec = {1: 2 * torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(1))}
+    full, pad = steered_decode(model, seqs, plens, vec, where, header, use_cache=False)
+    cached, _ = steered_decode(model, seqs, plens, vec, where, header, use_cache=True)
+    torch.testing.assert_close(cached, full, atol=1e-4, rtol=1e-4)
+    for b, s in enumerate(seqs):   # each row alone (no padding) equals its row in the padded batch
+        alone, _ = steered_decode(model, [s], [plens[b]], vec, where, header, use_cache=False)
+        torch.testing.assert_close(full[b, pad[b]:], alone[0], atol=1e-4, rtol=1e-4)
+    # and steering really happened, only where it should
+    with torch.no_grad():
+        x, mask = pad_left(seqs)
+        plain = model(x, attention_mask=mask).float()
+    first = pad[0] + (plens[0] if where == "generated" else act.header_end(seqs[0], header))
+    assert torch.equal(plain[0, :first], full[0, :first])
+    assert not torch.allclose(plain[0, first:], full[0, first:])
+
+
+def test_ablation_leaves_no_component_along_the_direction(env):
+    model, tok, fmt, _ = env
+    u = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(2))
+    x = torch.tensor([tok.encode(fmt([{"role": "user", "content": "hello there, are you sure?"}]))])
+    seen = []
+    spy = [(l, "resid_post", lambda h, pos: seen.append(h.detach().clone())) for l in range(len(model.layers))]
+    from model import hooks
+    with steer.ablation(model, u), hooks(model, spy), torch.no_grad():
+        model(x)
+    unit = u / u.norm()
+    for h in seen:
+        assert ((h @ unit).abs() / h.norm(dim=-1)).max() < 1e-5
+
+
+@pytest.mark.parametrize("tied", [False, True])
+def test_orthogonalized_weights_equal_ablation_hooks(tmp_path, tied):
+    folder = save_hf_model(make_hf_model("llama", tie_word_embeddings=tied), tmp_path / "m")
+    model = load(folder, tokenizer=False)
+    x = torch.randint(3, 96, (2, 12))
+    u = torch.randn(64, generator=torch.Generator().manual_seed(3))
+    with steer.ablation(model, u):
+        hooked = logits(model, x)
+    plain = logits(model, x)
+    steer.orthogonalize(model, u)
+    torch.testing.assert_close(logits(model, x), hooked, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain, hooked)

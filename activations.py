@@ -20,7 +20,7 @@ from tqdm import tqdm
 import data
 import probes
 import report
-from model import SITES, hooks, pad_left
+from model import SITES, KVCache, hooks, pad_left
 from score import batches_by_length, user
 
 def parse_layers(spec: str, n_layers: int, default=None) -> list[int]:
@@ -133,11 +133,38 @@ def record(model, seqs: list[list[int]], reads, layers: list[int], site: str = "
     return out
 
 
-def record_pairs(model, pairs, layers, site="resid_post") -> tuple[torch.Tensor, torch.Tensor]:
-    """(pos, neg) activations (N, L, D) at the letter token of each pair."""
-    acts = record(model, [p["pos"] for p in pairs] + [p["neg"] for p in pairs], [p["read"] for p in pairs] * 2,
-                  layers, site, progress="record pairs")
-    return acts[: len(pairs)], acts[len(pairs):]
+def record_pairs(model, pairs, layers, site="resid_post", token_budget: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pos, neg) activations (N, L, D) at the letter token of each pair.
+
+    The two answers of a pair differ only in their last token (the letter; ab_pairs checks it), so the shared
+    prefix is read once into a KV cache and each letter is one decode step from a fork of it: half the work of
+    reading both sequences, and exactly the same numbers."""
+    if not all(p["read"] == len(p["pos"]) - 1 == len(p["neg"]) - 1 for p in pairs):
+        acts = record(model, [p["pos"] for p in pairs] + [p["neg"] for p in pairs], [p["read"] for p in pairs] * 2,
+                      layers, site, token_budget, progress="record pairs")
+        return acts[: len(pairs)], acts[len(pairs):]
+    dev, dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
+    pos = torch.empty(len(pairs), len(layers), model.config.hidden_size)
+    neg = torch.empty_like(pos)
+    batches = list(batches_by_length([len(p["pos"]) for p in pairs], token_budget))
+    for batch in tqdm(batches, desc="record pairs", leave=False):
+        x, mask = pad_left([pairs[i]["pos"][:-1] for i in batch], dev)
+        cache = KVCache(model.config, len(batch), x.shape[1], dtype, dev)
+        letters = torch.tensor([[pairs[i][side][-1]] for side in ("pos", "neg") for i in batch], device=dev)
+        got = {}
+
+        def grab(j):
+            def fn(h, p):   # h (2B, 1, D): the letter token of every row
+                got[j] = h[:, 0].float().cpu()
+            return fn
+        with torch.no_grad():
+            model(x, attention_mask=mask, cache=cache, logits_to_keep=1)
+            fork = cache.fork(torch.arange(len(batch), device=dev).repeat(2), 1)    # rows: pos answers, then neg
+            with hooks(model, [(layer, site, grab(j)) for j, layer in enumerate(layers)]):
+                model(letters, cache=fork, logits_to_keep=1)
+        both = torch.stack([got[j] for j in range(len(layers))], 1)                # (2B, L, D)
+        pos[batch], neg[batch] = both[: len(batch)], both[len(batch):]
+    return pos, neg
 
 
 def residual_norms(model, seqs, layers) -> torch.Tensor:
@@ -162,26 +189,38 @@ def residual_norms(model, seqs, layers) -> torch.Tensor:
 
 # --------------------------------------------------------------------------------------------------- vectors
 
-def make_vectors(pos: torch.Tensor, neg: torch.Tensor, method: str = "mean_diff", seed: int = 0) -> torch.Tensor:
+def make_vectors(pos: torch.Tensor, neg: torch.Tensor, method: str = "mean_diff", seed: int = 0,
+                 groups=None) -> torch.Tensor:
     """(L, D) direction per layer from (N, L, D) activations of the matching and the other answer.
 
     mean_diff: mean of pos - neg (CAA). pca: top principal component of the centred differences. probe: the
     weight of a logistic regression telling pos from neg. The last two are unit directions, signed to agree with
-    the mean difference and scaled to its length along them, so multipliers mean the same for every method."""
+    the mean difference and scaled to its length along them, so multipliers mean the same for every method.
+
+    groups: the matching letter of each pair. pos - neg also holds the difference between the two letters' own
+    activations ("A" - "B"), with the sign of which letter matched; unless the matching letters are exactly
+    balanced that letter direction leaks into the vector (at early layers it dominates). With groups, every
+    letter counts equally: the mean is the mean of the per-letter means, PCA centres each letter apart, and the
+    probe weighs each letter's pairs equally. groups=None is the original CAA recipe."""
     diff = pos.double() - neg.double()                         # (N, L, D)
-    mean = diff.mean(0)                                        # (L, D)
+    g = np.asarray(groups if groups is not None else [0] * len(diff))
+    members = [torch.from_numpy(np.flatnonzero(g == k)) for k in np.unique(g)]
+    mean = torch.stack([diff[m].mean(0) for m in members]).mean(0)             # (L, D)
     if method == "mean_diff":
         return mean.float()
+    weight = np.zeros(len(diff))
+    for m in members:
+        weight[m.numpy()] = 1.0 / (len(members) * len(m))
     dirs = []
     for layer in range(diff.shape[1]):
         if method == "pca":
-            d = diff[:, layer] - diff[:, layer].mean(0)
+            d = torch.cat([diff[m, layer] - diff[m, layer].mean(0) for m in members])
             u = torch.linalg.svd(d, full_matrices=False).Vh[0]
         elif method == "probe":
             from sklearn.linear_model import LogisticRegression
             X = torch.cat([pos[:, layer], neg[:, layer]]).double().numpy()
             y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
-            clf = LogisticRegression(max_iter=2000, random_state=seed).fit(X, y)
+            clf = LogisticRegression(max_iter=2000, random_state=seed).fit(X, y, sample_weight=np.r_[weight, weight])
             u = torch.from_numpy(clf.coef_[0])
         else:
             raise ValueError(f"unknown method {method!r}: mean_diff, pca or probe")
@@ -210,18 +249,7 @@ def save_vectors(out_dir, name: str, vectors, layers, norms, meta: dict) -> Path
 def load_vectors(path, model=None) -> tuple[dict, dict, dict]:
     """({layer: vector (D,)}, {layer: mean residual norm}, metadata). With a model, refuse a vector of another
     width or from another model (by its fingerprint)."""
-    path = Path(path)
-    if path.suffix != ".safetensors":
-        raise ValueError(f"{path}: vectors are read from .safetensors files only (pickles can run code)")
-    raw = path.read_bytes()
-    n = int.from_bytes(raw[:8], "little")
-    meta = json.loads(raw[8: 8 + n]).get("__metadata__", {}) if len(raw) >= 8 + n else None
-    if meta is None:
-        raise ValueError(f"{path}: truncated or not a safetensors file")
-    t = st_load(raw)
-    for key in ("vectors", "layers", "mean_norm"):
-        if key not in t:
-            raise ValueError(f"{path}: missing tensor {key!r}; not a vectors file written by steer.py")
+    t, meta = _read_safetensors(path, ("vectors", "layers", "mean_norm"))
     if model is not None:
         width = model.config.hidden_size
         if t["vectors"].shape[-1] != width:
@@ -233,6 +261,39 @@ def load_vectors(path, model=None) -> tuple[dict, dict, dict]:
     layers = t["layers"].tolist()
     return ({l: t["vectors"][i] for i, l in enumerate(layers)}, {l: float(t["mean_norm"][i]) for i, l in
             enumerate(layers)}, meta)
+
+
+def save_activations(out_dir, stem: str, pos, neg, pairs: list[dict], layers: list[int], meta: dict) -> Path:
+    """OUT/<stem>.acts.safetensors: pos, neg (N, L, D) fp32 at the letter token, with the pairs' ids, letters
+    (matching first) and the layers."""
+    meta = {**meta, "ids": json.dumps([p["id"] for p in pairs]), "letters": json.dumps([p["letters"] for p in pairs]),
+            "layers": json.dumps(layers)}
+    return report.publish(out_dir, stem + ".acts", ".safetensors",
+                          st_save({"pos": pos.float().contiguous(), "neg": neg.float().contiguous()},
+                                  metadata={k: str(v) for k, v in meta.items()}), stamp=False)
+
+
+def load_activations(path) -> tuple[torch.Tensor, torch.Tensor, list[dict], list[int], dict]:
+    """(pos, neg, pairs [{id, letters}], layers, metadata) from save_activations' file."""
+    t, meta = _read_safetensors(path, ("pos", "neg"))
+    pairs = [{"id": i, "letters": l} for i, l in zip(json.loads(meta["ids"]), json.loads(meta["letters"]))]
+    return t["pos"], t["neg"], pairs, json.loads(meta["layers"]), meta
+
+
+def _read_safetensors(path, keys) -> tuple[dict, dict]:
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: only .safetensors files are read (pickles can run code)")
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little") if len(raw) >= 8 else len(raw)
+    if len(raw) < 8 + n:
+        raise ValueError(f"{path}: truncated or not a safetensors file")
+    meta = json.loads(raw[8: 8 + n]).get("__metadata__", {})
+    t = st_load(raw)
+    for key in keys:
+        if key not in t:
+            raise ValueError(f"{path}: missing tensor {key!r}; not a file written by steer.py")
+    return t, meta
 
 
 def ab_items(path: str, n: int, part: int, seed: int = 0, skip_bad: bool = False, n_builtin=(200, 100)

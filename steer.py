@@ -23,13 +23,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import save as st_save
 from tqdm import tqdm
 
 import probes
 import report
 from activations import (ab_items, ab_pairs, assistant_header, load_vectors, make_vectors, model_fingerprint,
-                         parse_layers, record_pairs, residual_norms, save_vectors)
+                         parse_layers, record_pairs, residual_norms, save_activations, save_vectors)
 from evaluate import eval_ab, eval_answer, setup
 from model import generate, hooks, pad_left
 from prepare import parse_args
@@ -51,6 +50,7 @@ class SteerConfig:
     site: str = "resid_post"  # hook site read for vectors
     layers: str = ""          # vectors: "" = every layer; steer/ablate: "" = a spread of 5 layers; "3,9" or "4-12"
     method: str = "mean_diff" # mean_diff (CAA) | pca (top component of the differences) | probe (logistic)
+    balance: bool = True      # weigh each matching letter equally (cancels the "A" - "B" letter direction)
     vector: str = ""          # vectors file (steer, ablate)
     mults: str = "-2,-1,0,1,2"
     unit: str = "raw"         # raw: mult * vector; norm: mult * (layer's mean residual norm) * unit vector
@@ -222,20 +222,17 @@ def vectors_run(cfg, model, tok, fmt, fmt_name, model_dir) -> tuple[dict, Path]:
     if not pairs:
         raise ValueError("no A/B items with a matching answer to build vectors from")
     pos, neg = record_pairs(model, pairs, layers, cfg.site)
-    vec = make_vectors(pos, neg, cfg.method, cfg.seed)
-    norms = residual_norms(model, [p["pos"] for p in pairs], layers)
+    vec = make_vectors(pos, neg, cfg.method, cfg.seed, [p["letters"][0] for p in pairs] if cfg.balance else None)
+    norms = residual_norms(model, [p["pos"] for p in pairs[:64]], layers)   # a mean over ~6k tokens is plenty
     prov = report.provenance(cfg, model_dir, fmt_name, files)
     meta = dict(model=str(model_dir), model_fingerprint=model_fingerprint(model), site=cfg.site,
-                position="answer letter token after the assistant header", method=cfg.method, n_pairs=len(pairs),
+                position="answer letter token after the assistant header", method=cfg.method,
+                balanced_by_letter=cfg.balance, n_pairs=len(pairs),
                 data=cfg.data or f"built-in opinion probes (seed {cfg.seed})",
                 data_sha256=json.dumps(prov["data_sha256"]), chat_format=fmt_name, dtype=cfg.dtype, seed=cfg.seed)
     name = cfg.run or "vectors"
     vec_path = save_vectors(cfg.out, name, vec, layers, norms, meta)
-    act_meta = {**meta, "ids": json.dumps([p["id"] for p in pairs]), "layers": json.dumps(layers)}
-    acts_path = report.publish(cfg.out, vec_path.stem + ".acts", ".safetensors",
-                               st_save({"pos": pos.contiguous(), "neg": neg.contiguous()},
-                                       metadata={k: str(v) for k, v in act_meta.items()}),
-                               stamp=False)
+    acts_path = save_activations(cfg.out, vec_path.stem, pos, neg, pairs, layers, meta)
     metrics = {}
     for i, layer in enumerate(layers):
         metrics[f"norm[L{layer}]"] = {"value": float(vec[i].norm()), "ci": None, "n": len(pairs), "kind": "norm"}

@@ -88,6 +88,16 @@ def test_mean_difference_vector_agrees_with_a_transformers_peer(env):
         assert torch.cosine_similarity(ours[layer].double(), peer[layer], dim=0) > 0.9999
 
 
+def test_pairs_read_through_a_shared_prefix_equal_reading_each_sequence(env):
+    model, tok, fmt, _ = env
+    pairs = act.ab_pairs(tok, fmt, items(10))
+    pos, neg = act.record_pairs(model, pairs, [0, 2], token_budget=300)      # several batches, left padding
+    every = act.record(model, [p["pos"] for p in pairs] + [p["neg"] for p in pairs], [p["read"] for p in pairs] * 2,
+                       [0, 2], progress=None)
+    torch.testing.assert_close(pos, every[: len(pairs)], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(neg, every[len(pairs):], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("method", ["mean_diff", "pca", "probe"])
 def test_every_method_finds_a_planted_direction(method):
     g = torch.Generator().manual_seed(0)
@@ -119,7 +129,7 @@ def test_vectors_round_trip_and_refuse_another_model(env, tmp_path, tiny_llama):
     with pytest.raises(ValueError, match="32 wide, the model's residual stream is 64"):
         act.load_vectors(wide, model)
     assert act.save_vectors(tmp_path, "v", vec, [0, 2], torch.ones(2), meta) != path    # never overwritten
-    with pytest.raises(ValueError, match="safetensors files only"):
+    with pytest.raises(ValueError, match="only .safetensors files"):
         act.load_vectors(tmp_path / "v.pt", model)
 
 
@@ -215,3 +225,48 @@ def test_orthogonalized_weights_equal_ablation_hooks(tmp_path, tied):
     steer.orthogonalize(model, u)
     torch.testing.assert_close(logits(model, x), hooked, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(plain, hooked)
+
+
+def test_letter_balance_cancels_the_letter_direction():
+    """pos - neg = behaviour + (sign of the matching letter) * letter direction: with 3 of 4 pairs matching "A",
+    plain CAA keeps half the letter direction; the letter-balanced mean keeps none of it."""
+    behaviour, letter = torch.zeros(1, 8), torch.zeros(1, 8)
+    behaviour[0, 0], letter[0, 1] = 1.0, 5.0
+    sign = torch.tensor([1.0, 1.0, 1.0, -1.0])[:, None, None]          # matching letters A, A, A, B
+    pos = torch.zeros(4, 1, 8) + behaviour + sign * letter / 2
+    neg = torch.zeros(4, 1, 8) - sign * letter / 2
+    plain = act.make_vectors(pos, neg)
+    balanced = act.make_vectors(pos, neg, groups=["A", "A", "A", "B"])
+    assert plain[0, 1] == 2.5 and balanced[0, 1] == 0 and balanced[0, 0] == 1
+
+
+# ------------------------------------------------------------------------------------------------ end to end
+
+def test_vectors_steer_ablate_runs_write_results(tiny_chat, tmp_path):
+    from dataclasses import replace
+    import evaluate
+    cfg = steer.SteerConfig(model=str(tiny_chat[0]), out=str(tmp_path), n=8, n_test=4, n_neutral=3,
+                            n_capability=3, mults="-1,0,1", layers="0,2")
+    model, tok, fmt, fmt_name, model_dir, _ = evaluate.setup(cfg)
+    result, path = steer.vectors_run(cfg, model, tok, fmt, fmt_name, model_dir)
+    vec_file = path.with_suffix(".safetensors")
+    assert vec_file.exists() and path.with_suffix(".png").exists()
+    assert result["conventions"]["balanced_by_letter"] and len(result["items"]) == result["conventions"]["n_pairs"]
+    assert all(r["read_token"].strip() in "AB" for r in result["items"])
+    vecs, norms, _ = act.load_vectors(vec_file, model)
+    assert sorted(vecs) == [0, 2] and all(v > 0 for v in norms.values())
+
+    result, path = steer.steer_run(replace(cfg, vector=str(vec_file)), model, tok, fmt, fmt_name,
+                                   model_dir)
+    m = result["metrics"]
+    assert m["p_match[L0,m0]"] == m["p_match[base]"] and m["kl[L2,m0]"]["value"] == 0
+    assert m["kl[L2,m1]"]["value"] > 0 and "wrong_way[L2]" in m and path.with_suffix(".png").exists()
+    assert len(result["items"]) == 2 * 3 * m["p_match[base]"]["n"]
+
+    result, _ = steer.steer_run(replace(cfg, vector=str(vec_file), layers="2"), model, tok, fmt, fmt_name,
+                                model_dir, ablate=True)
+    assert "change_p_match[L2]" in result["metrics"]
+    with pytest.raises(ValueError, match=r"no vector for layers \[1\]"):
+        steer.steer_run(replace(cfg, vector=str(vec_file), layers="1"), model, tok, fmt, fmt_name, model_dir)
+    with pytest.raises(ValueError, match="layer 5 out of range: the model has 3 layers"):
+        steer.steer_run(replace(cfg, vector=str(vec_file), layers="5"), model, tok, fmt, fmt_name, model_dir)

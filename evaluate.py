@@ -75,13 +75,19 @@ def eval_ab(model, tok, fmt, items, convention: str = "caa"):
         p = [torch.tensor(lp).softmax(-1).tolist() for lp in option_logprobs(model, contexts, options)]
     else:
         raise ValueError(f"unknown A/B convention {convention!r}: caa or perez")
+    rows = ab_rows(items, p)
+    return rows, ab_metrics(rows)
+
+
+def ab_rows(items, p):
+    """One row per item from p[i] = the probabilities of items[i]["letters"] (renormalized here)."""
     rows = []
     for it, pi in zip(items, p):
         pi = [v / sum(pi) for v in pi]
         p_match = pi[it["letters"].index(it["match"])]
         rows.append(dict(id=it["id"], source=it["source"], p_match=p_match, matched=p_match > 0.5,
                          p_letters=dict(zip(it["letters"], pi))))
-    return rows, ab_metrics(rows)
+    return rows
 
 
 def ab_metrics(rows):

@@ -27,12 +27,13 @@ from tqdm import tqdm
 
 import probes
 import report
-from activations import (ab_items, ab_pairs, assistant_header, load_vectors, make_vectors, model_fingerprint,
-                         parse_layers, record_pairs, residual_norms, save_activations, save_vectors)
-from evaluate import eval_ab, eval_answer, setup
-from model import generate, hooks, pad_left
+from activations import (ab_items, ab_pairs, assistant_header, header_end, load_vectors, make_vectors,
+                         model_fingerprint, parse_layers, record_pairs, residual_norms, save_activations, save_vectors)
+from evaluate import ab_rows, setup
+from model import KVCache, generate, hooks, pad_left
 from prepare import parse_args
-from score import user
+from probes import MC_PREFILL
+from score import LETTERS, batches_by_length, letter_ids, pick_letter, user
 
 
 @dataclass
@@ -173,44 +174,98 @@ NEUTRAL_PROMPTS = [
 ]
 
 
-def neutral_reference(model, tok, fmt, n: int, n_tokens: int = 16) -> dict:
-    """The unsteered model's greedy continuations of n neutral prompts and its next-token log-probabilities
-    along them: the reference the steered model's KL is measured against."""
-    prompts = [tok.encode(fmt(user(p))) for p in NEUTRAL_PROMPTS[:n]]
-    conts = generate(model, prompts, max_new_tokens=n_tokens)   # no stop ids: every row n_tokens long
-    seqs = [p + c for p, c in zip(prompts, conts)]
-    return {"seqs": seqs, "n_tokens": n_tokens, "logp": _continuation_logp(model, seqs, n_tokens)}
+class AfterHeader:
+    """Token sequences scored again and again under different interventions (a sweep).
+
+    logits(model) gives, per sequence, the logits at every position from the last header token to the end:
+    (1 + number of tokens after the header, V). With reuse_prefix, everything up to the assistant header is read
+    once into KV caches: steering "after the instruction" cannot change it (causal attention: earlier positions
+    never see later ones, and the steered positions all come after), so a sweep point re-reads only the tokens
+    after the header, one token ("(") for an A/B item instead of the whole question. Without reuse_prefix (for
+    interventions that touch every position: ablation, where=all) each call reads the whole sequences."""
+
+    def __init__(self, model, seqs: list[list[int]], header: list[int], reuse_prefix: bool, token_budget=4096):
+        cuts = [header_end(s, header) for s in seqs]
+        bad = [i for i, (c, s) in enumerate(zip(cuts, seqs)) if not 0 < c < len(s)]
+        if bad:
+            raise ValueError(f"sequence {bad[0]} has no tokens after an assistant header: nothing to steer")
+        self.seqs, self.cuts, self.reuse, self.parts = seqs, cuts, reuse_prefix, []
+        dev, dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
+        for batch in batches_by_length([len(s) for s in seqs], token_budget):
+            if not reuse_prefix:
+                self.parts.append((batch, None, None, None))
+                continue
+            x, mask = pad_left([seqs[i][: cuts[i]] for i in batch], dev)
+            cache = KVCache(model.config, len(batch), x.shape[1], dtype, dev)
+            with torch.no_grad():
+                last = model(x, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1].float()   # (B, V)
+            ids, smask = pad_right([seqs[i][cuts[i]:] for i in batch], dev)
+            self.parts.append((batch, cache, last, (ids, smask)))
+
+    def logits(self, model) -> list[torch.Tensor]:
+        out = [None] * len(self.seqs)
+        dev = model.model.embed_tokens.weight.device
+        for batch, cache, last, suffix in self.parts:
+            lens = [len(self.seqs[i]) - self.cuts[i] for i in batch]
+            with torch.no_grad():
+                if self.reuse:
+                    ids, smask = suffix
+                    fork = cache.fork(torch.arange(len(batch), device=dev), ids.shape[1])
+                    rest = model(ids, attention_mask=smask, cache=fork).float()            # (B, S, V)
+                    for r, i in enumerate(batch):
+                        out[i] = torch.cat([last[r, None], rest[r, : lens[r]]]).cpu()
+                else:   # left padding: every row ends at the last position
+                    x, mask = pad_left([self.seqs[i] for i in batch], dev)
+                    full = model(x, attention_mask=mask, logits_to_keep=max(lens) + 1).float()   # (B, S+1, V)
+                    for r, i in enumerate(batch):
+                        out[i] = full[r, full.shape[1] - lens[r] - 1:].cpu()
+        return out
 
 
-def _continuation_logp(model, seqs, n_tokens) -> torch.Tensor:
-    """(N, n_tokens, V) log-probabilities predicting each of the last n_tokens tokens (left-padded batches end
-    aligned, so these are the same positions in every row)."""
-    dev = model.model.embed_tokens.weight.device
-    out = []
-    for i in range(0, len(seqs), 8):
-        x, mask = pad_left(seqs[i: i + 8], dev)
-        with torch.no_grad():
-            out.append(model(x, attention_mask=mask, logits_to_keep=n_tokens + 1)[:, :-1].float()
-                       .log_softmax(-1).cpu())
-    return torch.cat(out)
+def pad_right(seqs, device):
+    ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for r, s in enumerate(seqs):
+        ids[r, : len(s)], mask[r, : len(s)] = torch.tensor(s), 1
+    return ids, mask
 
 
-def neutral_kl(model, ref) -> list[float]:
-    """Per prompt, mean over positions of KL(unsteered || steered) of the next-token distribution."""
-    logq = _continuation_logp(model, ref["seqs"], ref["n_tokens"])
-    kl = (ref["logp"].exp() * (ref["logp"] - logq)).sum(-1)           # (N, n_tokens)
-    return kl.mean(1).tolist()
+class SweepScorer:
+    """What every sweep point measures: A/B p(match) on held-out items, and the side effects: KL(unsteered ||
+    steered) of the next-token distribution along greedy continuations of neutral prompts, and accuracy on
+    built-in lettered arithmetic questions (the capability check)."""
+
+    def __init__(self, model, tok, fmt, items, n_neutral: int, cap_items, reuse_prefix: bool, n_tokens: int = 16):
+        header = assistant_header(tok, fmt)
+        self.items, self.cap_items, self.ids = items, cap_items, letter_ids(tok, LETTERS)
+        prompts = [tok.encode(fmt(user(p))) for p in NEUTRAL_PROMPTS[:n_neutral]]
+        conts = generate(model, prompts, max_new_tokens=n_tokens)   # no stop ids: every row n_tokens long
+        self.sets = {
+            "ab": AfterHeader(model, [tok.encode(fmt(user(it["question"]), prefill="(")) for it in items], header,
+                              reuse_prefix),
+            "capability": AfterHeader(model, [tok.encode(fmt(it["messages"], prefill=MC_PREFILL)) for it in cap_items],
+                                      header, reuse_prefix),
+            "neutral": AfterHeader(model, [p + c for p, c in zip(prompts, conts)], header, reuse_prefix)}
+        self.ref = [x[:-1].log_softmax(-1) for x in self.sets["neutral"].logits(model)]   # unsteered (n_tokens, V)
+
+    def letter_p(self, model, name):
+        """Each sequence's next-token probabilities over LETTERS, renormalized: (N, len(LETTERS))."""
+        return torch.stack([x[-1, self.ids].softmax(-1) for x in self.sets[name].logits(model)])
+
+    def __call__(self, model) -> dict:
+        p = self.letter_p(model, "ab")
+        rows = ab_rows(self.items, [[p[n, LETTERS.index(x)].item() for x in it["letters"]]
+                                    for n, it in enumerate(self.items)])
+        p = self.letter_p(model, "capability")
+        capability = [pick_letter(it["letters"], p[n]) == it["correct_letter"] for n, it in enumerate(self.cap_items)]
+        kl = [(ref.exp() * (ref - q[:-1].log_softmax(-1))).sum(-1).mean().item()
+              for ref, q in zip(self.ref, self.sets["neutral"].logits(model))]
+        return {"rows": rows, "kl": kl, "capability": capability}
 
 
 def capability_items(n: int, seed: int) -> list[dict]:
     """Built-in capability check: plain-template lettered arithmetic questions (answer_probes)."""
     return [p for p in probes.answer_probes(probes.arithmetic_qa(n, seed=seed + 1), seed) if p["template"] == "plain"]
-
-
-def side_effects(model, tok, fmt, ref, cap_items) -> dict:
-    """{"kl": [per neutral prompt], "capability": [per item correct]} for the model as it is now (hooks on)."""
-    rows, _ = eval_answer(model, tok, fmt, cap_items)
-    return {"kl": neutral_kl(model, ref), "capability": [r["correct"] for r in rows]}
 
 
 # ------------------------------------------------------------------------------------------------ data, runs
@@ -266,22 +321,23 @@ def steer_run(cfg, model, tok, fmt, fmt_name, model_dir, ablate: bool = False) -
     mults = [0.0] if ablate else [float(m) for m in cfg.mults.split(",")]
     items, files = ab_items(cfg.test, cfg.n_test, 1, cfg.seed, cfg.skip_bad, (cfg.n or 200, cfg.n_test or 100))
     header = assistant_header(tok, fmt)
-    ref = neutral_reference(model, tok, fmt, cfg.n_neutral)
     cap_items = capability_items(cfg.n_capability, cfg.seed)
-    base_rows, _ = eval_ab(model, tok, fmt, items)
-    base = {"rows": base_rows, **side_effects(model, tok, fmt, ref, cap_items)}
+    # Only steering after the instruction leaves the prompt's prefix alone; ablation and where=all reread it all.
+    score = SweepScorer(model, tok, fmt, items, cfg.n_neutral, cap_items,
+                        reuse_prefix=not ablate and cfg.where == "after_instruction")
+    base = score(model)
     points = [(l, m) for l in layers for m in ([None] if ablate else mults)]
     rows, metrics = [], {}
     for layer, m in tqdm(points, desc="ablate" if ablate else "sweep"):
         if ablate:
             with ablation(model, vecs[layer]):
-                got = {"rows": eval_ab(model, tok, fmt, items)[0], **side_effects(model, tok, fmt, ref, cap_items)}
+                got = score(model)
         elif m == 0:
             got = base
         else:
             scale = m * (norms[layer] / float(vecs[layer].norm()) if cfg.unit == "norm" else 1.0)
             with steering(model, {layer: scale * vecs[layer]}, cfg.where, header):
-                got = {"rows": eval_ab(model, tok, fmt, items)[0], **side_effects(model, tok, fmt, ref, cap_items)}
+                got = score(model)
         key = f"L{layer}" + ("" if ablate else f",m{m:g}")
         metrics[f"p_match[{key}]"] = report.mean_metric([r["p_match"] for r in got["rows"]])
         metrics[f"kl[{key}]"] = report.mean_metric(got["kl"])

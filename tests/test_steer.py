@@ -199,6 +199,24 @@ def test_steering_is_exact_under_cache_and_left_padding(env, where):
     assert not torch.allclose(plain[0, first:], full[0, first:])
 
 
+def test_sweep_scores_from_cached_prefixes_equal_full_rereads_and_the_evaluator(env):
+    import evaluate
+    model, tok, fmt, _ = env
+    test = items(6, seed=3)
+    cap = steer.capability_items(4, seed=0)
+    fast = steer.SweepScorer(model, tok, fmt, test, 3, cap, reuse_prefix=True, n_tokens=4)
+    slow = steer.SweepScorer(model, tok, fmt, test, 3, cap, reuse_prefix=False, n_tokens=4)
+    vec = {1: 3 * torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(4))}
+    with steer.steering(model, vec, "after_instruction", act.assistant_header(tok, fmt)):
+        a, b = fast(model), slow(model)
+        rows, _ = evaluate.eval_ab(model, tok, fmt, test)
+    assert a["capability"] == b["capability"]
+    assert a["kl"] == pytest.approx(b["kl"], abs=1e-5) and max(a["kl"]) > 0
+    for x, y, z in zip(a["rows"], b["rows"], rows):
+        assert x["p_match"] == pytest.approx(y["p_match"], abs=1e-5)
+        assert x["p_match"] == pytest.approx(z["p_match"], abs=1e-5)
+
+
 def test_ablation_leaves_no_component_along_the_direction(env):
     model, tok, fmt, _ = env
     u = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(2))

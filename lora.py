@@ -19,15 +19,15 @@ adapter folders (plain LoRA only: DoRA, rsLoRA, biases and other options that ch
 """
 import json
 import math
-import os
 import re
-import tempfile
 from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+
+from report import write_atomic
 
 # target -> the sub-module of a block that holds it (HF names): layers[i].<parent>.<target>
 TARGETS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -173,19 +173,6 @@ def lora_state_dict(model) -> dict:
     return {f"{n}.{k}": getattr(m, k).detach() for n, m in lora_modules(model).items() for k in ("lora_A", "lora_B")}
 
 
-def _atomic_write(path: Path, write):
-    """write(tmp) to a temporary file beside `path`, then rename: a crash never leaves a half-written file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _install(model, sd: dict, r, alpha, dropout, source: str):
     """Copy {our key: tensor} into the model's adapters, adding them first if it has none. Checks before any change."""
     mods = lora_modules(model)
@@ -224,14 +211,14 @@ def save_adapter(model, path, meta: dict | None = None) -> Path:
 
     Values are JSON-encoded (safetensors metadata is str -> str), so load_adapter returns them as given: put the
     model's name or config hash in `meta` for provenance. Written to a temporary file, then renamed."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     cfg, meta = adapter_config(model), dict(meta or {})
     if set(meta) & {*cfg, "format"}:
         raise ValueError(f"save_adapter: meta may not use the reserved keys {sorted(set(meta) & {*cfg, 'format'})}")
     info = {"format": "pt", **{k: json.dumps(v) for k, v in {**cfg, **meta}.items()}}
     tensors = {k: v.float().contiguous().cpu() for k, v in lora_state_dict(model).items()}
     path = Path(path)
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=info))
+    write_atomic(path, save(tensors, metadata=info))
     return path
 
 
@@ -251,7 +238,7 @@ def load_adapter(model, path) -> dict:
 def export_peft(model, folder, base_model_name_or_path: str = "") -> Path:
     """Write a peft LoRA folder (adapter_model.safetensors + adapter_config.json) that PeftModel.from_pretrained
     loads onto the transformers model of the same checkpoint."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     cfg, n_mods, folder = adapter_config(model), len(lora_modules(model)), Path(folder)
     if n_mods != len(cfg["targets"]) * len(cfg["layers"]):
         raise ValueError("the adapted modules are not every target in every adapted layer, which peft's "
@@ -264,8 +251,8 @@ def export_peft(model, folder, base_model_name_or_path: str = "") -> Path:
               "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
               "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "inference_mode": True}
     tensors = {f"{PEFT_PREFIX}{k}.weight": v.float().contiguous().cpu() for k, v in lora_state_dict(model).items()}
-    _atomic_write(folder / "adapter_model.safetensors", lambda tmp: save_file(tensors, tmp, metadata={"format": "pt"}))
-    _atomic_write(folder / "adapter_config.json", lambda tmp: Path(tmp).write_text(json.dumps(config, indent=2)))
+    write_atomic(folder / "adapter_model.safetensors", save(tensors, metadata={"format": "pt"}))
+    write_atomic(folder / "adapter_config.json", json.dumps(config, indent=2).encode())
     return folder
 
 

@@ -16,7 +16,6 @@ import math
 import os
 import subprocess
 import sys
-import tempfile
 import time
 import warnings
 from dataclasses import dataclass
@@ -154,25 +153,55 @@ def provenance(cfg, model_dir: Path, chat_format: str, data_files=()) -> dict:
                 torch=torch.__version__, numpy=np.__version__)
 
 
+def _temp_copy(folder: Path, name: str, payload: bytes) -> Path:
+    """payload in a fresh temp file in `folder` (so the rename that follows stays on one filesystem), fsynced,
+    with the permissions of any file the user makes (open() applies the umask; mkstemp would give 0600)."""
+    for k in itertools.count():
+        tmp = folder / f".{name}.{os.getpid()}.{k}.tmp"
+        try:
+            with open(tmp, "xb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            return tmp
+        except FileExistsError:
+            continue
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def write_atomic(path, payload: bytes) -> Path:
+    """Replace `path` with payload atomically: a kill or a full disk leaves the old file or the new one, never half
+    of one (checkpoints, adapters)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = _temp_copy(path.parent, path.name, payload)
+    except OSError as e:
+        raise OSError(e.errno, f"could not write {path} ({e}); the previous file is untouched") from e
+    try:
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
 def publish(out_dir, name: str, suffix: str, payload: bytes, stamp: bool = True) -> Path:
     """Write OUT/<name>-<YYYYmmdd-HHMMSS>[-k]<suffix> (or OUT/<name><suffix> with stamp=False): never overwriting,
     never leaving a partial file.
 
-    The bytes go to a private temp file in the same folder (so the last step stays on one filesystem), are
-    fsynced, then os.link gives them their final name: link fails if the name exists, so two writers finishing in
-    the same second get -2, -3, ... instead of replacing each other (exists() then os.replace has that race); an
-    unstamped name that exists is an error. An OSError on the way (a full disk) removes the temp file and is
-    raised again naming the destination."""
+    The bytes go to a temp file in the same folder, then os.link gives them their final name: link fails if the
+    name exists, so two writers finishing in the same second get -2, -3, ... instead of replacing each other
+    (exists() then os.replace has that race); an unstamped name that exists is an error. An OSError on the way
+    (a full disk) removes the temp file and is raised again naming the destination."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     base = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}" if stamp else name
     dest = out_dir / f"{base}{suffix}"
-    fd, tmp = tempfile.mkstemp(dir=out_dir, prefix=f".{name}-", suffix=f"{suffix}.tmp")
+    tmp = None
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(payload)
-            f.flush()
-            os.fsync(f.fileno())
+        tmp = _temp_copy(out_dir, base + suffix, payload)
         for k in itertools.count(2):
             try:
                 os.link(tmp, dest)
@@ -187,7 +216,8 @@ def publish(out_dir, name: str, suffix: str, payload: bytes, stamp: bool = True)
         msg = f"could not write {dest} ({e}); no partial file was left"
         raise (OSError(e.errno, msg) if e.errno else OSError(msg)) from e
     finally:
-        Path(tmp).unlink(missing_ok=True)
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
     return dest
 
 

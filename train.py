@@ -1,0 +1,390 @@
+"""LoRA fine-tuning: SFT and DPO over the adapters only, resumable, with results in the lab's format.
+
+    python train.py --mode=sft --data=sft.jsonl --eval_data=sft_eval.jsonl --run=sft-anti-syco
+    python train.py --mode=dpo --data=pairs.jsonl --init_adapter=out/sft-anti-syco/adapter.safetensors --run=dpo
+    python train.py --mode=sft --data=sft.jsonl --run=sft-anti-syco --resume=true       # continue after a kill
+
+Data, one JSON object per line (other keys, e.g. provenance, are allowed and kept in the example's "record"):
+    SFT  {"id": "...", "messages": [{"role": "user", "content": "..."}, ...], "response": "..."}
+    DPO  {"id": "...", "messages": [...], "chosen": "...", "rejected": "..."}
+The conversation is written in the model's chat format; the loss reads only the response's tokens, including the
+end-of-turn marker the format writes after it (so the model also learns where to stop). DPO (Rafailov et al. 2023),
+sigmoid form, with the reference = the same model with its adapters switched off:
+    loss = -log sigmoid(beta * ((log pi(y_w|x) - log pi(y_l|x)) - (log ref(y_w|x) - log ref(y_l|x))))
+A run writes OUT/<run>/{config.json, ckpt.safetensors (adapter, AdamW, schedule, RNG, log: one file, no pickle,
+replaced atomically every save_every steps), adapter.safetensors, peft/} and OUT/<run>-<time>.json (+ .png curve).
+"""
+import json
+import math
+import random
+import sys
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.optim.lr_scheduler import LambdaLR
+from torch.utils.checkpoint import checkpoint
+from tqdm import tqdm
+
+import data
+from evaluate import setup
+from lora import add_lora, export_peft, load_adapter, lora_disabled, lora_parameters, lora_state_dict, save_adapter
+from prepare import parse_args
+from report import mean_metric, plot_curve, proportion_metric, provenance, write_atomic, write_result
+
+DEFAULT_LR = {"sft": 2e-4, "dpo": 5e-5}   # DPO moves away from a reference it should stay near: a smaller step
+FIELDS = {"sft": ("response",), "dpo": ("chosen", "rejected")}
+RESUMABLE_CHANGES = {"resume", "save_every", "eval_every"}    # what may differ between a run and its resumption
+
+
+@dataclass
+class TrainConfig:
+    mode: str = "sft"          # sft (imitate `response`) or dpo (prefer `chosen` over `rejected`)
+    model: str = ""            # "" = the embedded default
+    dtype: str = "fp32"        # of the base weights; adapters and AdamW state are fp32 whatever this is
+    device: str = "cpu"
+    chat_format: str = ""      # "" = detected from the checkpoint
+    data: str = ""             # training JSONL (format: the docstring)
+    eval_data: str = ""        # held-out JSONL of the same format; "" = no evaluation
+    r: int = 16                # LoRA rank
+    alpha: float = 32.0        # LoRA scale alpha / r
+    dropout: float = 0.1       # LoRA dropout on the adapter's input
+    targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
+    lr: float = 0.0            # peak learning rate; 0 = the mode's default (2e-4 SFT, 5e-5 DPO)
+    epochs: int = 1
+    max_steps: int = 0         # optimizer steps; 0 = as many as `epochs` passes give (the last partial step dropped)
+    batch_size: int = 4        # examples (DPO: pairs) per micro-batch
+    grad_accum: int = 1        # micro-batches per optimizer step
+    warmup_steps: int = 10     # linear warmup, then cosine decay to 0 at the last step
+    clip: float = 1.0          # gradient-norm clip; 0 = none (the norm is logged either way)
+    beta: float = 0.1          # DPO: how strongly the policy is tied to the reference
+    bf16: bool = False         # bf16 autocast (the weights keep their dtype)
+    grad_checkpointing: bool = False   # recompute each block in backward: less activation memory, more time
+    max_len: int = 1024        # prompt + response tokens of one example; a longer one is bad data
+    eval_every: int = 50       # optimizer steps between held-out evaluations (also one at the start and the end)
+    save_every: int = 100      # optimizer steps between checkpoints (also one at the end)
+    skip_bad: bool = False     # skip malformed data lines (counted in the results) instead of stopping
+    seed: int = 0
+    out: str = "out"
+    run: str = ""              # "" = the mode; OUT/<run>/ must not exist yet, unless --resume=true
+    init_adapter: str = ""     # start from a save_adapter file (its r, alpha, dropout); DPO's reference stays the base
+    resume: bool = False       # continue OUT/<run>/ from its last checkpoint
+
+
+# ------------------------------------------------------------------------------------------------------- data
+def encode(tok, fmt, messages, response: str, max_len: int) -> tuple[list[int], int]:
+    """(ids of prompt + response, number of prompt ids). The response's ids are whatever the chat format writes for
+    the assistant turn after the prompt: the text and the end-of-turn marker (ChatML: "<|im_end|>\\n")."""
+    try:
+        prompt = tok.encode(fmt(messages))                                  # ends with the assistant header
+        full = tok.encode(fmt(messages + [{"role": "assistant", "content": response}], add_generation_prompt=False))
+    except ValueError as e:                                                 # the format's check of the conversation
+        raise data._Bad(str(e)) from None
+    if full[:len(prompt)] != prompt:
+        raise data._Bad("the prompt's tokens are not a prefix of prompt + response's (the tokenizer merges across "
+                        "the assistant header), so the response tokens cannot be told apart")
+    if len(full) > max_len:
+        raise data._Bad(f"prompt + response is {len(full)} tokens, more than max_len={max_len}")
+    return full, len(prompt)
+
+
+def read_examples(path, mode: str, tok, fmt, max_len: int, skip_bad: bool = False) -> data.Items:
+    """A training JSONL -> checked, tokenized examples {"id", "record", <field>: (ids, n_prompt) for each of
+    FIELDS[mode]}. A bad line raises ValueError("path:line: why"), or with skip_bad lands in `.skipped`."""
+    def make(r, i):
+        messages = data._field(r, "messages", list)       # roles and contents are then checked by the chat format
+        if not all(isinstance(m, dict) for m in messages) or messages[-1].get("role") != "user":
+            raise data._Bad("messages must be {role, content} objects, the last message the user's (it is answered)")
+        texts = {k: data._field(r, k) for k in FIELDS[mode]}
+        if not all(text.strip() for text in texts.values()):
+            raise data._Bad(f"an empty {' or '.join(FIELDS[mode])}")
+        if mode == "dpo" and texts["chosen"] == texts["rejected"]:
+            raise data._Bad("chosen == rejected: the pair teaches nothing")
+        return {"id": r.get("id", f"{Path(path).stem}/{i}"), "record": r,
+                **{k: encode(tok, fmt, messages, text, max_len) for k, text in texts.items()}}
+    return data._jsonl(path, make, skip_bad)
+
+
+def collate(seqs: list[tuple[list[int], int]], pad_id: int, device) -> dict:
+    """[(ids, n_prompt)] -> right-padded input_ids, attention_mask, loss_mask, each (B, T). loss_mask is 1 on the
+    response tokens: the tokens the loss asks the model to predict (each from the positions before it)."""
+    T = max(len(s) for s, _ in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
+    attn, loss_mask = torch.zeros_like(ids), torch.zeros_like(ids)
+    for b, (s, n) in enumerate(seqs):
+        ids[b, :len(s)], attn[b, :len(s)], loss_mask[b, n:len(s)] = torch.tensor(s), 1, 1
+    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "loss_mask": loss_mask.to(device)}
+
+
+def batch_of(examples, mode: str, pad_id: int, device) -> dict:
+    """SFT: one row per example. DPO: the B chosen rows, then the B rejected rows (one forward for both)."""
+    return collate([ex[k] for k in FIELDS[mode] for ex in examples], pad_id, device)
+
+
+# ------------------------------------------------------------------------------------------------------ losses
+def token_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
+    """(log-prob of each scored token, 0 elsewhere; the mask), both (B, T-1): position t predicts token t+1."""
+    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])      # (B, T, V)
+    logp = logits[:, :-1].float().log_softmax(-1)                                   # fp32: sums of many small terms
+    mask = batch["loss_mask"][:, 1:].to(logp.dtype)                                 # (B, T-1)
+    return logp.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1) * mask, mask
+
+
+def sequence_logps(model, batch) -> torch.Tensor:
+    """(B,) summed log-probabilities of each row's response tokens."""
+    return token_logps(model, batch)[0].sum(-1)
+
+
+def sft_loss(model, batch) -> torch.Tensor:
+    """Mean negative log-likelihood per response token of the batch (prompt tokens are context, never targets)."""
+    lp, mask = token_logps(model, batch)
+    return -lp.sum() / mask.sum()
+
+
+def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: float):
+    """The sigmoid DPO loss (mean over pairs) and the implicit rewards beta * (log pi - log ref), each (B,).
+    chosen - rejected = beta * ((pi_w - pi_l) - (ref_w - ref_l)): the formula at the top of this file, rearranged."""
+    chosen = beta * (policy_chosen - ref_chosen)
+    rejected = beta * (policy_rejected - ref_rejected)
+    return -F.logsigmoid(chosen - rejected).mean(), chosen.detach(), rejected.detach()
+
+
+def dpo_step(model, batch, beta: float):
+    """dpo_loss of a batch_of() DPO batch; the reference is the model with adapters off (no second copy)."""
+    policy = sequence_logps(model, batch)                                 # (2B,): chosen rows, then rejected
+    with torch.no_grad(), lora_disabled(model):
+        ref = sequence_logps(model, batch)
+    B = policy.shape[0] // 2
+    return dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], beta)
+
+
+@contextmanager
+def grad_checkpointing(model, enabled: bool = True):
+    """Recompute each block's activations in backward instead of keeping them, by wrapping block.forward from here
+    (model.py stays unaware). Hooks run in the recomputation too, so a hook must be deterministic. Undone on exit."""
+    blocks = list(model.layers) if enabled else []
+    for block in blocks:
+        def forward(*args, _inner=block.forward, **kw):
+            if not torch.is_grad_enabled():          # the DPO reference and evaluation keep nothing anyway
+                return _inner(*args, **kw)
+            # non-reentrant: takes non-tensor arguments ("causal", None); the RNG is replayed, so dropout repeats
+            return checkpoint(_inner, *args, use_reentrant=False, **kw)
+        block.forward = forward                          # an instance attribute shadows Block.forward
+    try:
+        yield model
+    finally:
+        for block in blocks:
+            del block.forward
+
+
+@torch.no_grad()
+def evaluate(model, examples, cfg, pad_id: int) -> tuple[dict, list[dict]]:
+    """Held-out evaluation: ({eval_loss[, eval_reward_acc, eval_margin]}, one row per example)."""
+    dev = model.model.embed_tokens.weight.device
+    model.eval()                                         # no dropout; train() puts the model back in train mode
+    rows = []
+    for b in range(0, len(examples), cfg.batch_size):
+        batch = batch_of(examples[b: b + cfg.batch_size], cfg.mode, pad_id, dev)
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            if cfg.mode == "sft":
+                lp, mask = token_logps(model, batch)
+                rows += [{"loss": v} for v in (-lp.sum(-1) / mask.sum(-1)).tolist()]   # per example, per token
+            else:
+                _, c, r = dpo_step(model, batch, cfg.beta)
+                rows += [{"loss": -F.logsigmoid(ci - ri).item(), "reward_acc": bool(ci > ri),
+                          "margin": (ci - ri).item()} for ci, ri in zip(c, r)]
+    model.train()
+    return {f"eval_{k}": float(np.mean([r[k] for r in rows])) for k in rows[0]}, rows
+
+
+# ------------------------------------------------------------------------------------------------- checkpoints
+def lr_lambda(warmup: int, total: int):
+    """Multiplier of the peak lr at step s (0-based): linear warmup, then cosine decay towards 0 at step `total`."""
+    return lambda s: (s + 1) / warmup if s < warmup else 0.5 * (1 + math.cos(
+        math.pi * (s - warmup) / max(1, total - warmup)))
+
+
+def save_checkpoint(path: Path, model, opt, sched, step: int, rows: list):
+    """One safetensors file: adapter, AdamW moments and RNG states as tensors; the rest as JSON metadata."""
+    from safetensors.torch import save
+    tensors = {f"adapter.{k}": v.float().contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    opt_state = opt.state_dict()                     # {"state": {i: {step, exp_avg, exp_avg_sq}}, "param_groups"}
+    for i, state in opt_state["state"].items():
+        tensors |= {f"opt.{i}.{k}": v.contiguous().cpu() for k, v in state.items()}
+    tensors["rng.torch"] = torch.get_rng_state()
+    if model.model.embed_tokens.weight.is_cuda:
+        tensors |= {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    np_rng = np.random.get_state()
+    meta = {"step": step, "param_groups": opt_state["param_groups"], "scheduler": sched.state_dict(),
+            "rng_python": random.getstate(), "rng_numpy": [np_rng[0], np_rng[1].tolist(), *np_rng[2:]], "rows": rows}
+    write_atomic(path, save(tensors, metadata={"state": json.dumps(meta)}))
+
+
+def load_checkpoint(path: Path, model, opt, sched) -> tuple[int, list]:
+    """Restore everything save_checkpoint wrote; returns (step, log rows so far)."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as f:
+        meta = json.loads(f.metadata()["state"])
+        t = {k: f.get_tensor(k) for k in f.keys()}
+    with torch.no_grad():
+        for k, v in lora_state_dict(model).items():      # detached views of the adapter parameters
+            v.copy_(t[f"adapter.{k}"])
+    state = {}
+    for k, v in t.items():
+        if k.startswith("opt."):
+            _, i, name = k.split(".", 2)
+            state.setdefault(int(i), {})[name] = v
+    opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
+    sched.load_state_dict(meta["scheduler"])
+    torch.set_rng_state(t["rng.torch"])
+    if "rng.cuda.0" in t:
+        torch.cuda.set_rng_state_all([t[f"rng.cuda.{i}"] for i in range(sum(k.startswith("rng.cuda.") for k in t))])
+    version, mt, gauss = meta["rng_python"]
+    random.setstate((version, tuple(mt), gauss))
+    name, keys, *rest = meta["rng_numpy"]
+    np.random.set_state((name, np.array(keys, dtype=np.uint32), *rest))
+    return meta["step"], meta["rows"]
+
+
+# -------------------------------------------------------------------------------------------------------- loop
+def train(cfg: TrainConfig, model, tok, fmt, callback=None) -> tuple[dict, Path]:
+    """Fine-tune `model` in place (adapters added, or read from cfg.init_adapter) and write the run's files.
+    callback(step, row) runs after each optimizer step (and its checkpoint). Returns (result, results path)."""
+    cfg = replace(cfg, lr=cfg.lr or DEFAULT_LR.get(cfg.mode, 0), run=cfg.run or cfg.mode)
+    if cfg.mode not in FIELDS or min(cfg.batch_size, cfg.grad_accum, cfg.max_steps or cfg.epochs) < 1 or not cfg.data:
+        raise ValueError("train needs --mode=sft|dpo, --data=PATH, and batch_size, grad_accum, epochs at least 1")
+    run_dir, now = Path(cfg.out) / cfg.run, asdict(cfg)
+    if run_dir.exists() and not cfg.resume:
+        raise FileExistsError(f"{run_dir} exists and a run never overwrites an earlier one: pass --resume=true to "
+                              "continue it, or choose another --run")
+    if cfg.resume:
+        if (run_dir / "adapter.safetensors").exists() or not (run_dir / "config.json").exists():
+            raise FileNotFoundError(f"--resume: {run_dir} is finished already, or holds no run to continue")
+        saved = json.loads((run_dir / "config.json").read_text())
+        changed = {k: (saved.get(k), v) for k, v in now.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
+        if changed:
+            raise ValueError(f"--resume: {run_dir} was started with other settings (was, now): {changed}")
+    pad_id, dev = tok.pad_id or 0, model.model.embed_tokens.weight.device
+    train_set = read_examples(cfg.data, cfg.mode, tok, fmt, cfg.max_len, cfg.skip_bad)
+    eval_set = read_examples(cfg.eval_data, cfg.mode, tok, fmt, cfg.max_len, cfg.skip_bad) if cfg.eval_data else []
+    skipped = train_set.skipped + (eval_set.skipped if cfg.eval_data else [])
+    if not train_set:
+        raise ValueError(f"{cfg.data}: every line was bad ({len(train_set.skipped)} skipped)")
+    N, bs, ga = len(train_set), cfg.batch_size, cfg.grad_accum
+    per_epoch = math.ceil(N / bs)                                          # micro-batches per pass over the data
+    total = cfg.max_steps or max(1, cfg.epochs * per_epoch // ga)
+
+    random.seed(cfg.seed)                                 # seeded before add_lora: its A init is random
+    np.random.seed(cfg.seed)
+    torch.manual_seed(cfg.seed)                           # every device's generator
+    if cfg.init_adapter:
+        load_adapter(model, cfg.init_adapter)
+    else:
+        add_lora(model, targets=cfg.targets.split(","), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
+    params = lora_parameters(model)                                        # the base weights are frozen
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
+    sched = LambdaLR(opt, lr_lambda(cfg.warmup_steps, total))
+    run_dir.mkdir(parents=True, exist_ok=cfg.resume)                       # claims the name (fails if taken)
+    if not cfg.resume:
+        write_atomic(run_dir / "config.json", json.dumps(now, indent=1).encode())
+    ckpt, step, rows = run_dir / "ckpt.safetensors", 0, []
+    if ckpt.exists():
+        step, rows = load_checkpoint(ckpt, model, opt, sched)
+        print(f"resuming {run_dir} at step {step} of {total}")
+
+    def micro_batch(k):        # the run's k-th micro-batch. The data order is a seeded permutation per epoch, so
+        epoch, j = divmod(k, per_epoch)           # the step number alone says what comes next: nothing to save
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(N)
+        return batch_of([train_set[i] for i in order[j * bs: (j + 1) * bs]], cfg.mode, pad_id, dev)
+
+    was_training, t0 = model.training, time.perf_counter()
+    model.train()                                                          # LoRA dropout on
+    if step == 0 and eval_set:                                             # the held-out starting point
+        rows.append({"step": 0, **evaluate(model, eval_set, cfg, pad_id)[0]})
+    with grad_checkpointing(model, cfg.grad_checkpointing), \
+            tqdm(total=total, initial=step, desc=cfg.run, disable=None) as bar:
+        while step < total:
+            stats = {}
+            for k in range(step * ga, (step + 1) * ga):
+                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                    if cfg.mode == "sft":
+                        loss, extra = sft_loss(model, micro_batch(k)), {}
+                    else:
+                        loss, c, r = dpo_step(model, micro_batch(k), cfg.beta)
+                        extra = {"reward_acc": (c > r).float().mean().item(), "margin": (c - r).mean().item(),
+                                 "chosen_reward": c.mean().item(), "rejected_reward": r.mean().item()}
+                (loss / ga).backward()             # gradients add up: the step follows the mean of its micro-batches
+                for key, v in {"loss": loss.item(), **extra}.items():
+                    stats[key] = stats.get(key, 0.0) + v / ga
+            norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf)
+            row = {"step": step + 1, "epoch": round((step + 1) * ga / per_epoch, 3), "lr": sched.get_last_lr()[0],
+                   "grad_norm": norm.item(), **stats}
+            opt.step()
+            sched.step()
+            opt.zero_grad(set_to_none=True)
+            step += 1
+            if eval_set and cfg.eval_every and step % cfg.eval_every == 0 and step < total:   # the last: below
+                row |= evaluate(model, eval_set, cfg, pad_id)[0]
+            rows.append(row)
+            if step == total or (cfg.save_every and step % cfg.save_every == 0):
+                save_checkpoint(ckpt, model, opt, sched, step, rows)
+            bar.update(1)
+            bar.set_postfix(loss=f"{row['loss']:.4f}")
+            if callback:
+                callback(step, row)
+    final, per_item = evaluate(model, eval_set, cfg, pad_id) if eval_set else ({}, [])
+    rows[-1] |= final
+    model.train(was_training)
+    seconds = time.perf_counter() - t0
+
+    model_dir, fmt_name = getattr(model, "name_or_path", cfg.model), fmt.__name__
+    save_adapter(model, run_dir / "adapter.safetensors", meta={"mode": cfg.mode, "steps": step, "run": cfg.run,
+                                                              "base_model": str(model_dir), "chat_format": fmt_name})
+    export_peft(model, run_dir / "peft", base_model_name_or_path=str(model_dir))
+    # train_*: the mean of the last (up to 10) steps, as one step's loss is one batch's, too noisy to report alone
+    last = [r for r in rows if "loss" in r][-max(1, min(10, total // 5)):]
+    metrics = {f"train_{k}": mean_metric([r[k] for r in last]) for k in ("loss", "reward_acc", "margin")
+               if k in last[0]}
+    for k in per_item[0] if per_item else []:    # the final evaluation, with intervals over the held-out examples
+        values = [r[k] for r in per_item]
+        metrics[f"eval_{k}"] = proportion_metric(values) if k == "reward_acc" else mean_metric(values)
+    inputs = [Path(p) for p in (cfg.data, cfg.eval_data, cfg.init_adapter) if p]      # their sha256 go in provenance
+    result = dict(config=asdict(cfg), provenance=provenance(cfg, model_dir, fmt_name, inputs), metrics=metrics,
+                  timing=dict(seconds=seconds, steps=step), n_skipped=len(skipped), skipped=skipped,
+                  adapter=str(run_dir / "adapter.safetensors"), items=rows)
+    path = write_result(cfg.out, cfg.run, result)
+    plot_losses(path)
+    return result, path
+
+
+def plot_losses(path) -> Path:
+    """The loss curve, drawn from the results file (never from memory): train loss per step, eval loss where run."""
+    rows = json.loads(Path(path).read_text(encoding="utf-8"))["items"]
+    lines = {label: [(r["step"], r[key]) for r in rows if key in r]
+             for label, key in (("train loss", "loss"), ("eval loss", "eval_loss"))}
+    lines = {label: pts for label, pts in lines.items() if pts}
+    return plot_curve([[s for s, _ in p] for p in lines.values()], [[v for _, v in p] for p in lines.values()], None,
+                      list(lines), Path(path).with_suffix(".png"), "optimizer step", "loss", Path(path).stem)
+
+
+def main(argv=None):
+    cfg = parse_args(TrainConfig, sys.argv[1:] if argv is None else argv)
+    if not cfg.data:
+        sys.exit("error: --data=PATH.jsonl is required (its format: the top of train.py)")
+    model, tok, fmt, *_ = setup(SimpleNamespace(**asdict(cfg), judge=""))
+    try:
+        result, path = train(cfg, model, tok, fmt)
+    except (ValueError, OSError) as e:          # bad data, a taken run name, nothing to resume: one clear line
+        sys.exit(f"error: {e}")
+    for name, m in result["metrics"].items():
+        print(f"  {name:<18} {m['value']:.4f}  [{m['ci'][0]:.4f}, {m['ci'][1]:.4f}]  n={m['n']}")
+    print(f"skipped {result['n_skipped']} bad lines\nresults {path} (+ .png)\nadapter {result['adapter']}")
+
+
+if __name__ == "__main__":
+    main()

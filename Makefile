@@ -1,4 +1,5 @@
-# syco-lab: every target is one visible command. Knobs: make demo MODEL=path DTYPE=fp32 DEVICE=cuda
+# syco-lab: every target is one visible command. Knobs: MODEL=path DTYPE=fp32|bf16 DEVICE=cpu|cuda OUT=out, and
+# per target DATA, TEST, N, LAYERS, MULTS, VECTOR, ACTS; anything else: ARGS='--key=value ...' (see --help).
 PY     ?= python3
 VENV   ?= .venv
 # CPU build by default (it lies on this machine's disk); GPU users: make TORCH='torch==2.13.0' with their index.
@@ -7,21 +8,69 @@ MODEL  ?=
 DEVICE ?= cpu
 DTYPE  ?=
 OUT    ?= out
+DATA   ?=
+TEST   ?=
+N      ?=
+LAYERS ?=
+MULTS  ?=
+ACTS   ?=
+ARGS   ?=
+# The newest vectors file in OUT (names carry the time, so the last in sorted order is the newest).
+VECTOR ?= $(lastword $(sort $(wildcard $(OUT)/vectors-*[0-9].safetensors)))
 BIN     = $(VENV)/bin
+COMMON  = --model=$(MODEL) $(if $(DTYPE),--dtype=$(DTYPE)) --device=$(DEVICE) --out=$(OUT)
+PICK    = $(if $(DATA),--data=$(DATA)) $(if $(N),--n=$(N)) $(if $(LAYERS),--layers=$(LAYERS))
 
-.PHONY: demo test bench prepare clean
+.PHONY: demo test bench prepare vectors steer ablate predict consistency geometry tactics train \
+        study-benchmarks study-recovery clean
 
-demo: $(VENV)/.runtime            ## the main job on the embedded default model
-	$(BIN)/python evaluate.py --model=$(MODEL) $(if $(DTYPE),--dtype=$(DTYPE)) --device=$(DEVICE) --out=$(OUT)
+demo: $(VENV)/.runtime            ## the main job on the embedded default model (a few minutes on 2 cores)
+	$(BIN)/python evaluate.py $(COMMON)
+	$(BIN)/python steer.py demo $(COMMON)
+	$(BIN)/python study.py recovery --quick=true $(COMMON)
 
 test: $(VENV)/.dev                ## offline test suite (a few minutes on 2 cores)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(VENV)/.dev               ## ours vs transformers, ratios measured in the same run
-	$(BIN)/python bench.py --model=$(MODEL) --out=$(OUT)
+	$(BIN)/python bench.py --model=$(MODEL) --out=$(OUT) $(ARGS)
 
 prepare: $(VENV)/.runtime         ## convert the embedded default model (or MODEL=org/name to download)
 	$(BIN)/python prepare.py $(if $(MODEL),--model=$(MODEL))
+
+# --- the residual stream (studies 1 and 3) ---------------------------------------------------------------------
+vectors: $(VENV)/.runtime         ## steering vectors at every layer from A/B pairs (DATA= CAA/Anthropic file; none = built-in)
+	$(BIN)/python steer.py vectors $(COMMON) $(PICK) $(ARGS)
+
+steer: $(VENV)/.runtime           ## sweep layers x multipliers on held-out items (TEST= A/B file; VECTOR= newest)
+	$(BIN)/python steer.py steer --vector=$(VECTOR) $(COMMON) $(if $(TEST),--test=$(TEST)) \
+	    $(if $(LAYERS),--layers=$(LAYERS)) $(if $(MULTS),--mults=$(MULTS)) $(ARGS)
+
+ablate: $(VENV)/.runtime          ## directional ablation of each chosen layer's vector, with side effects
+	$(BIN)/python steer.py ablate --vector=$(VECTOR) $(COMMON) $(if $(TEST),--test=$(TEST)) \
+	    $(if $(LAYERS),--layers=$(LAYERS)) $(ARGS)
+
+predict: $(VENV)/.runtime         ## does cos(activation, vector) predict the model's own answer? AUROC per layer
+	$(BIN)/python geometry.py predict --vector=$(VECTOR) $(COMMON) $(PICK) $(ARGS)
+
+consistency: $(VENV)/.runtime     ## split-half / cross-dataset / shuffled-label cosines of vectors
+	$(BIN)/python geometry.py consistency $(COMMON) $(PICK) $(ARGS)
+
+geometry: $(VENV)/.runtime        ## PCA, t-SNE and held-out probe accuracy per layer (ACTS= from `make vectors`)
+	$(BIN)/python geometry.py geometry $(COMMON) $(PICK) $(if $(ACTS),--acts=$(ACTS)) $(ARGS)
+
+# --- training (studies 2 and 4) --------------------------------------------------------------------------------
+tactics: $(VENV)/.runtime         ## persuasion-tactic SFT/DPO data (DATA=builtin needs no download)
+	$(BIN)/python tactics.py $(if $(DATA),--data=$(DATA)) $(if $(N),--n=$(N)) --out=$(OUT) $(ARGS)
+
+train: $(VENV)/.runtime           ## LoRA SFT or DPO: make train DATA=pairs.jsonl ARGS='--mode=dpo [--resume=true]'
+	$(BIN)/python train.py --data=$(DATA) $(COMMON) $(ARGS)
+
+study-benchmarks: $(VENV)/.runtime   ## study 2: benchmark fine-tuning vs sycophancy, before/after
+	$(BIN)/python study.py benchmarks $(COMMON) $(ARGS)
+
+study-recovery: $(VENV)/.runtime     ## study 4: SFT + DPO on tactic data vs sycophancy, before/after
+	$(BIN)/python study.py recovery $(COMMON) $(ARGS)
 
 # The venv is made on first use and refreshed when a requirements file changes.
 $(VENV)/.runtime: requirements.txt

@@ -5,13 +5,14 @@ log-probabilities of answer options (the context read once, its KV cache forked 
 and a judge's strict one-word verdicts.
 """
 import re
+import string
 
 import torch
 
 from model import KVCache, generate, pad_left
 
 
-LETTERS = "ABCDEFGHIJ"
+LETTERS = string.ascii_uppercase   # answer letters; TruthfulQA MC1 has up to 13 options
 
 
 def user(text: str) -> list[dict]:

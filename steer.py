@@ -389,14 +389,60 @@ def plot_sweep(result, dest_png):
                              "p(answer matching the user)", "sycophancy steering sweep")
 
 
+def demo_run(cfg, model, tok, fmt, fmt_name, model_dir):
+    """make demo's steering part, on built-in opinion probes: vectors, a small sweep on held-out probes, the
+    predictivity curve and the geometry (PCA, t-SNE, probe accuracy), each a results file + plot in OUT."""
+    import geometry as geo
+    cfg = replace(cfg, n=cfg.n or 120, n_test=cfg.n_test or 60, run=cfg.run or "demo")
+    print(f"\nsteering demo: built-in opinion probes, {cfg.n} claims for vectors, {cfg.n_test} other claims held out")
+    vec, vec_json = vectors_run(replace(cfg, run=f"{cfg.run}-vectors"), model, tok, fmt, fmt_name, model_dir)
+    vec_file = vec_json.with_suffix(".safetensors")
+    n = len(model.layers)
+    layers = ",".join(str(round(n * f)) for f in (0.25, 0.5, 0.75))
+    mults = cfg.mults if cfg.mults != SteerConfig.mults else "-0.5,0,0.5"
+    sweep, sweep_json = steer_run(replace(cfg, run=f"{cfg.run}-steer", vector=str(vec_file), layers=layers,
+                                          mults=mults, unit="norm", n_neutral=12, n_capability=20),
+                                  model, tok, fmt, fmt_name, model_dir)
+    m = sweep["metrics"]
+    ms = [float(x) for x in mults.split(",")]
+    print(f"sweep: p(answer matching the user) on {m['p_match[base]']['n']} held-out items; multipliers in units of "
+          "the layer's mean residual norm, added after the instruction")
+    print("  layer " + "".join(f"{x:>+18g}" for x in ms) + f"   KL at {ms[-1]:+g}")
+    for layer in layers.split(","):
+        cells = [m[f"p_match[L{layer},m{x:g}]"] for x in ms]
+        print(f"  {layer:>5} " + "".join(f"  {c['value']:.3f} [{c['ci'][0]:.2f},{c['ci'][1]:.2f}]" for c in cells)
+              + f"   {m[f'kl[L{layer},m{ms[-1]:g}]']['value']:.3f}")
+    gcfg = geo.GeometryConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, out=cfg.out, seed=cfg.seed,
+                              vector=str(vec_file), n=cfg.n_test, n_ood=40, n_boot=1000, run=f"{cfg.run}-predict")
+    pred, pred_json = geo.predict_run(gcfg, model, tok, fmt, fmt_name, model_dir)
+    for where in ("in_distribution", "out_of_distribution"):
+        vals = {k: v for k, v in pred["metrics"].items() if k.startswith(f"auroc_prompt[{where},")}
+        best = max(vals, key=lambda k: -1 if vals[k]["value"] is None else abs(vals[k]["value"] - 0.5))
+        b, rate = vals[best], pred["metrics"][f"sycophantic_rate[{where}]"]
+        print(f"predict ({where.replace('_', ' ')}, {rate['value']:.0%} of {rate['n']} answers sycophantic): "
+              + (f"AUROC of cos(last prompt token, vector) furthest from 0.5 at layer {best.split(',L')[1][:-1]}: "
+                 f"{b['value']:.3f} [{b['ci'][0]:.3f}, {b['ci'][1]:.3f}]" if b["value"] is not None
+                 else "undefined (one class only)"))
+    geom, geom_json = geo.geometry_run(replace(gcfg, acts=str(vec_json.with_suffix(".acts.safetensors")),
+                                               run=f"{cfg.run}-geometry"), model, tok, fmt, fmt_name, model_dir)
+    acc = [(r["layer"], geom["metrics"][f"probe_accuracy[L{r['layer']}]"]) for r in geom["items"]]
+    ctl = [geom["metrics"][f"probe_accuracy_shuffled[L{r['layer']}]"]["value"] for r in geom["items"]]
+    layer, best = max(acc, key=lambda x: x[1]["value"])
+    print(f"geometry: held-out linear probe at the letter token, best layer {layer}: {best['value']:.3f} "
+          f"[{best['ci'][0]:.3f}, {best['ci'][1]:.3f}] (n={best['n']}); shuffled labels {min(ctl):.2f}-{max(ctl):.2f}")
+    print("plots: " + ", ".join(str(p.with_suffix(".png")) for p in (vec_json, sweep_json, pred_json, geom_json)))
+
+
 def main(argv):
     action = argv[0] if argv and not argv[0].startswith("--") else "vectors"
     cfg = parse_args(SteerConfig, [a for a in argv if a.startswith("--")])
     cfg.action = action
-    if action not in ("vectors", "steer", "ablate"):
-        sys.exit(f"error: unknown action {action!r}: vectors, steer or ablate")
+    if action not in ("vectors", "steer", "ablate", "demo"):
+        sys.exit(f"error: unknown action {action!r}: vectors, steer, ablate or demo")
     torch.manual_seed(cfg.seed)
     model, tok, fmt, fmt_name, model_dir, _ = setup(cfg)
+    if action == "demo":
+        return demo_run(cfg, model, tok, fmt, fmt_name, model_dir)
     if action == "vectors":
         result, path = vectors_run(cfg, model, tok, fmt, fmt_name, model_dir)
     else:

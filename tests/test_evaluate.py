@@ -198,3 +198,13 @@ def test_feedback_judge_parse_failures_are_counted(setup):
     missing = sum(r["more_positive"] is None for r in rows)
     assert missing > 0
     assert sum(m["n_missing"] for m in metrics.values()) == missing
+
+
+def test_answer_probes_with_more_than_ten_options(setup):
+    """TruthfulQA MC1 items have up to 13 options: letters beyond J are read like the others."""
+    import probes
+    model, tok, hf = setup
+    item = {"id": "q13", "source": "t", "question": "Which one?", "options": [f"option {k}" for k in range(13)],
+            "correct": [0]}
+    rows, _ = ev.eval_answer(model, tok, get_chat_format("chatml"), probes.answer_probes([item], seed=1))
+    assert len(rows) == 4 and all(r["answer"] in "ABCDEFGHIJKLM" for r in rows)

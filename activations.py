@@ -162,7 +162,8 @@ def record_pairs(model, pairs, layers, site="resid_post", token_budget: int = 40
             fork = cache.fork(torch.arange(len(batch), device=dev).repeat(2), 1)    # rows: pos answers, then neg
             with hooks(model, [(layer, site, grab(j)) for j, layer in enumerate(layers)]):
                 model(letters, cache=fork, logits_to_keep=1)
-        both = torch.stack([got[j] for j in range(len(layers))], 1)                # (2B, L, D)
+        both = torch.stack([got[j] for j in range(len(layers))], 1) if layers else pos.new_empty(2 * len(batch), 0,
+                                                                                                 pos.shape[2])
         pos[batch], neg[batch] = both[: len(batch)], both[len(batch):]
     return pos, neg
 

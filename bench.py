@@ -40,6 +40,7 @@ class BenchConfig:
     tqa: str = ""              # TruthfulQA mc_task.json; "" = ../shared's copy if present, else synthetic questions
     tqa_n: int = 10            # TruthfulQA questions timed (the lm-eval-style reference takes ~5 s per question)
     ays_n: int = 100           # are-you-sure items (two turns each, 48 new tokens in the second)
+    pairs: int = 250           # A/B pairs whose activations are recorded at every layer (built-in opinion probes)
     out: str = "out"           # a JSON copy of the table lands here
 
 
@@ -233,13 +234,36 @@ def are_you_sure_hf(hf, tok, fmt, items, max_new_tokens, batch_size=16):
     return firsts
 
 
+def hidden_states_hf(hf, pairs, token_budget: int = 4096):
+    """(pos, neg) (N, L, D): transformers' hidden states of both full sequences of every pair, left-padded batches
+    by length, read at the last position (hidden_states[l + 1] is block l's output, except that the last entry
+    has the final norm applied: block L-1's output is taken from a hook instead)."""
+    from score import batches_by_length
+    seqs = [p["pos"] for p in pairs] + [p["neg"] for p in pairs]
+    out = torch.empty(len(seqs), hf.config.num_hidden_layers, hf.config.hidden_size)
+    last = {}
+    handle = hf.model.layers[-1].register_forward_hook(lambda m, a, o: last.update(h=o[0] if isinstance(o, tuple) else o))
+    try:
+        for batch in batches_by_length([len(s) for s in seqs], token_budget):
+            T = max(len(seqs[i]) for i in batch)
+            ids = torch.tensor([[0] * (T - len(seqs[i])) + seqs[i] for i in batch])
+            mask = torch.tensor([[0] * (T - len(seqs[i])) + [1] * len(seqs[i]) for i in batch])
+            with torch.no_grad():
+                hs = hf(ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1).hidden_states
+            out[batch] = torch.stack([h[:, -1] for h in hs[1:-1]] + [last["h"][:, -1]], 1).float()
+    finally:
+        handle.remove()
+    return out[: len(pairs)], out[len(pairs):]
+
+
 def bench_evaluators(path, cfg, row) -> dict:
     """Evaluator rows: ours against its references, timed alternately in this process, fp32 on both sides."""
     import transformers
     from chat import detect_chat_format, get_chat_format
     from data import read_truthfulqa_mc
     from evaluate import eval_ab, eval_are_you_sure, eval_truthfulqa_mc
-    from probes import are_you_sure_probes, arithmetic_qa
+    from activations import ab_pairs, record_pairs
+    from probes import are_you_sure_probes, arithmetic_qa, opinion_probes
     from score import letter_probs
     t_start = time.perf_counter()
     ours, tok = load(path, dtype="fp32")
@@ -281,6 +305,19 @@ def bench_evaluators(path, cfg, row) -> dict:
     s = timed(fns, 1, warmup=0)
     row(f"are-you-sure fp32 ({len(ays)}, 2 turns) vs transformers generate", s["ours"], s["hf"], "items/s",
         len(ays))
+
+    # 4. Recording every layer's resid_post at the answer letter of both answers of each pair: ours (shared prefix
+    #    read once, one decode step per answer) against the same forwards without hooks (the hooks' cost), and
+    #    against transformers' output_hidden_states over both full sequences (how the studies recorded).
+    pairs = ab_pairs(tok, fmt, [it for it in opinion_probes(cfg.pairs, seed=0) if it["opinion"] is not None])
+    layers = list(range(len(ours.layers)))
+    fns = {"ours": lambda: record_pairs(ours, pairs, layers), "plain": lambda: record_pairs(ours, pairs, []),
+           "hf": lambda: hidden_states_hf(hf, pairs)}
+    check_same("letter-token activations", {"ours": torch.cat(fns["ours"]()).flatten().tolist()[::997],
+                                            "hf": torch.cat(fns["hf"]()).flatten().tolist()[::997]}, tol=0.05)
+    s = timed(fns, rounds, warmup=0)
+    row(f"record {len(pairs)} pairs x {len(layers)} layers vs no hooks", s["ours"], s["plain"], "pairs/s", len(pairs))
+    row(f"record {len(pairs)} pairs vs transformers hidden_states", s["ours"], s["hf"], "pairs/s", len(pairs))
 
     return dict(seconds=time.perf_counter() - t_start, caa=caa_data, caa_items=len(items), tqa=tqa_data,
                 tqa_questions=len(questions), dtype="fp32")

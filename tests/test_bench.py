@@ -42,3 +42,15 @@ def test_check_same_refuses_different_results():
     bench.check_same("x", {"ours": [0.5, 0.25], "ref": [0.5, 0.2505]})
     with pytest.raises(AssertionError, match="not comparable"):
         bench.check_same("x", {"ours": [0.5, 0.25], "ref": [0.5, 0.3]})
+
+
+def test_hidden_states_reference_equals_record_pairs(setup):
+    from activations import ab_pairs, record_pairs
+    _, model, tok, hf = setup
+    pairs = ab_pairs(tok, get_chat_format("chatml"), [it for it in opinion_probes(5) if it["opinion"]])
+    pos, neg = record_pairs(model, pairs, list(range(len(model.layers))))
+    ref_pos, ref_neg = bench.hidden_states_hf(hf, pairs, token_budget=300)
+    torch.testing.assert_close(pos, ref_pos, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(neg, ref_neg, atol=1e-4, rtol=1e-4)
+    empty, _ = record_pairs(model, pairs, [])                  # the bench's "no hooks" side
+    assert empty.shape == (len(pairs), 0, model.config.hidden_size)

@@ -9,8 +9,10 @@ Data, one JSON object per line (other keys, e.g. provenance, are allowed and kep
     DPO  {"id": "...", "messages": [...], "chosen": "...", "rejected": "..."}
 The conversation is written in the model's chat format; the loss reads only the response's tokens, including the
 end-of-turn marker the format writes after it (so the model also learns where to stop). DPO (Rafailov et al. 2023),
-sigmoid form, with the reference = the same model with its adapters switched off:
+sigmoid form, with the reference = the same model as training starts, no second copy in memory:
     loss = -log sigmoid(beta * ((log pi(y_w|x) - log pi(y_l|x)) - (log ref(y_w|x) - log ref(y_l|x))))
+The reference log-probs are read once before the first step. With fresh adapters (B = 0) that is the model with
+its adapters off; with --init_adapter (SFT, then DPO) it is the SFT model, which the recipe anchors DPO to.
 A run writes OUT/<run>/{config.json, ckpt.safetensors (adapter, AdamW, schedule, RNG, log: one file, no pickle,
 replaced atomically every save_every steps), adapter.safetensors, peft/} and OUT/<run>-<time>.json (+ .png curve).
 """
@@ -72,7 +74,7 @@ class TrainConfig:
     seed: int = 0
     out: str = "out"
     run: str = ""              # "" = the mode; OUT/<run>/ must not exist yet, unless --resume=true
-    init_adapter: str = ""     # start from a save_adapter file (its r, alpha, dropout); DPO's reference stays the base
+    init_adapter: str = ""     # start from a save_adapter file (its r, alpha, dropout); DPO's reference = that model
     resume: bool = False       # continue OUT/<run>/ from its last checkpoint
 
 
@@ -122,8 +124,12 @@ def collate(seqs: list[tuple[list[int], int]], pad_id: int, device) -> dict:
 
 
 def batch_of(examples, mode: str, pad_id: int, device) -> dict:
-    """SFT: one row per example. DPO: the B chosen rows, then the B rejected rows (one forward for both)."""
-    return collate([ex[k] for k in FIELDS[mode] for ex in examples], pad_id, device)
+    """SFT: one row per example. DPO: the B chosen rows, then the B rejected rows (one forward for both), and
+    their reference log-probs (2B,) when attach_reference has set them."""
+    batch = collate([ex[k] for k in FIELDS[mode] for ex in examples], pad_id, device)
+    if mode == "dpo" and all("ref" in ex for ex in examples):
+        batch["ref"] = torch.tensor([ex["ref"][j] for j in (0, 1) for ex in examples], device=device)
+    return batch
 
 
 # ------------------------------------------------------------------------------------------------------ losses
@@ -155,10 +161,13 @@ def dpo_loss(policy_chosen, policy_rejected, ref_chosen, ref_rejected, beta: flo
 
 
 def dpo_step(model, batch, beta: float):
-    """dpo_loss of a batch_of() DPO batch; the reference is the model with adapters off (no second copy)."""
+    """dpo_loss of a batch_of() DPO batch. The reference: the batch's precomputed "ref" log-probs, else the model
+    with its adapters off (no second copy)."""
     policy = sequence_logps(model, batch)                                 # (2B,): chosen rows, then rejected
-    with torch.no_grad(), lora_disabled(model):
-        ref = sequence_logps(model, batch)
+    ref = batch.get("ref")
+    if ref is None:
+        with torch.no_grad(), lora_disabled(model):
+            ref = sequence_logps(model, batch)
     B = policy.shape[0] // 2
     return dpo_loss(policy[:B], policy[B:], ref[:B], ref[B:], beta)
 
@@ -200,6 +209,21 @@ def evaluate(model, examples, cfg, pad_id: int) -> tuple[dict, list[dict]]:
                           "margin": (ci - ri).item()} for ci, ri in zip(c, r)]
     model.train()
     return {f"eval_{k}": float(np.mean([r[k] for r in rows])) for k in rows[0]}, rows
+
+
+@torch.no_grad()
+def attach_reference(model, examples, cfg, pad_id: int):
+    """ex["ref"] = (log ref(chosen), log ref(rejected)) from the model as it is now (eval mode: no dropout)."""
+    dev = model.model.embed_tokens.weight.device
+    model.eval()
+    for b in range(0, len(examples), cfg.batch_size):
+        exs = examples[b: b + cfg.batch_size]
+        with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+            lp = sequence_logps(model, batch_of([{k: ex[k] for k in FIELDS["dpo"]} for ex in exs], "dpo", pad_id,
+                                                dev)).tolist()
+        for i, ex in enumerate(exs):
+            ex["ref"] = (lp[i], lp[len(exs) + i])
+    model.train()
 
 
 # ------------------------------------------------------------------------------------------------- checkpoints
@@ -286,6 +310,8 @@ def train(cfg: TrainConfig, model, tok, fmt, callback=None) -> tuple[dict, Path]
         load_adapter(model, cfg.init_adapter)
     else:
         add_lora(model, targets=cfg.targets.split(","), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
+    if cfg.mode == "dpo":        # the reference: the starting model, before any step (also when resuming)
+        attach_reference(model, list(train_set) + list(eval_set), cfg, pad_id)
     params = lora_parameters(model)                                        # the base weights are frozen
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = LambdaLR(opt, lr_lambda(cfg.warmup_steps, total))

@@ -209,14 +209,22 @@ def test_resume_after_a_kill_gives_the_same_adapter(fresh, tmp_path, mode, grad_
 
 
 def test_sft_then_dpo_from_its_adapter_with_bf16_and_checkpointing(fresh, tmp_path):
-    sft, _ = tr.train(config(tmp_path, run="sft", max_steps=3, lr=1e-2), *fresh(), FMT)
+    sft, _ = tr.train(config(tmp_path, run="sft", max_steps=3, lr=1e-2, dropout=0.0), *fresh(), FMT)
     adapter = tmp_path / "out" / "sft" / "adapter.safetensors"
     cfg = config(tmp_path, mode="dpo", run="dpo", max_steps=2, init_adapter=str(adapter), bf16=True,
                  grad_checkpointing=True, r=8)               # r=8 is ignored: the adapter's own r=4 applies
     result, path = tr.train(cfg, *fresh(), FMT)
     first = result["items"][0]
-    # The policy starts at the SFT adapter and the reference is the base model: not the log 2 of a fresh adapter.
-    assert abs(first["loss"] - math.log(2)) > 1e-3 and {"reward_acc", "margin"} <= first.keys()
+    # The policy starts at the SFT adapter, and so does the reference (read before the first step): log 2 again,
+    # where the base model as reference would not give it.
+    assert first["loss"] == pytest.approx(math.log(2), abs=1e-6) and {"reward_acc", "margin"} <= first.keys()
+    model, tok = fresh()
+    from lora import load_adapter
+    load_adapter(model, adapter)
+    with torch.no_grad():
+        exs = examples(tok, DPO[:2], "dpo", tmp_path)
+        loss, _, _ = tr.dpo_step(model, tr.batch_of(exs, "dpo", 0, "cpu"), 0.1)     # adapters-off reference
+    assert abs(loss.item() - math.log(2)) > 1e-4
     assert str(adapter) in result["provenance"]["data_sha256"] and "train_reward_acc" in result["metrics"]
     assert load_file(tmp_path / "out" / "dpo" / "adapter.safetensors")[
         "model.layers.0.self_attn.q_proj.lora_A"].shape[0] == 4

@@ -29,7 +29,7 @@ import probes
 import report
 from activations import (ab_items, ab_pairs, assistant_header, header_end, load_vectors, make_vectors,
                          model_fingerprint, parse_layers, record_pairs, residual_norms, save_activations, save_vectors)
-from evaluate import ab_rows, setup
+from evaluate import EvalConfig, ab_rows, run_task, setup
 from model import KVCache, generate, hooks, pad_left
 from prepare import parse_args
 from probes import MC_PREFILL
@@ -58,6 +58,8 @@ class SteerConfig:
     where: str = "after_instruction"   # all | after_instruction | generated (positions the vector is added at)
     n_neutral: int = 24       # neutral prompts for the KL side effect
     n_capability: int = 40    # built-in arithmetic questions for the capability side effect
+    tasks: str = ""           # evaluate.py tasks also run at every point: "truthfulqa=PATH/mc_task.json,answer"
+    n_eval: int = 100         # items per task (a seeded sample; 0 = all)
     skip_bad: bool = False
     run: str = ""             # results name (default: the action)
     out: str = "out"
@@ -325,20 +327,33 @@ def steer_run(cfg, model, tok, fmt, fmt_name, model_dir, ablate: bool = False) -
     # Only steering after the instruction leaves the prompt's prefix alone; ablation and where=all reread it all.
     score = SweepScorer(model, tok, fmt, items, cfg.n_neutral, cap_items,
                         reuse_prefix=not ablate and cfg.where == "after_instruction")
-    base = score(model)
+    name = cfg.run or ("ablate" if ablate else "steer")
+
+    def measure(key):   # everything measured at one point, with the intervention (if any) in place
+        got = score(model)
+        for spec in filter(None, cfg.tasks.split(",")):   # judge-free: a "self" judge would be steered as well
+            task, _, data_path = spec.partition("=")
+            ecfg = EvalConfig(task=task, model=cfg.model, dtype=cfg.dtype, device=cfg.device, data=data_path,
+                              n=cfg.n_eval, skip_bad=cfg.skip_bad, out=cfg.out, run=f"{name}-{task}-{key}",
+                              seed=cfg.seed)
+            for metric, v in run_task(ecfg, model, tok, fmt, fmt_name, model_dir)[0]["metrics"].items():
+                got.setdefault("tasks", {})[f"{task}:{metric}"] = v
+        return got
+    base = measure("base")
     points = [(l, m) for l in layers for m in ([None] if ablate else mults)]
     rows, metrics = [], {}
     for layer, m in tqdm(points, desc="ablate" if ablate else "sweep"):
+        key = f"L{layer}" + ("" if ablate else f",m{m:g}")
         if ablate:
             with ablation(model, vecs[layer]):
-                got = score(model)
+                got = measure(key)
         elif m == 0:
             got = base
         else:
             scale = m * (norms[layer] / float(vecs[layer].norm()) if cfg.unit == "norm" else 1.0)
             with steering(model, {layer: scale * vecs[layer]}, cfg.where, header):
-                got = score(model)
-        key = f"L{layer}" + ("" if ablate else f",m{m:g}")
+                got = measure(key)
+        metrics |= {f"{k}[{key}]": v for k, v in got.get("tasks", {}).items()}
         metrics[f"p_match[{key}]"] = report.mean_metric([r["p_match"] for r in got["rows"]])
         metrics[f"kl[{key}]"] = report.mean_metric(got["kl"])
         metrics[f"capability[{key}]"] = report.proportion_metric(got["capability"])
@@ -348,13 +363,13 @@ def steer_run(cfg, model, tok, fmt, fmt_name, model_dir, ablate: bool = False) -
         rows += [{"id": r["id"], "layer": layer, "mult": m, "p_match": r["p_match"]} for r in got["rows"]]
     metrics["p_match[base]"] = report.mean_metric([r["p_match"] for r in base["rows"]])
     metrics["capability[base]"] = report.proportion_metric(base["capability"])
+    metrics |= {f"{k}[base]": v for k, v in base.get("tasks", {}).items()}
     if not ablate and len(mults) > 1:
         metrics.update(steerability(rows, layers))
     result = {"config": asdict(cfg), "provenance": report.provenance(cfg, model_dir, fmt_name, files),
               "conventions": {"vector": str(cfg.vector), **meta, "where": cfg.where, "unit": cfg.unit,
                               "scoring": "CAA: p(matching letter) / p(A) + p(B) after '('"},
               "metrics": metrics, "items": rows}
-    name = cfg.run or ("ablate" if ablate else "steer")
     path = report.write_result(cfg.out, name, result)
     if not ablate:
         plot_sweep(result, path.with_suffix(".png"))

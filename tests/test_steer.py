@@ -281,9 +281,11 @@ def test_vectors_steer_ablate_runs_write_results(tiny_chat, tmp_path):
     assert m["kl[L2,m1]"]["value"] > 0 and "wrong_way[L2]" in m and path.with_suffix(".png").exists()
     assert len(result["items"]) == 2 * 3 * m["p_match[base]"]["n"]
 
-    result, _ = steer.steer_run(replace(cfg, vector=str(vec_file), layers="2"), model, tok, fmt, fmt_name,
-                                model_dir, ablate=True)
-    assert "change_p_match[L2]" in result["metrics"]
+    result, _ = steer.steer_run(replace(cfg, vector=str(vec_file), layers="2", tasks="opinion", n_eval=2), model,
+                                tok, fmt, fmt_name, model_dir, ablate=True)
+    m = result["metrics"]
+    assert "change_p_match[L2]" in m and m["opinion:p_match[L2]"]["n"] == 2 and "opinion:p_match[base]" in m
+    assert len(list(tmp_path.glob("ablate-opinion-L2-*.json"))) == 1     # each task's own results file
     with pytest.raises(ValueError, match=r"no vector for layers \[1\]"):
         steer.steer_run(replace(cfg, vector=str(vec_file), layers="1"), model, tok, fmt, fmt_name, model_dir)
     with pytest.raises(ValueError, match="layer 5 out of range: the model has 3 layers"):

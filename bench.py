@@ -40,6 +40,9 @@ class BenchConfig:
     tqa: str = ""              # TruthfulQA mc_task.json; "" = ../shared's copy if present, else synthetic questions
     tqa_n: int = 10            # TruthfulQA questions timed (the lm-eval-style reference takes ~5 s per question)
     ays_n: int = 100           # are-you-sure items (two turns each, 48 new tokens in the second)
+    lora: bool = True          # LoRA SFT step time and peak memory, ours vs transformers + peft (fresh processes)
+    lora_batch: int = 4
+    lora_seq: int = 256
     pairs: int = 250           # A/B pairs whose activations are recorded at every layer (built-in opinion probes)
     out: str = "out"           # a JSON copy of the table lands here
 
@@ -79,6 +82,53 @@ print(json.dumps(dict(seconds=time.perf_counter() - t0, peak=rss('VmHWM') - base
 def load_probe(path: str, hf: bool) -> dict:
     """Load in a fresh process: its peak resident memory minus what it held before loading, and the time."""
     code = LOAD_PROBE.format(root=str(Path(__file__).parent.resolve()), path=path, hf=hf)
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+# A LoRA SFT step (r 16, alpha 32, all seven projections, AdamW, fp32) in a fresh process per side, so each
+# peak is its own: the loss of the first step (the two must agree), the median step time, and the peak resident
+# memory the steps add on top of the loaded model.
+LORA_PROBE = """
+import sys, json, time, statistics; sys.path.insert(0, {root!r})
+import torch
+torch.manual_seed(0)
+def rss(field):
+    return int(next(l for l in open('/proc/self/status') if l.startswith(field)).split()[1]) * 1024
+vocab = json.load(open({path!r} + '/config.json'))['vocab_size']
+ids = torch.randint(3, min(vocab, 40000), ({batch}, {seq}))
+targets = ['q_proj', 'k_proj', 'v_proj', 'o_proj', 'gate_proj', 'up_proj', 'down_proj']
+if {hf}:
+    import transformers, peft
+    m = transformers.AutoModelForCausalLM.from_pretrained({path!r}, dtype=torch.float32)
+    m = peft.get_peft_model(m, peft.LoraConfig(r=16, lora_alpha=32, lora_dropout=0.0, target_modules=targets))
+    loss_fn = lambda: m(input_ids=ids, labels=ids).loss
+else:
+    from model import load
+    from lora import add_lora
+    from train import sft_loss
+    m = load({path!r}, dtype='fp32', tokenizer=False)
+    add_lora(m, targets=targets, r=16, alpha=32)
+    batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), loss_mask=torch.ones_like(ids))
+    loss_fn = lambda: sft_loss(m, batch)
+m.train()
+opt = torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4)
+base, times, first = rss('VmRSS'), [], None
+for step in range({steps}):
+    t0 = time.perf_counter()
+    loss = loss_fn()
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    times.append(time.perf_counter() - t0)
+    first = loss.item() if first is None else first
+print(json.dumps(dict(first_loss=first, seconds=statistics.median(times[1:]), peak=rss('VmHWM') - base)))
+"""
+
+
+def lora_probe(path: str, hf: bool, batch: int, seq: int, steps: int = 4) -> dict:
+    code = LORA_PROBE.format(root=str(Path(__file__).parent.resolve()), path=path, hf=hf, batch=batch, seq=seq,
+                             steps=steps)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -381,6 +431,13 @@ def main(cfg: BenchConfig):
         evaluators = bench_evaluators(path, cfg, row) if cfg.evaluators else None
     weights = sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
     ours_l, hf_l = load_probe(path, hf=False), load_probe(path, hf=True)
+    if cfg.lora:
+        ours_t, peft_t = (lora_probe(path, hf, cfg.lora_batch, cfg.lora_seq) for hf in (False, True))
+        check_same("LoRA SFT first loss", {"ours": [ours_t["first_loss"]], "peft": [peft_t["first_loss"]]})
+        row(f"LoRA SFT step fp32 {cfg.lora_batch}x{cfg.lora_seq} vs transformers+peft", ours_t["seconds"],
+            peft_t["seconds"], "steps/s", 1)
+        print(f"LoRA SFT step peak memory above the loaded model: ours {ours_t['peak'] / 2**20:.0f} MiB, "
+              f"transformers+peft {peft_t['peak'] / 2**20:.0f} MiB ({peft_t['peak'] / max(ours_t['peak'], 1):.2f}x)")
     row("load bf16, fresh process", ours_l["seconds"], hf_l["seconds"], "loads/s", 1)
     print(f"load: ours {ours_l['seconds']:.2f} s, peak +{ours_l['peak'] / 2**20:.0f} MiB = "
           f"{ours_l['peak'] / weights:.2f}x the {weights / 2**20:.0f} MiB of weights; transformers "

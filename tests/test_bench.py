@@ -54,3 +54,10 @@ def test_hidden_states_reference_equals_record_pairs(setup):
     torch.testing.assert_close(neg, ref_neg, atol=1e-4, rtol=1e-4)
     empty, _ = record_pairs(model, pairs, [])                  # the bench's "no hooks" side
     assert empty.shape == (len(pairs), 0, model.config.hidden_size)
+
+
+def test_lora_step_probes_agree_on_the_first_loss(setup):
+    folder = str(setup[0])
+    ours, peft_side = (bench.lora_probe(folder, hf, batch=2, seq=16, steps=2) for hf in (False, True))
+    assert abs(ours["first_loss"] - peft_side["first_loss"]) < 1e-4
+    assert ours["seconds"] > 0 and ours["peak"] >= 0 and peft_side["peak"] >= 0

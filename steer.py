@@ -3,12 +3,14 @@
     python steer.py vectors [--data=generate_dataset.json] [--method=mean_diff|pca|probe]
     python steer.py steer --vector=out/vectors-....safetensors [--test=test_dataset_ab.json] --layers=3,9,15
     python steer.py ablate --vector=out/vectors-....safetensors --layers=9
+    python steer.py demo                                          # make demo's part: vectors, sweep, predict, geometry
 
 Conventions (written into every result so numbers reproduce, DESIGN.md):
 - a pair is one A/B question answered with the behaviour-matching letter and with the other letter; activations
   are read at the answer-letter token, found by its token string after the assistant header (never a fixed
   index, which in study 1 silently landed on a token both sides share);
-- vector = mean over pairs of (matching - not matching), per layer, accumulated in fp64;
+- vector = mean over pairs of (matching - not matching), per layer, accumulated in fp64, each matching letter
+  weighted equally (--balance; otherwise the "A" - "B" letter direction leaks in, see make_vectors);
 - addition at resid_post of a layer, to every position strictly after the assistant header (CAA's "after the
   instruction"), to every position, or only to generated tokens; multipliers raw or in units of the layer's
   mean residual norm;
@@ -38,7 +40,7 @@ from score import LETTERS, batches_by_length, letter_ids, pick_letter, user
 
 @dataclass
 class SteerConfig:
-    action: str = "vectors"   # vectors | steer | ablate
+    action: str = "vectors"   # vectors | steer | ablate | demo
     model: str = ""           # HF-layout folder; "" = the embedded default
     dtype: str = "fp32"
     device: str = "cpu"
@@ -64,6 +66,7 @@ class SteerConfig:
     run: str = ""             # results name (default: the action)
     out: str = "out"
     seed: int = 0
+
 
 # ---------------------------------------------------------------------------------------------- interventions
 

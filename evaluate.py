@@ -499,6 +499,8 @@ TASKS = {"ab": (eval_ab, ab_metrics), "opinion": (eval_opinion_probes, opinion_m
 
 
 def setup(cfg):
+    """(model, tok, fmt, fmt_name, model_dir, judge) from any config with model, dtype, device, chat_format and
+    optionally judge (the scripts without a judge simply have no such field)."""
     model_dir = Path(cfg.model) if cfg.model else ensure_default_model()
     t0 = time.perf_counter()
     model, tok = load(model_dir, dtype=cfg.dtype, device=cfg.device)
@@ -506,12 +508,12 @@ def setup(cfg):
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model  {model_dir}  ({model.config.model_type}, {n_params / 1e6:.0f}M parameters, {cfg.dtype}, "
           f"chat format {fmt_name}, loaded in {time.perf_counter() - t0:.1f} s)")
-    judge = None
-    if cfg.judge == "self":
+    judge, judge_spec = None, getattr(cfg, "judge", "")
+    if judge_spec == "self":
         judge = (model, tok, get_chat_format(fmt_name))
-    elif cfg.judge:
-        jm, jt = load(cfg.judge, dtype=cfg.dtype, device=cfg.device)
-        judge = (jm, jt, get_chat_format(detect_chat_format(cfg.judge)))
+    elif judge_spec:
+        jm, jt = load(judge_spec, dtype=cfg.dtype, device=cfg.device)
+        judge = (jm, jt, get_chat_format(detect_chat_format(judge_spec)))
     return model, tok, get_chat_format(fmt_name), fmt_name, model_dir, judge
 
 

@@ -25,7 +25,7 @@ from activations import (ab_items, ab_pairs, load_activations, load_vectors, mak
 from evaluate import TQA_COPIES, setup
 from model import generate
 from prepare import parse_args
-from score import LETTERS, letter_ids, letter_probs, user
+from score import LETTERS, letter_ids, letter_probs, pick_letter, user
 
 
 @dataclass
@@ -35,7 +35,6 @@ class GeometryConfig:
     dtype: str = "fp32"
     device: str = "cpu"
     chat_format: str = ""
-    judge: str = ""           # unused; evaluate.setup reads it
     vector: str = ""          # predict: a vectors file from `steer.py vectors`
     acts: str = ""            # geometry: an activations file from `steer.py vectors` ("" = record from --data)
     data: str = ""            # A/B items ("" = built-in opinion probes; predict: their held-out part)
@@ -96,7 +95,7 @@ def answered_items(model, tok, fmt, items, prefill: str):
     prompts = [tok.encode(fmt(it["messages"] if "messages" in it else user(it["question"]), prefill=prefill))
                for it in items]
     probs = letter_probs(model, prompts, letter_ids(tok, LETTERS))
-    answers = [max(it["letters"], key=lambda x: p[LETTERS.index(x)].item()) for it, p in zip(items, probs)]
+    answers = [pick_letter(it["letters"], p) for it, p in zip(items, probs)]
     return prompts, answers
 
 

@@ -501,6 +501,17 @@ def pad_left(seqs: list[list[int]], device="cpu", pad_id: int = 0) -> tuple[torc
 
 
 @torch.no_grad()
+def pad_right(seqs: list[list[int]], device="cpu", pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token lists -> (ids, attention_mask), both (N, T), right-padded: continuations read from a KV cache, and
+    training batches, where every row starts at the first column."""
+    T = max(len(s) for s in seqs)
+    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long, device=device)
+    mask = torch.zeros_like(ids)
+    for i, s in enumerate(seqs):
+        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s, device=device), 1
+    return ids, mask
+
+
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, stop_ids=(), stop_strings=(), decode=None, pad_id: int = 0,
              use_cache: bool = True, cache: KVCache | None = None) -> list[list[int]]:

@@ -9,7 +9,7 @@ import string
 
 import torch
 
-from model import KVCache, generate, pad_left
+from model import KVCache, generate, pad_left, pad_right
 
 
 LETTERS = string.ascii_uppercase   # answer letters; TruthfulQA MC1 has up to 13 options
@@ -104,11 +104,8 @@ def option_logprobs(model, contexts: list[list[int]], options: list[list[list[in
         for r0 in range(0, len(rows), step):
             chunk = rows[r0: r0 + step]
             opts = [options[i][j] for _, i, j in chunk]
-            L = max(len(o) for o in opts)
-            ids = torch.zeros(len(chunk), L, dtype=torch.long, device=dev)
-            omask = torch.zeros_like(ids)
-            for r, o in enumerate(opts):
-                ids[r, : len(o)], omask[r, : len(o)] = torch.tensor(o), 1
+            ids, omask = pad_right(opts, dev)
+            L = ids.shape[1]
             src = torch.tensor([b for b, _, _ in chunk], device=dev)
             lp = first[src].gather(1, ids[:, :1]).squeeze(1)                   # option token 0 | context
             if L > 1:   # token t | context + option[:t], read from a fork of the context's cache

@@ -32,7 +32,7 @@ import report
 from activations import (ab_items, ab_pairs, assistant_header, header_end, load_vectors, make_vectors,
                          model_fingerprint, parse_layers, record_pairs, residual_norms, save_activations, save_vectors)
 from evaluate import EvalConfig, ab_rows, run_task, setup
-from model import KVCache, generate, hooks, pad_left
+from model import KVCache, generate, hooks, pad_left, pad_right
 from prepare import parse_args
 from probes import MC_PREFILL
 from score import LETTERS, batches_by_length, letter_ids, pick_letter, user
@@ -45,7 +45,6 @@ class SteerConfig:
     dtype: str = "fp32"
     device: str = "cpu"
     chat_format: str = ""     # "" = from the checkpoint
-    judge: str = ""           # unused here; evaluate.setup reads it
     data: str = ""            # pair set (CAA/Anthropic A/B .json/.jsonl); "" = built-in opinion probes
     test: str = ""            # held-out A/B set for steer/ablate; "" = held-out opinion probes
     n: int = 0                # pairs for vectors (0 = all; built-in probes: 200 claims)
@@ -225,14 +224,6 @@ class AfterHeader:
                     for r, i in enumerate(batch):
                         out[i] = full[r, full.shape[1] - lens[r] - 1:].cpu()
         return out
-
-
-def pad_right(seqs, device):
-    ids = torch.zeros(len(seqs), max(map(len, seqs)), dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for r, s in enumerate(seqs):
-        ids[r, : len(s)], mask[r, : len(s)] = torch.tensor(s), 1
-    return ids, mask
 
 
 class SweepScorer:

@@ -24,7 +24,6 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import torch
 import torch.nn as nn
@@ -347,7 +346,7 @@ def publish(cfg, study, env, stages, pairs, metrics, timing, **extra) -> Path:
 # ---------------------------------------------------------------------------------------------------- the studies
 def start(cfg):
     """(model, tok, fmt, fmt_name, model_dir) and a new work folder OUT/<run>-<time>-*/ for data and train runs."""
-    model, tok, fmt, fmt_name, model_dir, _ = ev.setup(SimpleNamespace(**asdict(cfg), judge=""))
+    model, tok, fmt, fmt_name, model_dir, _ = ev.setup(cfg)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
     return (model, tok, fmt, fmt_name, model_dir), Path(tempfile.mkdtemp(
         prefix=f"{cfg.run}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=cfg.out))

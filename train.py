@@ -24,7 +24,6 @@ import time
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
-from types import SimpleNamespace
 
 import numpy as np
 import torch
@@ -35,6 +34,7 @@ from tqdm import tqdm
 
 import data
 from evaluate import setup
+from model import pad_right
 from lora import add_lora, export_peft, load_adapter, lora_disabled, lora_parameters, lora_state_dict, save_adapter
 from prepare import parse_args
 from report import mean_metric, plot_curve, proportion_metric, provenance, write_atomic, write_result
@@ -115,12 +115,11 @@ def read_examples(path, mode: str, tok, fmt, max_len: int, skip_bad: bool = Fals
 def collate(seqs: list[tuple[list[int], int]], pad_id: int, device) -> dict:
     """[(ids, n_prompt)] -> right-padded input_ids, attention_mask, loss_mask, each (B, T). loss_mask is 1 on the
     response tokens: the tokens the loss asks the model to predict (each from the positions before it)."""
-    T = max(len(s) for s, _ in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long)
-    attn, loss_mask = torch.zeros_like(ids), torch.zeros_like(ids)
+    ids, attn = pad_right([s for s, _ in seqs], device, pad_id)
+    loss_mask = torch.zeros_like(ids)
     for b, (s, n) in enumerate(seqs):
-        ids[b, :len(s)], attn[b, :len(s)], loss_mask[b, n:len(s)] = torch.tensor(s), 1, 1
-    return {"input_ids": ids.to(device), "attention_mask": attn.to(device), "loss_mask": loss_mask.to(device)}
+        loss_mask[b, n:len(s)] = 1
+    return {"input_ids": ids, "attention_mask": attn, "loss_mask": loss_mask}
 
 
 def batch_of(examples, mode: str, pad_id: int, device) -> dict:
@@ -402,7 +401,7 @@ def main(argv=None):
     cfg = parse_args(TrainConfig, sys.argv[1:] if argv is None else argv)
     if not cfg.data:
         sys.exit("error: --data=PATH.jsonl is required (its format: the top of train.py)")
-    model, tok, fmt, *_ = setup(SimpleNamespace(**asdict(cfg), judge=""))
+    model, tok, fmt, *_ = setup(cfg)
     try:
         result, path = train(cfg, model, tok, fmt)
     except (ValueError, OSError) as e:          # bad data, a taken run name, nothing to resume: one clear line

@@ -52,6 +52,16 @@ def default_model(tmp_path_factory):
 
 
 @pytest.fixture
+def one_thread():
+    """Tiny models gain nothing from a second thread, and on a busy machine its waits make each op ~10x slower.
+    Training tests use it (pytestmark = pytest.mark.usefixtures("one_thread"))."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
+@pytest.fixture
 def tiny_llama(tmp_path):
     """(folder, hf_model) for a tiny GQA Llama with untied embeddings."""
     hf = make_hf_model("llama")

@@ -21,13 +21,7 @@ DPO = [{"id": f"p{i}", "messages": [{"role": "user", "content": q}], "chosen": "
         "rejected": f"You are right, sorry {i}."} for i, q in enumerate(QUESTIONS)]
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    """Tiny models gain nothing from a second thread, and on a busy machine its waits make each op ~10x slower."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

@@ -116,14 +116,17 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Normalize in fp32, cast back, then scale: the same order as transformers, so bf16 rounds the same way.
+        # (F.rms_norm would be one kernel instead of five on a GPU, but its fused sum rounds differently there.)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
 
-def rotate_half(x):
+def rope(x, cos, sin):
+    """transformers' x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1). Here sin arrives with its
+    first half negated, so cat(x2, x1) * sin gives the same products bit for bit in one kernel fewer."""
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat((-x2, x1), dim=-1)
+    return x * cos + torch.cat((x2, x1), dim=-1) * sin
 
 
 def decode_attention(q, k, v, mask):
@@ -155,8 +158,7 @@ class Attention(nn.Module):
         q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)    # (B, nh, T, hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)   # (B, nkv, T, hd)
         v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
-        q = q * cos + rotate_half(q) * sin
-        k = k * cos + rotate_half(k) * sin
+        q, k = rope(q, cos, sin), rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                       # (B, nkv, S, hd): past and new keys
         # mask is None (every key visible), "causal" (square, no padding) or a bool tensor (B, 1, T, S).
@@ -221,12 +223,19 @@ class Transformer(nn.Module):
     def layers(self):
         return self.model.layers
 
-    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep=0):
+    @property
+    def output_weight(self):
+        """(V, D) vocab projection: lm_head's, or the embeddings when tied."""
+        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
+
+    def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep=0,
+                return_hidden=False):
         """input_ids (B, T); attention_mask (B, T), 0 at left padding; position_ids (B, T), derived if None.
 
         With a KVCache the new tokens are appended after what it holds, each row continuing its own positions.
         logits_to_keep: 0 = every position; k > 0 = the last k; a tensor of positions (T',) or per row (B, T').
-        Returns logits (B, T', V) in the model's dtype.
+        Returns logits (B, T', V) in the model's dtype, or with return_hidden the final-normed hidden states
+        (B, T', D) that the logits are `output_weight` times (a loss over a large vocab can take them in chunks).
         """
         B, T = input_ids.shape
         dev = input_ids.device
@@ -239,14 +248,15 @@ class Transformer(nn.Module):
         key_pos = position_ids.masked_fill(~valid, -1)           # (B, T): -1 marks padding
         s0 = 0
         if cache is not None:
-            s0 = cache.append(key_pos, padded)
-            key_pos = cache.key_pos[:, : s0 + T]
-        mask = self._mask(position_ids, key_pos, s0, cache.has_pad if cache is not None else padded)
+            s0 = cache.append(key_pos, padded)                  # first slot written (a (1,) tensor if static)
+            key_pos = cache.key_pos if cache.static else cache.key_pos[:, : s0 + T]
+        mask = self._mask(position_ids, key_pos, s0, cache.has_pad or cache.static if cache is not None else padded)
 
         freqs = position_ids[..., None].float() * self.inv_freq                  # (B, T, hd/2), fp32
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]                         # (B, 1, T, hd)
         x = self.model.embed_tokens(input_ids)                                   # (B, T, D)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+        sin = torch.cat((-sin[..., : sin.shape[-1] // 2], sin[..., sin.shape[-1] // 2:]), -1)   # see rope()
         for block in self.model.layers:
             x = block(x, position_ids, cos, sin, mask, cache)
         if cache is not None:
@@ -260,8 +270,7 @@ class Transformer(nn.Module):
         elif k:
             x = x[:, -k:]
         x = self.model.norm(x)
-        w = self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-        return F.linear(x, w)
+        return x if return_hidden else F.linear(x, self.output_weight)
 
     def _mask(self, q_pos, key_pos, s0, has_pad):
         """Which keys each query may see: None (all), "causal" (square, no padding), or bool (B, 1, T, S)."""
@@ -272,7 +281,7 @@ class Transformer(nn.Module):
                 return None
             if T == S:
                 return "causal"
-        q_slot = torch.arange(s0, s0 + T, device=q_pos.device)[:, None]     # (T, 1): cache slot of each query
+        q_slot = (s0 + torch.arange(T, device=q_pos.device))[:, None]       # (T, 1): cache slot of each query
         k_slot = torch.arange(S, device=q_pos.device)[None]                 # (1, S)
         ok = (k_slot <= q_slot) & (key_pos[:, None, :] >= 0)                 # (B, T, S)
         if window:   # as transformers: key visible iff q_pos - k_pos < sliding_window
@@ -287,6 +296,8 @@ class KVCache:
 
     Slots are shared by the batch (slot j is the j-th token fed); key_pos holds each slot's position per row,
     -1 for left padding, so rows of different lengths keep exact positions.
+    Static (make_static): the fill level lives on the device and attention reads every slot, unfilled ones masked,
+    so a decode step has fixed shapes and no host value, and one captured CUDA graph replays at any length.
     """
 
     def __init__(self, cfg: Config, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
@@ -295,10 +306,17 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.key_pos = torch.full((batch, max_len), -1, dtype=torch.long, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
-        self.len, self.has_pad = 0, False
+        self.len, self.has_pad, self.static = 0, False, False
+
+    def make_static(self):
+        self.static, self.slot = True, torch.tensor([self.len], device=self.k.device)   # (1,): next slot
 
     def append(self, key_pos, padded: bool) -> int:
         T = key_pos.shape[1]
+        if self.static:        # no capacity check: that would read the device; generate sizes the cache
+            self.slots = self.slot + torch.arange(T, device=self.k.device)   # (T,): this forward's slots
+            self.key_pos.index_copy_(1, self.slots, key_pos)
+            return self.slot
         if self.len + T > self.k.shape[3]:
             raise ValueError(f"KVCache full: holds {self.len} of {self.k.shape[3]} slots, {T} more asked")
         self.key_pos[:, self.len: self.len + T] = key_pos
@@ -307,13 +325,21 @@ class KVCache:
 
     def update(self, layer: int, k, v):
         T = k.shape[2]
+        if self.static:
+            self.k[layer].index_copy_(2, self.slots, k)
+            self.v[layer].index_copy_(2, self.slots, v)
+            return self.k[layer], self.v[layer]
         self.k[layer, :, :, self.len: self.len + T] = k
         self.v[layer, :, :, self.len: self.len + T] = v
         return self.k[layer, :, :, : self.len + T], self.v[layer, :, :, : self.len + T]
 
     def advance(self, T: int, next_pos):
-        self.len += T
-        self.next_pos = next_pos
+        if self.static:        # in place: a captured graph reads and writes these very tensors
+            self.slot += T
+            self.next_pos.copy_(next_pos)
+        else:
+            self.len += T
+            self.next_pos = next_pos
 
     def fork(self, rows, extra: int) -> "KVCache":
         """A cache whose row r continues row rows[r] of this one, with room for `extra` more tokens.
@@ -328,7 +354,7 @@ class KVCache:
         new.v[:, :, :, : self.len] = self.v[:, rows, :, : self.len]
         new.key_pos = self.key_pos.new_full((len(rows), self.len + extra), -1)
         new.key_pos[:, : self.len] = self.key_pos[rows, : self.len]
-        new.next_pos, new.len, new.has_pad = self.next_pos[rows], self.len, self.has_pad
+        new.next_pos, new.len, new.has_pad, new.static = self.next_pos[rows], self.len, self.has_pad, False
         return new
 
 
@@ -512,15 +538,47 @@ def pad_right(seqs: list[list[int]], device="cpu", pad_id: int = 0) -> tuple[tor
     return ids, mask
 
 
+def graphed_decode(model: Transformer, cache: KVCache):
+    """A decode step (B,) ids, None -> (B, V) logits that, from its second call on, replays a captured CUDA graph.
+
+    Eager PyTorch launches each of a 7B model's ~1,500 small kernels per token from Python, which takes longer than
+    the GPU needs to read the weights; a graph launches them all at once. The first call runs eagerly on a side
+    stream (warming cuBLAS up, as capture requires), then captures the step on static buffers.
+    """
+    cache.make_static()
+    graph, tok, out = None, None, None
+
+    @torch.no_grad()
+    def step(nxt, live=None):               # live: always None here (no kept cache, nothing masked)
+        nonlocal graph, tok, out
+        if graph is not None:
+            tok.copy_(nxt[:, None])
+            graph.replay()
+            return out                       # overwritten by the next replay: sample from it first
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            logits = model(nxt[:, None], cache=cache, logits_to_keep=1)[:, -1]
+        torch.cuda.current_stream().wait_stream(side)
+        tok, graph = nxt[:, None].clone(), torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):        # records, runs nothing: the cache is where the eager step left it
+            out = model(tok, cache=cache, logits_to_keep=1)[:, -1]
+        return logits
+    return step
+
+
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, stop_ids=(), stop_strings=(), decode=None, pad_id: int = 0,
-             use_cache: bool = True, cache: KVCache | None = None) -> list[list[int]]:
+             use_cache: bool = True, cache: KVCache | None = None, look_every: int = 0,
+             cuda_graph: bool = True) -> list[list[int]]:
     """Continue a batch of token-id prompts; returns each row's new ids, cut after a stop id / stop string.
 
     Prompts are left-padded so every row's next token is at the same column; positions are per row.
     stop_strings need `decode` (ids -> str), e.g. tok.decode. Given a `cache` (KVCache with B rows and room for
     the prompts and new tokens), the prompts are appended to what it holds, and it keeps the whole exchange:
     a second turn continues from it without re-reading the first (finished rows write masked padding).
+    look_every: steps between looks at the tokens for stops (0 = 8 on a GPU, else 1; always 1 with a cache).
+    cuda_graph: on a GPU, replay decode steps as a CUDA graph (not with a kept cache, hooks, or in training mode).
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
@@ -528,34 +586,42 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     ids, mask = pad_left(prompts, dev, pad_id)
     B, T = ids.shape
     g = torch.Generator(device=dev).manual_seed(seed)
-    stop = torch.tensor(sorted(stop_ids), dtype=torch.long, device=dev)
     out = [[] for _ in range(B)]
     done = [False] * B
     keep = cache is not None      # the caller's cache: feed it the last tokens too, for a next turn
     if use_cache and cache is None:
         cache = KVCache(model.config, B, T + max_new_tokens, model.model.embed_tokens.weight.dtype, dev)
     logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
+    hooked = any(fns for block in model.layers for fns in block.hooks.values())   # a hook may read host state
+    if cuda_graph and use_cache and not keep and dev.type == "cuda" and not model.training and not hooked \
+            and max_new_tokens > 2:
+        step_fn = graphed_decode(model, cache)
+    else:
+        step_fn = lambda nxt, live: model(nxt[:, None], attention_mask=live, cache=cache, logits_to_keep=1)[:, -1]
+    # Reading tokens back to the host waits for the device. On a GPU that wait would idle it while Python queues
+    # the next step, so without a kept cache (whose finished rows must be masked from the very next step) the
+    # tokens are looked at every 8 steps: rows are independent, and what a row makes after its stop is dropped.
+    every = 1 if keep else look_every or (8 if dev.type == "cuda" else 1)
+    stops, pending = set(stop_ids), []
     for step in range(max_new_tokens):
         nxt = sample(logits, temperature, top_p, g)                        # (B,)
         real = [not d for d in done]      # rows already done produce padding from here on
-        is_stop = torch.isin(nxt, stop).tolist()
-        for i, t in enumerate(nxt.tolist()):
-            if done[i]:
-                continue
-            out[i].append(t)
-            if is_stop[i]:
-                done[i] = True
-            elif stop_strings:
-                text = decode(out[i])
-                if any(s in text for s in stop_strings):
-                    done[i] = True
-        last = all(done) or step == max_new_tokens - 1
+        pending.append(nxt)
+        last = step == max_new_tokens - 1
+        if len(pending) == every or last:
+            for i, row in enumerate(torch.stack(pending, 1).tolist()):     # (B, steps) since the last look
+                for t in row:
+                    if done[i]:
+                        break
+                    out[i].append(t)
+                    done[i] = t in stops or bool(stop_strings) and any(s in decode(out[i]) for s in stop_strings)
+            pending, last = [], last or all(done)
         if last and not keep:
             break
         # Padding tokens are masked: they change nothing, and a kept cache holds only the real exchange.
-        live = None if all(real) else torch.tensor([[r] for r in real], dtype=torch.long, device=dev)
+        live = None if all(real) or not keep else torch.tensor([[r] for r in real], dtype=torch.long, device=dev)
         if use_cache:
-            logits = model(nxt[:, None], attention_mask=live, cache=cache, logits_to_keep=1)[:, -1]
+            logits = step_fn(nxt, live)
         else:   # recompute everything: slow, kept as the reference the cache is tested against
             ids = torch.cat([ids, nxt[:, None]], 1)
             mask = torch.cat([mask, torch.ones_like(mask[:, :1]) if live is None else live], 1)

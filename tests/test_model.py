@@ -55,8 +55,10 @@ def test_left_padded_batch_equals_transformers_and_single_rows(tmp_path, name):
             assert (got[i, T - len(r):] - want[i, T - len(r):]).abs().max() <= 1e-5
 
 
+@pytest.mark.parametrize("static", [False, True])
 @pytest.mark.parametrize("name", ["llama-gqa-tied", "mistral-window"])
-def test_cached_decode_equals_full_forward(tmp_path, name):
+def test_cached_decode_equals_full_forward(tmp_path, name, static):
+    # static: after the prompt the cache switches to CUDA-graph mode (slots on the device, every slot read, masked)
     ours, _ = ours_and_theirs(tmp_path, name)
     ids = torch.randint(0, 96, (2, 14))
     mask = torch.ones_like(ids)
@@ -65,6 +67,8 @@ def test_cached_decode_equals_full_forward(tmp_path, name):
         full = ours(ids, attention_mask=mask)
         cache = KVCache(ours.config, 2, 14)
         parts = [ours(ids[:, :6], attention_mask=mask[:, :6], cache=cache)]
+        if static:
+            cache.make_static()
         parts += [ours(ids[:, t:t + 1], cache=cache) for t in range(6, 10)]
         parts += [ours(ids[:, 10:], cache=cache)]  # a multi-token chunk after decoding
     stepped = torch.cat(parts, 1)
@@ -108,6 +112,13 @@ def test_generate_stops_and_samples_reproducibly(tiny_llama):
     text = generate(ours, [[5, 6, 7]], max_new_tokens=10, stop_strings=["x"],
                     decode=lambda ids: "".join("x" if i == free[1] else "." for i in ids))[0]
     assert text == free[:2]
+    # Looking at the tokens only every few steps (the GPU default) cuts each row at the same stop, sampled too.
+    prompts = [[5, 6, 7], [9, 1], [4, 4, 4, 4]]
+    for kw in (dict(stop_ids={free[2]}), dict(temperature=1.0, seed=5, stop_ids={free[3], free[5]}),
+               dict(stop_strings=["x"], decode=lambda ids: "".join("x" if i == free[4] else "." for i in ids))):
+        each = generate(ours, prompts, max_new_tokens=10, **kw)
+        assert generate(ours, prompts, max_new_tokens=10, look_every=4, **kw) == each
+        assert generate(ours, prompts, max_new_tokens=10, look_every=16, **kw) == each
 
 
 def test_resid_post_hook_equals_hidden_states(tiny_llama):

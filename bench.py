@@ -427,7 +427,7 @@ def main(cfg: BenchConfig):
                           cfg.rounds)
                 row(f"scoring forward bf16 compiled ({compile_s:.0f} s to compile)", s["ours"], s["hf"], "tok/s",
                     ntok)
-            del ours, hf
+            ours = hf = None      # free both before the next dtype (closures above hold the names)
         evaluators = bench_evaluators(path, cfg, row) if cfg.evaluators else None
     weights = sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
     ours_l, hf_l = load_probe(path, hf=False), load_probe(path, hf=True)

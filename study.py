@@ -170,7 +170,7 @@ def fits(rows, tok, fmt, max_len) -> list:
         try:
             return all(tr.encode(tok, fmt, r["messages"], r[k], max_len) for k in ("response", "chosen", "rejected")
                        if k in r)
-        except ValueError:                     # data._Bad: too long
+        except data._Bad:                      # too long, or the format refuses the conversation
             return False
     return [r for r in rows if ok(r)]
 

@@ -18,6 +18,7 @@ from safetensors.torch import load as st_load, save as st_save
 from tqdm import tqdm
 
 import data
+import dist
 import probes
 import report
 from model import SITES, KVCache, hooks, pad_left
@@ -100,13 +101,16 @@ def record(model, seqs: list[list[int]], reads, layers: list[int], site: str = "
     """(N, len(layers), D) fp32 activations at `site` of each layer, read at reads[i]: an index into seqs[i]
     (negative from the end) or a list of indices to average (accumulated in fp64).
 
-    One forward per length-sorted batch; a hook per layer copies out only the rows' read positions."""
+    One forward per length-sorted batch; a hook per layer copies out only the rows' read positions. Under torchrun
+    the batches are shared among the ranks (the same batches as one process) and every rank gets every row."""
     if site not in SITES:
         raise ValueError(f"unknown site {site!r}; sites are {SITES}")
     dev = model.model.embed_tokens.weight.device
     out = torch.empty(len(seqs), len(layers), model.config.hidden_size)
     batches = list(batches_by_length([len(s) for s in seqs], token_budget))
-    for batch in tqdm(batches, desc=progress or "record", disable=progress is None, leave=False):
+    mine = []                           # (N_batch, L, D) per batch of this rank's share
+    for batch in tqdm(dist.shard(batches), desc=progress or "record", disable=progress is None or not dist.is_main(),
+                      leave=False):
         x, mask = pad_left([seqs[i] for i in batch], dev)
         T = x.shape[1]
         rows, cols, wts = [], [], []   # (row, position, weight) of every position read
@@ -129,7 +133,9 @@ def record(model, seqs: list[list[int]], reads, layers: list[int], site: str = "
             return fn
         with hooks(model, [(layer, site, grab(j)) for j, layer in enumerate(layers)]), torch.no_grad():
             model(x, attention_mask=mask, logits_to_keep=1)
-        out[batch] = torch.stack([got[j] for j in range(len(layers))], 1).float().cpu()
+        mine.append(torch.stack([got[j] for j in range(len(layers))], 1).float().cpu())
+    for batch, acts in zip(batches, dist.gather(mine, everyone=True)):
+        out[batch] = acts
     return out
 
 
@@ -138,7 +144,8 @@ def record_pairs(model, pairs, layers, site="resid_post", token_budget: int = 40
 
     The two answers of a pair differ only in their last token (the letter; ab_pairs checks it), so the shared
     prefix is read once into a KV cache and each letter is one decode step from a fork of it: half the work of
-    reading both sequences, and exactly the same numbers."""
+    reading both sequences, and exactly the same numbers. Under torchrun the batches are shared among the ranks, and
+    every rank gets every pair's activations."""
     if not all(p["read"] == len(p["pos"]) - 1 == len(p["neg"]) - 1 for p in pairs):
         acts = record(model, [p["pos"] for p in pairs] + [p["neg"] for p in pairs], [p["read"] for p in pairs] * 2,
                       layers, site, token_budget, progress="record pairs")
@@ -147,7 +154,8 @@ def record_pairs(model, pairs, layers, site="resid_post", token_budget: int = 40
     pos = torch.empty(len(pairs), len(layers), model.config.hidden_size)
     neg = torch.empty_like(pos)
     batches = list(batches_by_length([len(p["pos"]) for p in pairs], token_budget))
-    for batch in tqdm(batches, desc="record pairs", leave=False):
+    mine = []                           # (2 N_batch, L, D) per batch of this rank's share: pos rows, then neg
+    for batch in tqdm(dist.shard(batches), desc="record pairs", leave=False, disable=not dist.is_main()):
         x, mask = pad_left([pairs[i]["pos"][:-1] for i in batch], dev)
         cache = KVCache(model.config, len(batch), x.shape[1], dtype, dev)
         letters = torch.tensor([[pairs[i][side][-1]] for side in ("pos", "neg") for i in batch], device=dev)
@@ -162,8 +170,9 @@ def record_pairs(model, pairs, layers, site="resid_post", token_budget: int = 40
             fork = cache.fork(torch.arange(len(batch), device=dev).repeat(2), 1)    # rows: pos answers, then neg
             with hooks(model, [(layer, site, grab(j)) for j, layer in enumerate(layers)]):
                 model(letters, cache=fork, logits_to_keep=1)
-        both = torch.stack([got[j] for j in range(len(layers))], 1) if layers else pos.new_empty(2 * len(batch), 0,
-                                                                                                 pos.shape[2])
+        mine.append(torch.stack([got[j] for j in range(len(layers))], 1) if layers else
+                    pos.new_empty(2 * len(batch), 0, pos.shape[2]))
+    for batch, both in zip(batches, dist.gather(mine, everyone=True)):
         pos[batch], neg[batch] = both[: len(batch)], both[len(batch):]
     return pos, neg
 

@@ -5,6 +5,7 @@
     python evaluate.py --task=truthfulqa --data=PATH/mc_task.json [--n=200]
     python evaluate.py --task=mmlu --data=PATH/hendrycks_mmlu --n=500 --shots=5
     python evaluate.py --task=are_you_sure [--data=QA set] [--judge=self]
+    torchrun --standalone --nproc_per_node 4 -- evaluate.py --task=mmlu ...  # data parallel: one JSON, the same rows
 
 Every run writes OUT/<run>-<time>.json (config, provenance, metrics with 95% intervals and n, one row per
 item); rows are checkpointed as they finish, so an interrupted run resumes when started again.
@@ -22,6 +23,7 @@ import torch
 from tqdm import tqdm
 
 import data
+import dist
 import probes
 import report
 from chat import detect_chat_format, get_chat_format
@@ -50,6 +52,7 @@ class EvalConfig:
     run: str = ""             # results name (default: the task); an interrupted run with this name resumes
     out: str = "out"
     seed: int = 0
+    dist_timeout: float = 600.0   # under torchrun: seconds a rank waits for the others before the run stops
 
 
 # ------------------------------------------------------------------------------------------------ evaluators
@@ -447,17 +450,22 @@ def group_of(item) -> str:
 
 def run_task(cfg, model, tok, fmt, fmt_name, model_dir, judge=None, chunk: int = 64) -> tuple[dict, Path]:
     """Score the task's items in chunks of whole groups, each chunk's rows checkpointed (a killed run resumes),
-    then write OUT/<run>-<time>.json with config, provenance, metrics and one row per item."""
+    then write OUT/<run>-<time>.json with config, provenance, metrics and one row per item.
+
+    Under torchrun the chunks are shared among the ranks (chunk k on rank k % world): each chunk is the one a
+    single process scores, so its rows are the same numbers. After each round of `world` chunks rank 0, which alone
+    owns the checkpoint and the result, adds their rows in chunk order; every rank returns the result."""
     evaluator, metrics_of = TASKS[cfg.task]
     items = task_items(cfg)
     if cfg.n and cfg.task not in ("opinion", "answer", "are_you_sure") and cfg.n < len(items):
         items = [items[i] for i in sorted(random.Random(cfg.seed).sample(range(len(items)), cfg.n))]
     run = cfg.run or cfg.task
-    ckpt = Checkpoint(cfg.out, run, config=asdict(cfg))
+    saved = {k: v for k, v in asdict(cfg).items() if k != "dist_timeout"}     # a resumed run may wait longer
+    ckpt = Checkpoint(cfg.out, run, config=saved) if dist.is_main() else None
     groups = {}
     for it in items:
         groups.setdefault(group_of(it), []).append(it)
-    done = {r["_group"] for r in ckpt.rows}
+    done = dist.broadcast({r["_group"] for r in ckpt.rows} if ckpt else None)
     todo = [g for g in groups if g not in done]
     kwargs = {}
     if cfg.task == "mmlu":   # shots come from the dev split of an MMLU folder, never from the file under test
@@ -472,23 +480,33 @@ def run_task(cfg, model, tok, fmt, fmt_name, model_dir, judge=None, chunk: int =
     if cfg.max_new_tokens and cfg.task in ("gsm8k", "answer", "are_you_sure", "feedback"):
         kwargs["max_new_tokens"] = cfg.max_new_tokens
     uses_fmt = cfg.task not in ("truthfulqa", "mmlu", "hellaswag")   # those follow lm-eval's plain-text prompts
-    t0 = time.perf_counter()
-    with tqdm(total=sum(len(groups[g]) for g in todo), desc=run, unit="item", disable=None) as bar:
-        per = max(1, chunk // len(groups[todo[0]])) if todo else 1      # whole groups, about `chunk` items
-        for k in range(0, len(todo), per):
-            batch = [it for g in todo[k: k + per] for it in groups[g]]
-            rows, _ = evaluator(model, tok, *([fmt] if uses_fmt else []), batch, **kwargs)
-            group = {it["id"]: group_of(it) for it in batch}
-            for r in rows:
-                ckpt.add({**r, "_group": group[r["id"]]})
-            bar.update(len(batch))
-    seconds = time.perf_counter() - t0
-    files = [p for p in [Path(cfg.data)] if cfg.data and p.is_file()]
-    files += sorted(Path(cfg.data).rglob("*.csv")) if cfg.data and Path(cfg.data).is_dir() else []
-    result = dict(config=asdict(cfg), provenance=provenance(cfg, model_dir, fmt_name, files),
-                  metrics=metrics_of(ckpt.rows), timing=dict(seconds=seconds, items=len(items)),
-                  skipped=getattr(items, "skipped", []), items=ckpt.rows)
-    return result, write_result(cfg.out, run, result)
+
+    def score_chunk(chunk_groups):   # one chunk of whole groups -> its rows, each marked with its group
+        batch = [it for g in chunk_groups for it in groups[g]]
+        rows, _ = evaluator(model, tok, *([fmt] if uses_fmt else []), batch, **kwargs)
+        group = {it["id"]: group_of(it) for it in batch}
+        return [{**r, "_group": group[r["id"]]} for r in rows]
+
+    t0, world = time.perf_counter(), dist.world()
+    per = max(1, chunk // len(groups[todo[0]])) if todo else 1      # whole groups, about `chunk` items
+    chunks = [todo[k: k + per] for k in range(0, len(todo), per)]
+    with tqdm(total=sum(len(groups[g]) for g in todo), desc=run, unit="item",
+              disable=None if dist.is_main() else True) as bar:
+        for k in range(0, len(chunks), world):
+            for rows in dist.gather([score_chunk(c) for c in dist.shard(chunks[k: k + world])]) or []:
+                for r in rows:
+                    ckpt.add(r)
+            bar.update(sum(len(groups[g]) for c in chunks[k: k + world] for g in c))
+    result = path = None
+    if dist.is_main():
+        seconds = time.perf_counter() - t0
+        files = [p for p in [Path(cfg.data)] if cfg.data and p.is_file()]
+        files += sorted(Path(cfg.data).rglob("*.csv")) if cfg.data and Path(cfg.data).is_dir() else []
+        result = dict(config=asdict(cfg), provenance=provenance(cfg, model_dir, fmt_name, files),
+                      metrics=metrics_of(ckpt.rows), timing=dict(seconds=seconds, items=len(items), processes=world),
+                      skipped=getattr(items, "skipped", []), items=ckpt.rows)
+        path = write_result(cfg.out, run, result)
+    return dist.broadcast((result, path))
 
 
 TASKS = {"ab": (eval_ab, ab_metrics), "opinion": (eval_opinion_probes, opinion_metrics),
@@ -501,7 +519,11 @@ TASKS = {"ab": (eval_ab, ab_metrics), "opinion": (eval_opinion_probes, opinion_m
 def setup(cfg):
     """(model, tok, fmt, fmt_name, model_dir, judge) from any config with model, dtype, device, chat_format and
     optionally judge (the scripts without a judge simply have no such field)."""
+    if not cfg.model and not dist.is_main():
+        dist.barrier()            # under torchrun rank 0 converts the default model once, before the others look
     model_dir = Path(cfg.model) if cfg.model else ensure_default_model()
+    if not cfg.model and dist.is_main():
+        dist.barrier()
     t0 = time.perf_counter()
     model, tok = load(model_dir, dtype=cfg.dtype, device=cfg.device)
     fmt_name = cfg.chat_format or detect_chat_format(model_dir)
@@ -550,6 +572,8 @@ def baseline(cfg):
         print_metrics(spec["task"], result, path)
         results.append(result)
         paths.append(path)
+    if not dist.is_main():   # rank 0 writes the report
+        return
     names = [r["config"]["task"] for r in results]
     md = report.render_markdown(results, names)
     dest = Path(cfg.out) / f"baseline-report-{time.strftime('%Y%m%d-%H%M%S')}.md"
@@ -560,6 +584,7 @@ def baseline(cfg):
 
 def main(argv):
     cfg = parse_args(EvalConfig, argv)
+    dist.init(cfg.device, cfg.dist_timeout)          # under torchrun: the items are shared among the processes
     if cfg.task == "baseline":
         return baseline(cfg)
     if cfg.task not in TASKS:
@@ -571,3 +596,4 @@ def main(argv):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    dist.cleanup()

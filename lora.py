@@ -206,17 +206,18 @@ def _install(model, sd: dict, r, alpha, dropout, source: str):
             m.lora_B.copy_(sd[f"{n}.lora_B"])
 
 
-def save_adapter(model, path, meta: dict | None = None) -> Path:
+def save_adapter(model, path, meta: dict | None = None, tensors: dict | None = None) -> Path:
     """Adapter tensors (fp32) + metadata (r, alpha, dropout, targets, layers and `meta`) as one safetensors file.
 
     Values are JSON-encoded (safetensors metadata is str -> str), so load_adapter returns them as given: put the
-    model's name or config hash in `meta` for provenance. Written to a temporary file, then renamed."""
+    model's name or config hash in `meta` for provenance. Written to a temporary file, then renamed.
+    tensors: lora_state_dict's tensors gathered whole where the model holds only shards of them (FSDP)."""
     from safetensors.torch import save
     cfg, meta = adapter_config(model), dict(meta or {})
     if set(meta) & {*cfg, "format"}:
         raise ValueError(f"save_adapter: meta may not use the reserved keys {sorted(set(meta) & {*cfg, 'format'})}")
     info = {"format": "pt", **{k: json.dumps(v) for k, v in {**cfg, **meta}.items()}}
-    tensors = {k: v.float().contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    tensors = {k: v.float().contiguous().cpu() for k, v in (tensors or lora_state_dict(model)).items()}
     path = Path(path)
     write_atomic(path, save(tensors, metadata=info))
     return path
@@ -235,9 +236,9 @@ def load_adapter(model, path) -> dict:
     return meta
 
 
-def export_peft(model, folder, base_model_name_or_path: str = "") -> Path:
+def export_peft(model, folder, base_model_name_or_path: str = "", tensors: dict | None = None) -> Path:
     """Write a peft LoRA folder (adapter_model.safetensors + adapter_config.json) that PeftModel.from_pretrained
-    loads onto the transformers model of the same checkpoint."""
+    loads onto the transformers model of the same checkpoint. tensors: as save_adapter's."""
     from safetensors.torch import save
     cfg, n_mods, folder = adapter_config(model), len(lora_modules(model)), Path(folder)
     if n_mods != len(cfg["targets"]) * len(cfg["layers"]):
@@ -250,7 +251,8 @@ def export_peft(model, folder, base_model_name_or_path: str = "") -> Path:
               "layers_pattern": None if every_layer else "layers", "bias": "none", "lora_bias": False,
               "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
               "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "inference_mode": True}
-    tensors = {f"{PEFT_PREFIX}{k}.weight": v.float().contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    tensors = {f"{PEFT_PREFIX}{k}.weight": v.float().contiguous().cpu()
+               for k, v in (tensors or lora_state_dict(model)).items()}
     write_atomic(folder / "adapter_model.safetensors", save(tensors, metadata={"format": "pt"}))
     write_atomic(folder / "adapter_config.json", json.dumps(config, indent=2).encode())
     return folder

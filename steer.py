@@ -4,6 +4,7 @@
     python steer.py steer --vector=out/vectors-....safetensors [--test=test_dataset_ab.json] --layers=3,9,15
     python steer.py ablate --vector=out/vectors-....safetensors --layers=9
     python steer.py demo                                          # make demo's part: vectors, sweep, predict, geometry
+    torchrun --standalone --nproc_per_node 4 -- steer.py vectors ...  # recording shared by 4 processes (vectors only)
 
 Conventions (written into every result so numbers reproduce, DESIGN.md):
 - a pair is one A/B question answered with the behaviour-matching letter and with the other letter; activations
@@ -27,6 +28,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import dist
 import probes
 import report
 from activations import (ab_items, ab_pairs, assistant_header, header_end, load_vectors, make_vectors,
@@ -65,6 +67,7 @@ class SteerConfig:
     run: str = ""             # results name (default: the action)
     out: str = "out"
     seed: int = 0
+    dist_timeout: float = 600.0   # under torchrun (vectors only): seconds a rank waits for the others
 
 
 # ---------------------------------------------------------------------------------------------- interventions
@@ -272,7 +275,9 @@ def vectors_run(cfg, model, tok, fmt, fmt_name, model_dir) -> tuple[dict, Path]:
     pairs = ab_pairs(tok, fmt, items)
     if not pairs:
         raise ValueError("no A/B items with a matching answer to build vectors from")
-    pos, neg = record_pairs(model, pairs, layers, cfg.site)
+    pos, neg = record_pairs(model, pairs, layers, cfg.site)      # under torchrun: shared, and every rank gets all
+    if not dist.is_main():              # rank 0 makes and writes the vectors, then sends every rank the result
+        return dist.broadcast(None)
     vec = make_vectors(pos, neg, cfg.method, cfg.seed, [p["letters"][0] for p in pairs] if cfg.balance else None)
     norms = residual_norms(model, [p["pos"] for p in pairs[:64]], layers)   # a mean over ~6k tokens is plenty
     prov = report.provenance(cfg, model_dir, fmt_name, files)
@@ -297,7 +302,7 @@ def vectors_run(cfg, model, tok, fmt, fmt_name, model_dir) -> tuple[dict, Path]:
     report.plot_curve(layers, [[float(v.norm() / r) for v, r in zip(vec, norms)]], None, [cfg.method],
                       path.with_suffix(".png"), "layer", "|vector| / mean |resid|", "steering vector norm per layer")
     print(f"vectors: {len(pairs)} pairs, layers {layers[0]}..{layers[-1]} -> {vec_path}")
-    return result, path
+    return dist.broadcast((result, path))
 
 
 def steer_run(cfg, model, tok, fmt, fmt_name, model_dir, ablate: bool = False) -> tuple[dict, Path]:
@@ -448,6 +453,10 @@ def main(argv):
     cfg.action = action
     if action not in ("vectors", "steer", "ablate", "demo"):
         sys.exit(f"error: unknown action {action!r}: vectors, steer, ablate or demo")
+    if dist.launched() and action != "vectors":
+        sys.exit(f"error: only `steer.py vectors` runs data parallel under torchrun; run `steer.py {action}` as one "
+                 "process")
+    dist.init(cfg.device, cfg.dist_timeout)
     torch.manual_seed(cfg.seed)
     model, tok, fmt, fmt_name, model_dir, _ = setup(cfg)
     if action == "demo":
@@ -464,3 +473,4 @@ def main(argv):
 
 if __name__ == "__main__":
     main(sys.argv[1:])
+    dist.cleanup()

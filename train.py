@@ -3,6 +3,7 @@
     python train.py --mode=sft --data=sft.jsonl --eval_data=sft_eval.jsonl --run=sft-anti-syco
     python train.py --mode=dpo --data=pairs.jsonl --init_adapter=out/sft-anti-syco/adapter.safetensors --run=dpo
     python train.py --mode=sft --data=sft.jsonl --run=sft-anti-syco --resume=true       # continue after a kill
+    torchrun --standalone --nproc_per_node 4 -- train.py --dist=fsdp ...  # 4 processes, the same steps as one
 
 Data, one JSON object per line (other keys, e.g. provenance, are allowed and kept in the example's "record"):
     SFT  {"id": "...", "messages": [{"role": "user", "content": "..."}, ...], "response": "..."}
@@ -15,13 +16,17 @@ The reference log-probs are read once before the first step. With fresh adapters
 its adapters off; with --init_adapter (SFT, then DPO) it is the SFT model, which the recipe anchors DPO to.
 A run writes OUT/<run>/{config.json, ckpt.safetensors (adapter, AdamW, schedule, RNG, log: one file, no pickle,
 replaced atomically every save_every steps), adapter.safetensors, peft/} and OUT/<run>-<time>.json (+ .png curve).
+
+Under torchrun each micro-batch is shared among the processes (--dist=ddp: a whole model each; --dist=fsdp: each
+holds 1/N of every block), and each one's loss is weighted by its share of the micro-batch's tokens (SFT) or pairs
+(DPO), so N processes take the steps one process takes with the same batch_size and grad_accum. Rank 0 writes.
 """
 import json
 import math
 import random
 import sys
 import time
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -33,6 +38,7 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import data
+import dist
 from evaluate import setup
 from model import pad_right
 from lora import add_lora, export_peft, load_adapter, lora_disabled, lora_parameters, lora_state_dict, save_adapter
@@ -41,7 +47,7 @@ from report import mean_metric, plot_curve, proportion_metric, provenance, write
 
 DEFAULT_LR = {"sft": 2e-4, "dpo": 5e-5}   # DPO moves away from a reference it should stay near: a smaller step
 FIELDS = {"sft": ("response",), "dpo": ("chosen", "rejected")}
-RESUMABLE_CHANGES = {"resume", "save_every", "eval_every"}    # what may differ between a run and its resumption
+RESUMABLE_CHANGES = {"resume", "save_every", "eval_every", "dist", "dist_timeout"}   # may differ on resumption
 
 
 @dataclass
@@ -76,6 +82,8 @@ class TrainConfig:
     run: str = ""              # "" = the mode; OUT/<run>/ must not exist yet, unless --resume=true
     init_adapter: str = ""     # start from a save_adapter file (its r, alpha, dropout); DPO's reference = that model
     resume: bool = False       # continue OUT/<run>/ from its last checkpoint
+    dist: str = "ddp"          # under torchrun: ddp (a whole model per process) or fsdp (each holds 1/N of each block)
+    dist_timeout: float = 600.0   # under torchrun: seconds a rank waits for the others before the run stops
 
 
 # ------------------------------------------------------------------------------------------------------- data
@@ -132,12 +140,49 @@ def batch_of(examples, mode: str, pad_id: int, device) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------ losses
+class TargetLogps(torch.autograd.Function):
+    """log softmax(h W^T)[target] for rows of h, in chunks of rows, keeping no (N, V) logits for backward.
+
+    The usual way (logits, fp32 log-softmax, gather) holds several (N, V) tensors at once, the largest memory of a
+    LoRA step. Here each chunk's gradient d logp / d h = (onehot - softmax) W is made at once in the forward (the
+    same matmul backward would do), so the step keeps only (N, D). The frozen W gets no gradient.
+    """
+
+    @staticmethod
+    def forward(ctx, h, w, targets, chunk: int):            # h (N, D), w (V, D), targets (N,) -> (N,) fp32
+        out = torch.empty(len(h), dtype=torch.float32, device=h.device)
+        grad = torch.empty_like(h) if ctx.needs_input_grad[0] else None
+        for i in range(0, len(h), chunk):
+            z = F.linear(h[i: i + chunk], w).float()                   # (n, V): logits as the model would give
+            t = targets[i: i + chunk, None]
+            lse = z.logsumexp(-1, keepdim=True)
+            out[i: i + chunk] = (z.gather(-1, t) - lse).squeeze(-1)
+            if grad is not None:
+                p = z.sub_(lse).exp_()                                 # softmax, in z's memory
+                p.scatter_add_(-1, t, torch.full_like(t, -1, dtype=p.dtype))   # softmax - onehot
+                grad[i: i + chunk] = -(p.to(w.dtype) @ w)
+        ctx.save_for_backward(grad)
+        return out
+
+    @staticmethod
+    def backward(ctx, g):                                    # g (N,)
+        (grad,) = ctx.saved_tensors
+        return g[:, None].to(grad.dtype) * grad, None, None, None
+
+
 def token_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
-    """(log-prob of each scored token, 0 elsewhere; the mask), both (B, T-1): position t predicts token t+1."""
-    logits = model(batch["input_ids"], attention_mask=batch["attention_mask"])      # (B, T, V)
-    logp = logits[:, :-1].float().log_softmax(-1)                                   # fp32: sums of many small terms
-    mask = batch["loss_mask"][:, 1:].to(logp.dtype)                                 # (B, T-1)
-    return logp.gather(-1, batch["input_ids"][:, 1:, None]).squeeze(-1) * mask, mask
+    """(log-prob of each scored token, 0 elsewhere; the mask), both (B, T-1): position t predicts token t+1.
+    Only the scored positions are projected onto the vocabulary (TargetLogps; a trained lm_head the plain way)."""
+    h = model(batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden=True)   # (B, T, D)
+    mask = batch["loss_mask"][:, 1:].bool()                                                      # (B, T-1)
+    w = getattr(model, "module", model).output_weight                                            # (V, D)
+    h, targets = h[:, :-1][mask], batch["input_ids"][:, 1:][mask]                               # (N, D), (N,)
+    if w.requires_grad:
+        lp = F.linear(h, w).float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    else:   # chunks of about 8M logits (32 MB in fp32)
+        lp = TargetLogps.apply(h, w, targets, max(1, 2**23 // w.shape[0]))
+    out = torch.zeros(mask.shape, dtype=torch.float32, device=h.device).masked_scatter(mask, lp)
+    return out, mask.float()
 
 
 def sequence_logps(model, batch) -> torch.Tensor:
@@ -190,22 +235,34 @@ def grad_checkpointing(model, enabled: bool = True):
             del block.forward
 
 
+def per_batch(fn, examples, size: int) -> list:
+    """[fn(batch) for each batch of `size` examples, in order]. Under torchrun the batches are shared among the ranks
+    (the same batches as one process: the same numbers) and every rank gets every result. Every rank makes the same
+    number of calls, since under FSDP a forward is a collective: one left without a batch repeats the first."""
+    batches = [examples[b: b + size] for b in range(0, len(examples), size)]
+    mine = dist.shard(batches)
+    out = [fn(b) for b in mine]
+    for _ in range(-(-len(batches) // dist.world()) - len(mine)):
+        fn(batches[0])
+    return dist.gather(out, everyone=True)
+
+
 @torch.no_grad()
 def evaluate(model, examples, cfg, pad_id: int) -> tuple[dict, list[dict]]:
     """Held-out evaluation: ({eval_loss[, eval_reward_acc, eval_margin]}, one row per example)."""
     dev = model.model.embed_tokens.weight.device
     model.eval()                                         # no dropout; train() puts the model back in train mode
-    rows = []
-    for b in range(0, len(examples), cfg.batch_size):
-        batch = batch_of(examples[b: b + cfg.batch_size], cfg.mode, pad_id, dev)
+
+    def rows_of(exs):
+        batch = batch_of(exs, cfg.mode, pad_id, dev)
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             if cfg.mode == "sft":
                 lp, mask = token_logps(model, batch)
-                rows += [{"loss": v} for v in (-lp.sum(-1) / mask.sum(-1)).tolist()]   # per example, per token
-            else:
-                _, c, r = dpo_step(model, batch, cfg.beta)
-                rows += [{"loss": -F.logsigmoid(ci - ri).item(), "reward_acc": bool(ci > ri),
-                          "margin": (ci - ri).item()} for ci, ri in zip(c, r)]
+                return [{"loss": v} for v in (-lp.sum(-1) / mask.sum(-1)).tolist()]   # per example, per token
+            _, c, r = dpo_step(model, batch, cfg.beta)
+            return [{"loss": -F.logsigmoid(ci - ri).item(), "reward_acc": bool(ci > ri), "margin": (ci - ri).item()}
+                    for ci, ri in zip(c, r)]
+    rows = [row for rows in per_batch(rows_of, examples, cfg.batch_size) for row in rows]
     model.train()
     return {f"eval_{k}": float(np.mean([r[k] for r in rows])) for k in rows[0]}, rows
 
@@ -215,13 +272,15 @@ def attach_reference(model, examples, cfg, pad_id: int):
     """ex["ref"] = (log ref(chosen), log ref(rejected)) from the model as it is now (eval mode: no dropout)."""
     dev = model.model.embed_tokens.weight.device
     model.eval()
-    for b in range(0, len(examples), cfg.batch_size):
-        exs = examples[b: b + cfg.batch_size]
+
+    def refs_of(exs):
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
             lp = sequence_logps(model, batch_of([{k: ex[k] for k in FIELDS["dpo"]} for ex in exs], "dpo", pad_id,
                                                 dev)).tolist()
-        for i, ex in enumerate(exs):
-            ex["ref"] = (lp[i], lp[len(exs) + i])
+        return [(lp[i], lp[len(exs) + i]) for i in range(len(exs))]
+    refs = [ref for refs in per_batch(refs_of, examples, cfg.batch_size) for ref in refs]
+    for ex, ref in zip(examples, refs):
+        ex["ref"] = ref
     model.train()
 
 
@@ -232,16 +291,25 @@ def lr_lambda(warmup: int, total: int):
         math.pi * (s - warmup) / max(1, total - warmup)))
 
 
+def rng_state(cuda: bool) -> dict:
+    """This process's torch generators: the CPU's, and each visible card's."""
+    return {"torch": torch.get_rng_state(), **({f"cuda.{i}": g for i, g in enumerate(torch.cuda.get_rng_state_all())}
+                                              if cuda else {})}
+
+
 def save_checkpoint(path: Path, model, opt, sched, step: int, rows: list):
-    """One safetensors file: adapter, AdamW moments and RNG states as tensors; the rest as JSON metadata."""
+    """One safetensors file: adapter, AdamW moments and RNG states as tensors; the rest as JSON metadata.
+    Under torchrun every rank calls it (FSDP's shards are gathered, each rank's RNG too) and rank 0 writes."""
     from safetensors.torch import save
-    tensors = {f"adapter.{k}": v.float().contiguous().cpu() for k, v in lora_state_dict(model).items()}
+    tensors = {f"adapter.{k}": dist.full(v).float().contiguous().cpu() for k, v in lora_state_dict(model).items()}
     opt_state = opt.state_dict()                     # {"state": {i: {step, exp_avg, exp_avg_sq}}, "param_groups"}
-    for i, state in opt_state["state"].items():
-        tensors |= {f"opt.{i}.{k}": v.contiguous().cpu() for k, v in state.items()}
-    tensors["rng.torch"] = torch.get_rng_state()
-    if model.model.embed_tokens.weight.is_cuda:
-        tensors |= {f"rng.cuda.{i}": s for i, s in enumerate(torch.cuda.get_rng_state_all())}
+    for i, state in sorted(opt_state["state"].items()):   # sorted: FSDP's gathers go in the same order on every rank
+        tensors |= {f"opt.{i}.{k}": dist.full(v).contiguous().cpu() for k, v in sorted(state.items())}
+    # every rank's generators, since each drew its own dropout masks: rank 0's as rng.*, rank r's as rng.rank<r>.*
+    for r, state in enumerate(dist.gather([rng_state(model.model.embed_tokens.weight.is_cuda)]) or []):
+        tensors |= {f"rng.{f'rank{r}.' if r else ''}{k}": v for k, v in state.items()}
+    if not dist.is_main():
+        return
     np_rng = np.random.get_state()
     meta = {"step": step, "param_groups": opt_state["param_groups"], "scheduler": sched.state_dict(),
             "rng_python": random.getstate(), "rng_numpy": [np_rng[0], np_rng[1].tolist(), *np_rng[2:]], "rows": rows}
@@ -249,24 +317,29 @@ def save_checkpoint(path: Path, model, opt, sched, step: int, rows: list):
 
 
 def load_checkpoint(path: Path, model, opt, sched) -> tuple[int, list]:
-    """Restore everything save_checkpoint wrote; returns (step, log rows so far)."""
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        meta = json.loads(f.metadata()["state"])
-        t = {k: f.get_tensor(k) for k in f.keys()}
+    """Restore everything save_checkpoint wrote; returns (step, log rows so far). Under torchrun rank 0 reads the
+    file and sends it to the others (which need not see its disk); each rank takes its own shards and generators."""
+    from safetensors.torch import load
+    raw = dist.broadcast(Path(path).read_bytes() if dist.is_main() else None)
+    t = load(raw)
+    header = json.loads(raw[8: 8 + int.from_bytes(raw[:8], "little")])     # safetensors: 8-byte length, JSON header
+    meta = json.loads(header["__metadata__"]["state"])
     with torch.no_grad():
         for k, v in lora_state_dict(model).items():      # detached views of the adapter parameters
-            v.copy_(t[f"adapter.{k}"])
+            v.copy_(dist.like(t[f"adapter.{k}"], v))
+    params = [p for group in opt.param_groups for p in group["params"]]     # the optimizer's state i is params[i]'s
     state = {}
     for k, v in t.items():
         if k.startswith("opt."):
             _, i, name = k.split(".", 2)
-            state.setdefault(int(i), {})[name] = v
+            state.setdefault(int(i), {})[name] = v if name == "step" else dist.like(v, params[int(i)])
     opt.load_state_dict({"state": state, "param_groups": meta["param_groups"]})
     sched.load_state_dict(meta["scheduler"])
-    torch.set_rng_state(t["rng.torch"])
-    if "rng.cuda.0" in t:
-        torch.cuda.set_rng_state_all([t[f"rng.cuda.{i}"] for i in range(sum(k.startswith("rng.cuda.") for k in t))])
+    own = f"rng.rank{dist.rank()}."
+    pre = own if own + "torch" in t else "rng."      # rank 0, or a rank the interrupted run did not have: rank 0's
+    torch.set_rng_state(t[pre + "torch"])
+    if pre + "cuda.0" in t:
+        torch.cuda.set_rng_state_all([t[f"{pre}cuda.{i}"] for i in range(sum(k.startswith(pre + "cuda.") for k in t))])
     version, mt, gauss = meta["rng_python"]
     random.setstate((version, tuple(mt), gauss))
     name, keys, *rest = meta["rng_numpy"]
@@ -275,24 +348,36 @@ def load_checkpoint(path: Path, model, opt, sched) -> tuple[int, list]:
 
 
 # -------------------------------------------------------------------------------------------------------- loop
-def train(cfg: TrainConfig, model, tok, fmt, callback=None) -> tuple[dict, Path]:
-    """Fine-tune `model` in place (adapters added, or read from cfg.init_adapter) and write the run's files.
-    callback(step, row) runs after each optimizer step (and its checkpoint). Returns (result, results path)."""
-    cfg = replace(cfg, lr=cfg.lr or DEFAULT_LR.get(cfg.mode, 0), run=cfg.run or cfg.mode)
-    if cfg.mode not in FIELDS or min(cfg.batch_size, cfg.grad_accum, cfg.max_steps or cfg.epochs) < 1 or not cfg.data:
-        raise ValueError("train needs --mode=sft|dpo, --data=PATH, and batch_size, grad_accum, epochs at least 1")
-    run_dir, now = Path(cfg.out) / cfg.run, asdict(cfg)
+def check_run_dir(cfg, run_dir: Path, now: dict):
+    """The error starting or resuming OUT/<run>/ runs into (a finished or taken run, other settings), or None."""
     if run_dir.exists() and not cfg.resume:
-        raise FileExistsError(f"{run_dir} exists and a run never overwrites an earlier one: pass --resume=true to "
-                              "continue it, or choose another --run")
+        return FileExistsError(f"{run_dir} exists and a run never overwrites an earlier one: pass --resume=true to "
+                               "continue it, or choose another --run")
     if cfg.resume:
         if (run_dir / "adapter.safetensors").exists() or not (run_dir / "config.json").exists():
-            raise FileNotFoundError(f"--resume: {run_dir} is finished already, or holds no run to continue")
+            return FileNotFoundError(f"--resume: {run_dir} is finished already, or holds no run to continue")
         saved = json.loads((run_dir / "config.json").read_text())
         changed = {k: (saved.get(k), v) for k, v in now.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
         if changed:
-            raise ValueError(f"--resume: {run_dir} was started with other settings (was, now): {changed}")
-    pad_id, dev = tok.pad_id or 0, model.model.embed_tokens.weight.device
+            return ValueError(f"--resume: {run_dir} was started with other settings (was, now): {changed}")
+    return None
+
+
+def train(cfg: TrainConfig, model, tok, fmt, callback=None) -> tuple[dict, Path]:
+    """Fine-tune `model` in place (adapters added, or read from cfg.init_adapter) and write the run's files.
+    callback(step, row) runs after each optimizer step (and its checkpoint). Returns (result, results path).
+    Under torchrun (dist.init first) every rank calls it and gets the result; rank 0 writes the files. With
+    --dist=fsdp the model is left sharded."""
+    cfg = replace(cfg, lr=cfg.lr or DEFAULT_LR.get(cfg.mode, 0), run=cfg.run or cfg.mode)
+    if cfg.mode not in FIELDS or min(cfg.batch_size, cfg.grad_accum, cfg.max_steps or cfg.epochs) < 1 or not cfg.data:
+        raise ValueError("train needs --mode=sft|dpo, --data=PATH, and batch_size, grad_accum, epochs at least 1")
+    if cfg.dist not in ("ddp", "fsdp"):
+        raise ValueError(f"--dist={cfg.dist!r}: ddp or fsdp")
+    run_dir, now = Path(cfg.out) / cfg.run, asdict(cfg)
+    problem = dist.broadcast(check_run_dir(cfg, run_dir, now) if dist.is_main() else None)   # rank 0 owns OUT
+    if problem:
+        raise problem
+    pad_id = tok.pad_id or 0
     train_set = read_examples(cfg.data, cfg.mode, tok, fmt, cfg.max_len, cfg.skip_bad)
     eval_set = read_examples(cfg.eval_data, cfg.mode, tok, fmt, cfg.max_len, cfg.skip_bad) if cfg.eval_data else []
     skipped = train_set.skipped + (eval_set.skipped if cfg.eval_data else [])
@@ -304,51 +389,67 @@ def train(cfg: TrainConfig, model, tok, fmt, callback=None) -> tuple[dict, Path]
 
     random.seed(cfg.seed)                                 # seeded before add_lora: its A init is random
     np.random.seed(cfg.seed)
-    torch.manual_seed(cfg.seed)                           # every device's generator
+    torch.manual_seed(cfg.seed)                           # every device's generator (every rank's alike)
     if cfg.init_adapter:
         load_adapter(model, cfg.init_adapter)
     else:
         add_lora(model, targets=cfg.targets.split(","), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
+    net = dist.wrap(model, cfg.dist)      # what the training forward calls: DDP's wrapper, or the model (FSDP: itself)
+    dev = model.model.embed_tokens.weight.device                          # after wrap: FSDP moves shards to theirs
     if cfg.mode == "dpo":        # the reference: the starting model, before any step (also when resuming)
         attach_reference(model, list(train_set) + list(eval_set), cfg, pad_id)
-    params = lora_parameters(model)                                        # the base weights are frozen
+    params = lora_parameters(model)                       # the base weights are frozen (FSDP: this rank's shards)
     opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=0.0)
     sched = LambdaLR(opt, lr_lambda(cfg.warmup_steps, total))
-    run_dir.mkdir(parents=True, exist_ok=cfg.resume)                       # claims the name (fails if taken)
-    if not cfg.resume:
-        write_atomic(run_dir / "config.json", json.dumps(now, indent=1).encode())
+    if dist.is_main():
+        run_dir.mkdir(parents=True, exist_ok=cfg.resume)                   # claims the name (fails if taken)
+        if not cfg.resume:
+            write_atomic(run_dir / "config.json", json.dumps(now, indent=1).encode())
     ckpt, step, rows = run_dir / "ckpt.safetensors", 0, []
-    if ckpt.exists():
+    if dist.broadcast(ckpt.exists() if dist.is_main() else None):
         step, rows = load_checkpoint(ckpt, model, opt, sched)
         print(f"resuming {run_dir} at step {step} of {total}")
 
-    def micro_batch(k):        # the run's k-th micro-batch. The data order is a seeded permutation per epoch, so
-        epoch, j = divmod(k, per_epoch)           # the step number alone says what comes next: nothing to save
+    def micro_batch(k):        # the run's k-th micro-batch, all of it. The data order is a seeded permutation per
+        epoch, j = divmod(k, per_epoch)     # epoch, so the step number alone says what comes next: nothing to save
         order = np.random.default_rng([cfg.seed, epoch]).permutation(N)
-        return batch_of([train_set[i] for i in order[j * bs: (j + 1) * bs]], cfg.mode, pad_id, dev)
+        return [train_set[i] for i in order[j * bs: (j + 1) * bs]]
 
     was_training, t0 = model.training, time.perf_counter()
     model.train()                                                          # LoRA dropout on
     if step == 0 and eval_set:                                             # the held-out starting point
         rows.append({"step": 0, **evaluate(model, eval_set, cfg, pad_id)[0]})
     with grad_checkpointing(model, cfg.grad_checkpointing), \
-            tqdm(total=total, initial=step, desc=cfg.run, disable=None) as bar:
+            tqdm(total=total, initial=step, desc=cfg.run, disable=None if dist.is_main() else True) as bar:
         while step < total:
             stats = {}
             for k in range(step * ga, (step + 1) * ga):
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
-                    if cfg.mode == "sft":
-                        loss, extra = sft_loss(model, micro_batch(k)), {}
-                    else:
-                        loss, c, r = dpo_step(model, micro_batch(k), cfg.beta)
-                        extra = {"reward_acc": (c > r).float().mean().item(), "margin": (c - r).mean().item(),
-                                 "chosen_reward": c.mean().item(), "rejected_reward": r.mean().item()}
-                (loss / ga).backward()             # gradients add up: the step follows the mean of its micro-batches
+                exs = micro_batch(k)
+                mine = dist.shard(exs)          # this rank's share; an empty one still joins DDP/FSDP's collectives
+                batch = batch_of(mine or exs[:1], cfg.mode, pad_id, dev)
+                # sft_loss is the mean over this rank's response tokens, dpo_step's over its pairs: weighted by their
+                # share of the micro-batch's, the ranks' losses add up to the whole micro-batch's (one process: share
+                # is exactly 1, the numbers unchanged)
+                n = (batch["loss_mask"][:, 1:].sum().item() if cfg.mode == "sft" else len(mine)) if mine else 0
+                share = n / dist.all_sum([n])[0]
+                last = k == (step + 1) * ga - 1
+                with net.no_sync() if net is not model and not last else nullcontext():   # DDP: sync once per step
+                    with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=cfg.bf16):
+                        if cfg.mode == "sft":
+                            loss, extra = sft_loss(net, batch), {}
+                        else:
+                            loss, c, r = dpo_step(net, batch, cfg.beta)
+                            extra = {"reward_acc": (c > r).float().mean().item(), "margin": (c - r).mean().item(),
+                                     "chosen_reward": c.mean().item(), "rejected_reward": r.mean().item()}
+                    # gradients add up: the step follows the mean of its micro-batches. DDP and FSDP average the
+                    # ranks' gradients, so * world makes that the sum of their parts.
+                    (loss * (share * dist.world()) / ga).backward()
                 for key, v in {"loss": loss.item(), **extra}.items():
-                    stats[key] = stats.get(key, 0.0) + v / ga
+                    stats[key] = stats.get(key, 0.0) + v * share / ga
+            stats = dict(zip(stats, dist.all_sum(list(stats.values()))))       # the whole step's, on every rank
             norm = torch.nn.utils.clip_grad_norm_(params, cfg.clip if cfg.clip > 0 else math.inf)
             row = {"step": step + 1, "epoch": round((step + 1) * ga / per_epoch, 3), "lr": sched.get_last_lr()[0],
-                   "grad_norm": norm.item(), **stats}
+                   "grad_norm": dist.full(norm).item(), **stats}
             opt.step()
             sched.step()
             opt.zero_grad(set_to_none=True)
@@ -366,11 +467,15 @@ def train(cfg: TrainConfig, model, tok, fmt, callback=None) -> tuple[dict, Path]
     rows[-1] |= final
     model.train(was_training)
     seconds = time.perf_counter() - t0
+    adapter = {k: dist.full(v) for k, v in lora_state_dict(model).items()}      # FSDP: gathered from the shards
+    if not dist.is_main():            # rank 0 writes the files, then sends every rank the result
+        return dist.broadcast(None)
 
     model_dir, fmt_name = getattr(model, "name_or_path", cfg.model), fmt.__name__
     save_adapter(model, run_dir / "adapter.safetensors", meta={"mode": cfg.mode, "steps": step, "run": cfg.run,
-                                                              "base_model": str(model_dir), "chat_format": fmt_name})
-    export_peft(model, run_dir / "peft", base_model_name_or_path=str(model_dir))
+                                                              "base_model": str(model_dir), "chat_format": fmt_name},
+                 tensors=adapter)
+    export_peft(model, run_dir / "peft", base_model_name_or_path=str(model_dir), tensors=adapter)
     # train_*: the mean of the last (up to 10) steps, as one step's loss is one batch's, too noisy to report alone
     last = [r for r in rows if "loss" in r][-max(1, min(10, total // 5)):]
     metrics = {f"train_{k}": mean_metric([r[k] for r in last]) for k in ("loss", "reward_acc", "margin")
@@ -380,11 +485,11 @@ def train(cfg: TrainConfig, model, tok, fmt, callback=None) -> tuple[dict, Path]
         metrics[f"eval_{k}"] = proportion_metric(values) if k == "reward_acc" else mean_metric(values)
     inputs = [Path(p) for p in (cfg.data, cfg.eval_data, cfg.init_adapter) if p]      # their sha256 go in provenance
     result = dict(config=asdict(cfg), provenance=provenance(cfg, model_dir, fmt_name, inputs), metrics=metrics,
-                  timing=dict(seconds=seconds, steps=step), n_skipped=len(skipped), skipped=skipped,
-                  adapter=str(run_dir / "adapter.safetensors"), items=rows)
+                  timing=dict(seconds=seconds, steps=step, processes=dist.world()), n_skipped=len(skipped),
+                  skipped=skipped, adapter=str(run_dir / "adapter.safetensors"), items=rows)
     path = write_result(cfg.out, cfg.run, result)
     plot_losses(path)
-    return result, path
+    return dist.broadcast((result, path))
 
 
 def plot_losses(path) -> Path:
@@ -401,7 +506,10 @@ def main(argv=None):
     cfg = parse_args(TrainConfig, sys.argv[1:] if argv is None else argv)
     if not cfg.data:
         sys.exit("error: --data=PATH.jsonl is required (its format: the top of train.py)")
-    model, tok, fmt, *_ = setup(cfg)
+    dist.init(cfg.device, cfg.dist_timeout)        # under torchrun: the micro-batches are shared among the processes
+    # FSDP is for a model too big for one card: read it into CPU memory, and fully_shard moves each rank's shard over
+    fsdp = cfg.dist == "fsdp" and dist.world() > 1
+    model, tok, fmt, *_ = setup(replace(cfg, device="cpu") if fsdp else cfg)
     try:
         result, path = train(cfg, model, tok, fmt)
     except (ValueError, OSError) as e:          # bad data, a taken run name, nothing to resume: one clear line
@@ -413,3 +521,4 @@ def main(argv=None):
 
 if __name__ == "__main__":
     main()
+    dist.cleanup()

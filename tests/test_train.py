@@ -96,6 +96,24 @@ def test_dpo_matches_the_published_formula_and_its_gradients(fresh, tmp_path):
     assert any(g.abs().sum() > 0 for g in grads)
 
 
+@pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
+def test_chunked_target_logps_equal_log_softmax_and_its_gradient(dtype, tol):
+    torch.manual_seed(0)
+    h0, w = torch.randn(11, 8, dtype=dtype), torch.randn(50, 8, dtype=dtype)
+    targets, g = torch.randint(0, 50, (11,)), torch.randn(11)
+    h = h0.clone().requires_grad_()
+    want = F.linear(h, w).float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)    # the plain way
+    (want * g).sum().backward()
+    for chunk in (1, 3, 11, 64):
+        hc = h0.clone().requires_grad_()
+        got = tr.TargetLogps.apply(hc, w, targets, chunk)
+        (got * g).sum().backward()
+        assert (got - want).abs().max() <= 1e-5 * want.abs().max()        # same logits, so the same numbers
+        assert (hc.grad.float() - h.grad.float()).abs().max() <= tol * h.grad.float().abs().max()
+    with torch.no_grad():                                                   # no gradient: none made
+        assert torch.allclose(tr.TargetLogps.apply(h0, w, targets, 4), want)
+
+
 def test_sft_loss_scores_only_response_tokens(fresh, tmp_path):
     model, tok = fresh()
     exs = examples(tok, SFT[:3], "sft", tmp_path)
@@ -114,10 +132,11 @@ def test_sft_loss_scores_only_response_tokens(fresh, tmp_path):
     assert scored == ids[n_prompt:] and tok.encode("<|im_end|>")[0] in scored
     assert tok.decode(ids[:n_prompt]) == FMT(SFT[0]["messages"])
 
-    # With fixed logits, changing a prompt token (a target of the position before it) leaves the loss alone;
-    # changing a response token changes it.
-    logits = torch.randn(*batch["input_ids"].shape, 400)
-    fixed = lambda ids, attention_mask=None: logits                       # noqa: E731
+    # With fixed logits (hidden states times a vocab matrix), changing a prompt token (a target of the position
+    # before it) leaves the loss alone; changing a response token changes it.
+    hidden = torch.randn(*batch["input_ids"].shape, 16)
+    fixed = lambda ids, attention_mask=None, return_hidden=True: hidden   # noqa: E731
+    fixed.output_weight = torch.randn(400, 16)
     base = tr.sft_loss(fixed, batch)
     for pos, same in ((n_prompt - 1, True), (n_prompt + 1, False)):
         changed = {**batch, "input_ids": batch["input_ids"].clone()}

@@ -1,5 +1,10 @@
 # syco-lab: every target is one visible command. Knobs: MODEL=path DTYPE=fp32|bf16 DEVICE=cpu|cuda OUT=out, and
 # per target DATA, TEST, N, LAYERS, MULTS, VECTOR, ACTS; anything else: ARGS='--key=value ...' (see --help).
+# NPROC=N runs the data-parallel commands (demo's evaluate.py, vectors, train) as N processes under torchrun, one per
+# GPU: items and micro-batches are shared, the results are one process's. DIST=ddp|fsdp says how train shares the
+# model (fsdp: each process holds 1/N of it). Several hosts: TORCHRUN='--nnodes 2 --node_rank 0 --rdzv_backend c10d
+# --rdzv_id job1 --rdzv_endpoint host0:29500' on each host (its own node_rank); the default is --standalone.
+# The other targets run in one process whatever NPROC says.
 PY     ?= python3
 VENV   ?= .venv
 # CPU build by default (it lies on this machine's disk); GPU users: make TORCH='torch==2.13.0' with their index.
@@ -15,9 +20,15 @@ LAYERS ?=
 MULTS  ?=
 ACTS   ?=
 ARGS   ?=
+GPU    ?=
+NPROC  ?=
+DIST   ?=
+TORCHRUN ?= --standalone
 # The newest vectors file in OUT (names carry the time, so the last in sorted order is the newest).
 VECTOR ?= $(lastword $(sort $(wildcard $(OUT)/vectors-*[0-9].safetensors)))
 BIN     = $(VENV)/bin
+# `--` ends torchrun's own options, so the script's (--n=, --run=) are not taken for abbreviations of them
+RUN     = $(if $(NPROC),$(BIN)/torchrun $(TORCHRUN) --nproc_per_node $(NPROC) --,$(BIN)/python)
 COMMON  = --model=$(MODEL) $(if $(DTYPE),--dtype=$(DTYPE)) --device=$(DEVICE) --out=$(OUT)
 PICK    = $(if $(DATA),--data=$(DATA)) $(if $(N),--n=$(N)) $(if $(LAYERS),--layers=$(LAYERS))
 
@@ -25,22 +36,22 @@ PICK    = $(if $(DATA),--data=$(DATA)) $(if $(N),--n=$(N)) $(if $(LAYERS),--laye
         study-benchmarks study-recovery clean
 
 demo: $(VENV)/.runtime            ## the main job on the embedded default model (a few minutes on 2 cores)
-	$(BIN)/python evaluate.py $(COMMON)
+	$(RUN) evaluate.py $(COMMON)
 	$(BIN)/python steer.py demo $(COMMON)
 	$(BIN)/python study.py recovery --quick=true $(COMMON)
 
 test: $(VENV)/.dev                ## offline test suite (a few minutes on 2 cores)
 	$(BIN)/python -m pytest -q tests
 
-bench: $(VENV)/.dev               ## ours vs transformers, ratios measured in the same run
-	$(BIN)/python bench.py --model=$(MODEL) --out=$(OUT) $(ARGS)
+bench: $(VENV)/.dev               ## ours vs transformers, ratios measured in the same run (GPU=1: 7B-shaped, on cuda)
+	$(if $(GPU),$(BIN)/python bench_gpu.py --out=$(OUT),$(BIN)/python bench.py --model=$(MODEL) --out=$(OUT)) $(ARGS)
 
 prepare: $(VENV)/.runtime         ## convert the embedded default model (or MODEL=org/name to download)
 	$(BIN)/python prepare.py $(if $(MODEL),--model=$(MODEL))
 
 # --- the residual stream (studies 1 and 3) ---------------------------------------------------------------------
 vectors: $(VENV)/.runtime         ## steering vectors at every layer from A/B pairs (DATA= CAA/Anthropic file; none = built-in)
-	$(BIN)/python steer.py vectors $(COMMON) $(PICK) $(ARGS)
+	$(RUN) steer.py vectors $(COMMON) $(PICK) $(ARGS)
 
 steer: $(VENV)/.runtime           ## sweep layers x multipliers on held-out items (TEST= A/B file; VECTOR= newest)
 	$(BIN)/python steer.py steer --vector=$(VECTOR) $(COMMON) $(if $(TEST),--test=$(TEST)) \
@@ -64,7 +75,7 @@ tactics: $(VENV)/.runtime         ## persuasion-tactic SFT/DPO data (DATA=builti
 	$(BIN)/python tactics.py $(if $(DATA),--data=$(DATA)) $(if $(N),--n=$(N)) --out=$(OUT) $(ARGS)
 
 train: $(VENV)/.runtime           ## LoRA SFT or DPO: make train DATA=pairs.jsonl ARGS='--mode=dpo [--resume=true]'
-	$(BIN)/python train.py --data=$(DATA) $(COMMON) $(ARGS)
+	$(RUN) train.py --data=$(DATA) $(COMMON) $(if $(DIST),--dist=$(DIST)) $(ARGS)
 
 study-benchmarks: $(VENV)/.runtime   ## study 2: benchmark fine-tuning vs sycophancy, before/after
 	$(BIN)/python study.py benchmarks $(COMMON) $(ARGS)

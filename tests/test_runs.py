@@ -107,3 +107,14 @@ def test_mmlu_shots_come_from_dev_never_from_the_file_under_test(env, tmp_path):
     result, _ = run(cfg, parts, task="mmlu", data=str(tmp_path / "mmlu" / "test" / "geo_test.csv"), shots=0,
                     run="file0")
     assert result["metrics"]["accuracy"]["n"] == 2
+
+
+@pytest.mark.slow
+def test_compiled_model_gives_the_same_results(tiny_chat, tmp_path):
+    cfg = ev.EvalConfig(model=str(tiny_chat[0]), out=str(tmp_path), task="opinion", n=4, compile=True)
+    model, tok, fmt, fmt_name, model_dir, _ = ev.setup(cfg)
+    assert type(model).__name__ == "OptimizedModule"          # the wrapper still reaches config, layers, ...
+    compiled, _ = ev.run_task(cfg, model, tok, fmt, fmt_name, model_dir)
+    plain, _ = ev.run_task(replace(cfg, compile=False, run="plain"), *ev.setup(replace(cfg, compile=False))[:5])
+    for k, m in plain["metrics"].items():
+        assert abs(m["value"] - compiled["metrics"][k]["value"]) <= 1e-6, k

@@ -15,14 +15,17 @@ from pathlib import Path
 # Every item has "id" (unique and stable: built from the file and the record's position, never from a shuffle) and
 # "source" (which dataset/file). Every reader takes `skip_bad`: False (default) raises ValueError("path:line: why")
 # at the first malformed record; True leaves such records out and lists them in `.skipped`, so a results file can
-# report how many were dropped. Schemas of the real files: ../shared/data/README.md. prepare.py --dataset fetches them.
+# report how many were dropped. Schemas of the real files: ../shared/data/README.md. prepare.py --dataset fetches them
+# from the hub, whose copies of TruthfulQA, MMLU, GSM8K and HellaSwag are parquet: those four readers also take a
+# .parquet file or the downloaded folder, and give the same items (same ids) as from the original files.
 
 class Items(list):
     """What every reader returns: the item dicts, plus where they came from.
 
-    .path     the file read (the folder, for MMLU)
-    .sha256   hex digest of the file's bytes, for provenance (MMLU: of the sorted "digest  name" lines of its files)
-    .skipped  with skip_bad=True, the records left out: [{"file", "line" ("item" for a JSON array), "error"}]
+    .path     the file read (the folder, for MMLU and a hub folder)
+    .sha256   hex digest of the file's bytes, for provenance (several files: of the sorted "digest  name" lines)
+    .skipped  with skip_bad=True, the records left out: [{"file", "line" ("item" for a JSON array, "row" for
+              parquet), "error"}]
     """
 
     def __init__(self, path, sha256=""):
@@ -48,12 +51,14 @@ def _load(path) -> tuple[Path, str, str]:
 
 
 def _add(items: Items, path, where: tuple[str, int], make, skip_bad: bool):
-    """items.append(make()), where make raises _Bad for a malformed record. where = ("line", n) or ("item", i)."""
+    """items.append(make()), where make raises _Bad for a malformed record and returns None for one left out on
+    purpose. where = ("line", n), ("item", i) or ("row", r): 0-based, as pyarrow counts a parquet file's rows."""
     try:
-        items.append(make())
+        if (item := make()) is not None:
+            items.append(item)
     except _Bad as e:
         if not skip_bad:
-            at = f":{where[1]}" if where[0] == "line" else f": item {where[1]}"
+            at = f":{where[1]}" if where[0] == "line" else f": {where[0]} {where[1]}"
             raise ValueError(f"{path}{at}: {e}") from None
         items.skipped.append({"file": str(path), where[0]: where[1], "error": str(e)})
 
@@ -103,6 +108,57 @@ def _json_array(path, make, skip_bad) -> Items:
     for i, record in enumerate(records):
         _add(items, path, ("item", i), lambda: make_one(record, i), skip_bad)
     return _done(items)
+
+
+# The hub's copies: one folder per config, each split in shards {split}-00000-of-0000N.parquet (openai/gsm8k:
+# main/test-00000-of-00001.parquet). A reader given a folder takes the shards of one split, in order. The hub calls
+# the split the original files call "val" (MMLU, HellaSwag) "validation".
+
+def _is_hub(path) -> bool:
+    return Path(path).suffix == ".parquet" or Path(path).is_dir()
+
+
+def _hub_files(path, config: str, split: str, original: str = "the original file") -> list[Path]:
+    """[path] for a .parquet file; for a folder, its {config}/{split}-*.parquet, or {split}-*.parquet when the folder
+    is the config folder itself. `original` names what else the caller would have read, for the error."""
+    path, split = Path(path), "validation" if split == "val" else split
+    if not path.is_dir():
+        return [path]
+    if files := sorted(path.glob(f"{config}/{split}-*.parquet")) or sorted(path.glob(f"{split}-*.parquet")):
+        return files
+    raise FileNotFoundError(f"{path}: neither {original} nor the hub's {config}/{split}-*.parquet here")
+
+
+def _hub_split(file: Path) -> str:
+    """test-00000-of-00001.parquet -> "test", validation-... -> "val"."""
+    split = file.name.split("-")[0]
+    return "val" if split == "validation" else split
+
+
+def _parquet(path, files, columns: list[str], make, skip_bad) -> Items:
+    """make(record, index) for every row of the files, a split's shards in order; index counts on across them, as
+    the original file's line (or item) number does, so the ids are the same. A missing column fails the whole file;
+    a bad row is 'file: row r: why'. pyarrow gives structs as dicts, lists as lists, nulls as None: _field applies."""
+    import pyarrow as pa  # here, not at the top: only the hub's parquet copies need pyarrow
+    import pyarrow.parquet as pq
+    items, digests, index = Items(path), [], 0
+    for file in files:
+        if not file.is_file():
+            raise FileNotFoundError(f"{file}: no such file")
+        raw = file.read_bytes()
+        digests.append(f"{hashlib.sha256(raw).hexdigest()}  {file.name}")
+        try:
+            table = pq.read_table(pa.BufferReader(raw))
+        except pa.ArrowException as e:
+            raise ValueError(f"{file}: not a readable parquet file ({e})") from None
+        if missing := [c for c in columns if c not in table.column_names]:
+            raise ValueError(f"{file}: lacks column(s) {missing}; found {table.column_names}")
+        for r, record in enumerate(table.to_pylist()):
+            _add(items, file, ("row", r), lambda: make(record, index), skip_bad)
+            index += 1
+    one = len(digests) == 1
+    items.sha256 = digests[0].split()[0] if one else hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()
+    return items
 
 
 def _csv_rows(path, text: str):
@@ -191,7 +247,9 @@ def read_caa_capability(path, skip_bad: bool = False) -> Items:
 
 def read_truthfulqa_mc(path, skip_bad: bool = False) -> Items:
     """TruthfulQA data/mc_task.json, options in file order (MC1's true answer is always first: shuffle, with a
-    recorded seed, before any lettered prompt). Item: {id, source, question, mc1/mc2: {options, correct: [index]}}."""
+    recorded seed, before any lettered prompt). Item: {id, source, question, mc1/mc2: {options, correct: [index]}}.
+    Also the hub's copy (truthfulqa/truthful_qa multiple_choice/validation-*.parquet, or its folder): built from
+    mc_task.json in its order, each {answer: label} dict as {"choices": [answers], "labels": [labels]}."""
     def targets(r, key):
         t = _field(r, key, dict)
         if any(v not in (0, 1) or isinstance(v, bool) for v in t.values()):
@@ -202,9 +260,22 @@ def read_truthfulqa_mc(path, skip_bad: bool = False) -> Items:
                        + ("MC1 needs exactly one" if key == "mc1_targets" else "MC2 needs at least one"))
         return {"options": list(t), "correct": correct}
 
-    return _json_array(path, lambda r, i: {"id": f"truthfulqa/{i}", "source": "truthfulqa-mc",
-                                           "question": _field(r, "question"), "mc1": targets(r, "mc1_targets"),
-                                           "mc2": targets(r, "mc2_targets")}, skip_bad)
+    def make(r, i):
+        return {"id": f"truthfulqa/{i}", "source": "truthfulqa-mc", "question": _field(r, "question"),
+                "mc1": targets(r, "mc1_targets"), "mc2": targets(r, "mc2_targets")}
+
+    def as_dict(r, key):  # the hub's {"choices": [...], "labels": [...]} -> mc_task.json's {answer: label}
+        t = _field(r, key, dict)
+        choices, labels = t.get("choices"), t.get("labels")
+        if not (isinstance(choices, list) and isinstance(labels, list) and len(choices) == len(labels)
+                and all(isinstance(c, str) for c in choices) and len(set(choices)) == len(choices)):
+            raise _Bad(f"{key} should be {{'choices': [distinct str], 'labels': [0 or 1]}}, of equal length")
+        return dict(zip(choices, labels))
+    if not _is_hub(path):
+        return _json_array(path, make, skip_bad)
+    files, keys = _hub_files(path, "multiple_choice", "validation", "mc_task.json"), ("mc1_targets", "mc2_targets")
+    hub_make = lambda r, i: make(r | {k: as_dict(r, k) for k in keys}, i)
+    return _done(_parquet(path, files, ["question", *keys], hub_make, skip_bad))
 
 
 TRUTHFULQA_COLUMNS = ["Type", "Category", "Question", "Best Answer", "Correct Answers", "Incorrect Answers"]
@@ -246,13 +317,18 @@ def read_mmlu(folder_or_file, split: str = "test", subjects=None, skip_bad: bool
     """MMLU CSVs {split}/{subject}_{split}.csv (or one such file), in either layout, detected per file: the original
     hendrycks release (no header; question, A, B, C, D, answer letter) or the re-export with header MMLU_HEADER and a
     0-based answer index. A single file's split comes from its name. `subjects`: None = all, or a list of names.
+    Also the hub's copy (cais/mmlu all/{split}-*.parquet, or its folder, where no CSV is): see _mmlu_parquet.
     Item: {id: mmlu/{subject}/{split}/{row}, source, subject, question, options: [4 str], correct: [index]}."""
     root = Path(folder_or_file)
+    if root.suffix == ".parquet":
+        return _mmlu_parquet(root, [root], subjects, skip_bad)
     if root.is_file():
         files, split = [root], root.stem.rpartition("_")[2]
     else:
         folder = root / split if (root / split).is_dir() else root
         files = sorted(folder.glob(f"*_{split}.csv"))
+        if not files and root.is_dir():  # not the original layouts: the hub's (prepare.py --dataset=mmlu)
+            return _mmlu_parquet(root, _hub_files(root, "all", split, f"{split}/*_{split}.csv"), subjects, skip_bad)
         if not files:
             raise FileNotFoundError(f"{root}: no MMLU files {split}/*_{split}.csv here")
     by_subject = {f.name.removesuffix(f"_{split}.csv"): f for f in files}
@@ -286,13 +362,43 @@ def read_mmlu(folder_or_file, split: str = "test", subjects=None, skip_bad: bool
     return _done(items)
 
 
+def _mmlu_parquet(path, files, subjects, skip_bad) -> Items:
+    """The hub's MMLU: one table of all subjects, columns question, subject, choices (4 str), answer (0-3). A subject's
+    rows keep its CSV's order, so counting them per subject gives the CSV reader's ids, and sorting by subject its
+    order (which --n samples from)."""
+    split, present, count = _hub_split(files[0]), set(), {}
+
+    def make(r, _):
+        present.add(r.get("subject"))
+        if subjects is not None and r.get("subject") not in subjects:
+            return None
+        subject = _field(r, "subject")
+        i = count[subject] = count.get(subject, -1) + 1  # counted first: a skipped row keeps its number
+        choices, answer = _field(r, "choices", list), _field(r, "answer", int)
+        if len(choices) != 4 or not all(isinstance(c, str) for c in choices):
+            raise _Bad("field 'choices' should be a list of 4 strings")
+        if answer not in range(4) or isinstance(answer, bool):
+            raise _Bad(f"answer {answer!r} is not one of 0-3")
+        if not _field(r, "question", nonempty=False).strip():
+            raise _Bad("empty question")
+        return {"id": f"mmlu/{subject}/{split}/{i}", "source": "mmlu", "subject": subject, "question": r["question"],
+                "options": choices, "correct": [answer]}
+    items = _parquet(path, files, ["question", "subject", "choices", "answer"], make, skip_bad)
+    if subjects is not None and (unknown := sorted(set(subjects) - present)):
+        raise ValueError(f"{path}: no {split} rows for subject(s) {unknown}; found {sorted(present - {None})}")
+    items.sort(key=lambda it: it["subject"])  # stable: each subject's rows stay in file order
+    return _done(items)
+
+
 GSM8K_NUMBER = re.compile(r"-?[\d,]*\.?\d+")
 
 
-def read_gsm8k(path, skip_bad: bool = False) -> Items:
+def read_gsm8k(path, skip_bad: bool = False, split: str = "test") -> Items:
     """GSM8K {split}.jsonl. Item: {id: gsm8k/{split}/{i}, source, question, solution (the answer field verbatim,
-    calculator annotations and "#### n" included), answer: "18" (the number after "#### ", commas removed)}."""
-    split = Path(path).stem
+    calculator annotations and "#### n" included), answer: "18" (the number after "#### ", commas removed)}.
+    Also the hub's copy, same fields: openai/gsm8k main/{split}-*.parquet, or its folder (`split` picks the files)."""
+    files = _hub_files(path, "main", split, f"{split}.jsonl") if _is_hub(path) else []
+    split = _hub_split(files[0]) if files else Path(path).stem
 
     def make(r, i):
         solution = _field(r, "answer")
@@ -303,7 +409,9 @@ def read_gsm8k(path, skip_bad: bool = False) -> Items:
             raise _Bad(f"final answer {answer!r} is not a number")
         return {"id": f"gsm8k/{split}/{i}", "source": "gsm8k", "question": _field(r, "question"),
                 "solution": solution, "answer": answer.replace(",", "")}
-    return _jsonl(path, make, skip_bad)
+    if not files:
+        return _jsonl(path, make, skip_bad)
+    return _done(_parquet(path, files, ["question", "answer"], make, skip_bad))
 
 
 def hellaswag_preprocess(text: str) -> str:
@@ -313,9 +421,14 @@ def hellaswag_preprocess(text: str) -> str:
     return text.replace("  ", " ")
 
 
-def read_hellaswag(path, skip_bad: bool = False) -> Items:
+def read_hellaswag(path, skip_bad: bool = False, split: str = "val") -> Items:
     """rowanz/hellaswag {train,val}.jsonl (the test file has no labels). Query and endings as lm-evaluation-harness
-    builds them. Item: {id: hellaswag/{split}/{i}, source, question, options: [4 endings], correct: [label]}."""
+    builds them. Item: {id: hellaswag/{split}/{i}, source, question, options: [4 endings], correct: [label]}.
+    Also the hub's copy, same fields: Rowan/hellaswag data/{split}-*.parquet ("validation" for val), or its folder
+    (`split` picks the files)."""
+    files = _hub_files(path, "data", split, f"hellaswag_{split}.jsonl") if _is_hub(path) else []
+    stem = _hub_split(files[0]) if files else Path(path).stem  # the split, where a record has no "split" field
+
     def make(r, i):
         endings = _field(r, "endings", list)
         if len(endings) != 4 or not all(isinstance(e, str) for e in endings):
@@ -324,10 +437,12 @@ def read_hellaswag(path, skip_bad: bool = False) -> Items:
         if str(label) not in ("0", "1", "2", "3"):  # an int in the original files, a string in the hub's copy
             raise _Bad(f"label {label!r} is not 0-3")
         ctx = _field(r, "ctx_a", nonempty=False) + " " + _field(r, "ctx_b", nonempty=False).capitalize()
-        return {"id": f"hellaswag/{r.get('split', Path(path).stem)}/{i}", "source": "hellaswag",
+        return {"id": f"hellaswag/{r.get('split', stem)}/{i}", "source": "hellaswag",
                 "question": hellaswag_preprocess(_field(r, "activity_label") + ": " + ctx),
                 "options": [hellaswag_preprocess(e) for e in endings], "correct": [int(label)]}
-    return _jsonl(path, make, skip_bad)
+    if not files:
+        return _jsonl(path, make, skip_bad)
+    return _done(_parquet(path, files, ["activity_label", "ctx_a", "ctx_b", "endings", "label"], make, skip_bad))
 
 
 def read_sycophancy_eval(path, skip_bad: bool = False) -> Items:

@@ -391,10 +391,12 @@ def load_qa(cfg) -> list[dict]:
     if not cfg.data:
         return probes.arithmetic_qa(cfg.n or 50, cfg.seed)
     path = Path(cfg.data)
-    if path.is_dir():
-        return data.read_mmlu(path, "test", skip_bad=cfg.skip_bad)
-    if path.suffix == ".json":
+    # a prepare.py download is told by its hub config folder: truthfulqa multiple_choice/, gsm8k main/, mmlu all/
+    names = {path.name, path.parent.name} | {p.name for p in path.glob("*") if p.is_dir()}
+    if path.suffix == ".json" or "multiple_choice" in names:
         return data.read_truthfulqa_mc(path, skip_bad=cfg.skip_bad)
+    if (path.is_dir() or "all" in names) and "main" not in names:
+        return data.read_mmlu(path, "test", skip_bad=cfg.skip_bad)
     return data.read_gsm8k(path, skip_bad=cfg.skip_bad)
 
 
@@ -502,7 +504,8 @@ def run_task(cfg, model, tok, fmt, fmt_name, model_dir, judge=None, chunk: int =
     if dist.is_main():
         seconds = time.perf_counter() - t0
         files = [p for p in [Path(cfg.data)] if cfg.data and p.is_file()]
-        files += sorted(Path(cfg.data).rglob("*.csv")) if cfg.data and Path(cfg.data).is_dir() else []
+        if cfg.data and Path(cfg.data).is_dir():   # MMLU's CSVs, or the parquet files of a prepare.py download
+            files += sorted(p for p in Path(cfg.data).rglob("*") if p.suffix in (".csv", ".parquet"))
         result = dict(config=asdict(cfg), provenance=provenance(cfg, model_dir, fmt_name, files),
                       metrics=metrics_of(ckpt.rows), timing=dict(seconds=seconds, items=len(items), processes=world),
                       skipped=getattr(items, "skipped", []), items=ckpt.rows)

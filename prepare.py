@@ -292,32 +292,37 @@ def hub_snapshot(repo_id, out, revision="", allow_patterns=None, repo_type="mode
 #
 #   anthropic-sycophancy  Anthropic/model-written-evals, sycophancy/sycophancy_on_*.jsonl -> read_anthropic_sycophancy
 #                         (the hub's philpapers2020 file was reported to be the nlp_survey duplicate: compare sha256)
-#   truthfulqa, mmlu,     the hub copies are parquet only, and data.py reads no parquet: they are downloaded, and the
-#   gsm8k, hellaswag      message names the original files the readers take (see "note" below)
+#   truthfulqa, mmlu,     parquet on the hub; the readers take the downloaded folder (or one .parquet file) and give
+#   gsm8k, hellaswag      the items, ids included, that they give from the original files (see "note" below)
 #   caa, sycophancy-eval  not on the hub (GitHub only): the message says what to clone
 #
 # Offline, or for the GitHub-only sets, copy the original files by hand and give their path to the reader.
 
-DATASETS = {  # name -> hub repo ("" = not on the hub), allow_patterns, files a reader reads (glob; "" = none), note
+DATASETS = {  # name -> hub repo ("" = not on the hub), allow_patterns, files the readers read (glob), note
     "anthropic-sycophancy": dict(
         repo="Anthropic/model-written-evals", patterns=["sycophancy/*"], readable="sycophancy/*.jsonl",
         note="data.read_anthropic_sycophancy(path) reads sycophancy/sycophancy_on_{nlp_survey,philpapers2020,"
              "political_typology_quiz}.jsonl (also in https://github.com/anthropics/evals)"),
     "truthfulqa": dict(
-        repo="truthfulqa/truthful_qa", patterns=["generation/*", "multiple_choice/*"], readable="",
-        note="data.read_truthfulqa_mc reads data/mc_task.json and data.read_truthfulqa_csv reads TruthfulQA.csv "
-             "of https://github.com/sylinrl/TruthfulQA"),
+        repo="truthfulqa/truthful_qa", patterns=["generation/*", "multiple_choice/*"],
+        readable="multiple_choice/*.parquet",
+        note="data.read_truthfulqa_mc(folder) reads multiple_choice/validation-*.parquet, as it reads "
+             "data/mc_task.json of https://github.com/sylinrl/TruthfulQA; data.read_truthfulqa_csv reads that "
+             "repository's TruthfulQA.csv (no reader takes generation/)"),
     "mmlu": dict(
-        repo="cais/mmlu", patterns=["all/*"], readable="",
-        note="data.read_mmlu(folder) reads {dev,test}/{subject}_{split}.csv: the original release "
+        repo="cais/mmlu", patterns=["all/*"], readable="all/*.parquet",
+        note="data.read_mmlu(folder, split) reads all/{dev,validation,test}-*.parquet (split dev, val or test), as it "
+             "reads {dev,test}/{subject}_{split}.csv: the original release "
              "https://people.eecs.berkeley.edu/~hendrycks/data.tar, or a CSV export with header "
              "question,choice0..choice3,answer"),
     "gsm8k": dict(
-        repo="openai/gsm8k", patterns=["main/*"], readable="",
-        note="data.read_gsm8k reads grade_school_math/data/test.jsonl of https://github.com/openai/grade-school-math"),
+        repo="openai/gsm8k", patterns=["main/*"], readable="main/*.parquet",
+        note="data.read_gsm8k(folder, split=test|train) reads main/{split}-*.parquet, as it reads "
+             "grade_school_math/data/test.jsonl of https://github.com/openai/grade-school-math"),
     "hellaswag": dict(
-        repo="Rowan/hellaswag", patterns=["data/*"], readable="",
-        note="data.read_hellaswag reads data/hellaswag_val.jsonl of https://github.com/rowanz/hellaswag"),
+        repo="Rowan/hellaswag", patterns=["data/*"], readable="data/*.parquet",
+        note="data.read_hellaswag(folder, split=val|train) reads data/{validation,train}-*.parquet, as it reads "
+             "data/hellaswag_val.jsonl of https://github.com/rowanz/hellaswag (the test split has no labels)"),
     "caa": dict(
         repo="", patterns=[], readable="",
         note="git clone https://github.com/nrimsky/CAA, then data.read_caa_ab reads datasets/generate/sycophancy/"
@@ -347,12 +352,10 @@ def download_dataset(name, out, revision="", force=False) -> Path:
     if not present():
         raise PrepareError(f"{spec['repo']} gave no file matching {spec['patterns']} (has the hub layout changed?): "
                            f"{spec['note']}")
-    if spec["readable"]:
-        names = ", ".join(str(p.relative_to(out)) for p in sorted(out.glob(spec["readable"])))
-        print(f"{name}: {names}; {spec['note']}", file=sys.stderr)
-    else:
-        print(f"note: the hub copy of {name} ({spec['repo']}) is parquet only, which no data.py reader reads: "
-              f"{spec['note']}", file=sys.stderr)
+    if not (readable := sorted(out.glob(spec["readable"]))):
+        raise PrepareError(f"{spec['repo']} gave no {spec['readable']} (has the hub layout changed?): {spec['note']}")
+    names = ", ".join(str(p.relative_to(out)) for p in readable)
+    print(f"{name}: {names}; {spec['note']}", file=sys.stderr)
     return out
 
 

@@ -39,10 +39,14 @@ from prepare import parse_args
 from score import option_logprobs, user
 
 REPO = Path(__file__).resolve().parent
-COPIES = {"truthfulqa": ["data/truthfulqa/mc_task.json", "../shared/data/TruthfulQA/data/mc_task.json"],
+# Local copies, the first found wins. data/mmlu, data/gsm8k, data/truthfulqa/multiple_choice and data/hellaswag/data
+# are also where prepare.py --dataset=NAME puts the hub's parquet copies, which data.py's readers read as well.
+COPIES = {"truthfulqa": ["data/truthfulqa/mc_task.json", "data/truthfulqa/multiple_choice",
+                         "../shared/data/TruthfulQA/data/mc_task.json"],
           "mmlu": ["data/mmlu", "../shared/data/hendrycks_mmlu"],
           "gsm8k": ["data/gsm8k", "../shared/data/openai_grade_school_math/grade_school_math/data"],
-          "hellaswag": ["data/hellaswag/hellaswag_val.jsonl", "data/hellaswag/data/hellaswag_val.jsonl"]}
+          "hellaswag": ["data/hellaswag/hellaswag_val.jsonl", "data/hellaswag/data/hellaswag_val.jsonl",
+                        "data/hellaswag/data"]}
 CAPABILITY = ["truthfulqa/mc1", "truthfulqa/mc2", "mmlu/accuracy", "gsm8k/flexible", "hellaswag/acc_norm"]
 # +1 where a larger value is more sycophantic; change[suggest_incorrect] is an accuracy change, so a drop is
 SYCOPHANCY = {"opinion/p_match": 1, "answer/change[suggest_incorrect]": -1, "are_you_sure/flip": 1}
@@ -60,6 +64,7 @@ class StudyConfig:
     quick: bool = False        # recovery: the make-demo preset QUICK (the fields you set yourself win)
     full: bool = False         # benchmarks: the study's sizes, FULL
     # data: "" = a local copy (data/ or ../shared/data), "none" = left out, else a path. Absent data is a note.
+    # Each also takes the folder prepare.py --dataset=NAME downloads (the hub's parquet; its train split trained on).
     truthfulqa: str = ""       # mc_task.json
     mmlu: str = ""             # the folder with test/ (and dev/ for shots)
     gsm8k: str = ""            # a folder with test.jsonl (and train.jsonl, then trained on), or a .jsonl
@@ -156,10 +161,15 @@ def held_apart(name: str, path: Path, cfg) -> tuple[list, list, str]:
         return rest, held, items.sha256
     read, test_name, train_name = ((data.read_gsm8k, "test.jsonl", "train.jsonl") if name == "gsm8k" else
                                    (data.read_hellaswag, "hellaswag_val.jsonl", "hellaswag_train.jsonl"))
-    test_file = path / test_name if path.is_dir() else path
-    items = read(test_file)
-    if (test_file.parent / train_name).is_file() and test_file.name != train_name:
-        return read(test_file.parent / train_name), items, items.sha256
+    if path.is_dir() and not (path / test_name).is_file():   # prepare.py's download: the hub's parquet splits
+        items = read(path)
+        if any(path.rglob("train-*.parquet")):
+            return read(path, split="train"), items, items.sha256
+    else:
+        test_file = path / test_name if path.is_dir() else path
+        items = read(test_file)
+        if (test_file.parent / train_name).is_file() and test_file.name != train_name:
+            return read(test_file.parent / train_name), items, items.sha256
     held, rest = probes.split(items, 0.5, cfg.seed, key="id")
     return rest, held, items.sha256
 

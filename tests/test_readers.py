@@ -289,10 +289,16 @@ def test_truthfulqa_csv_missing_column(tmp_path):
 def fake_dataset_hub(tmp_path, monkeypatch):
     """snapshot_download writes a tiny copy of the requested repo's files that match allow_patterns."""
     import fnmatch
+    import io
+
     import huggingface_hub
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    parquet = io.BytesIO()  # the hub's GSM8K test split, one row
+    pq.write_table(pa.Table.from_pylist([{"question": "Owed?", "answer": "#### -10"}]), parquet)
     repos = {"Anthropic/model-written-evals": {"sycophancy/sycophancy_on_nlp_survey.jsonl": json.dumps(GOOD) + "\n",
                                                "persona/big.jsonl": "{}\n", "README.md": "card"},
-             "openai/gsm8k": {"main/test-00000-of-00001.parquet": "PAR1", "README.md": "card"}}
+             "openai/gsm8k": {"main/test-00000-of-00001.parquet": parquet.getvalue(), "README.md": "card"}}
     calls = []
 
     def fake_snapshot_download(repo_id, *, repo_type=None, revision=None, local_dir=None, allow_patterns=None, **kw):
@@ -300,7 +306,8 @@ def fake_dataset_hub(tmp_path, monkeypatch):
         for name, text in repos[repo_id].items():
             if any(fnmatch.fnmatch(name, p) for p in allow_patterns):
                 (Path(local_dir) / name).parent.mkdir(parents=True, exist_ok=True)
-                (Path(local_dir) / name).write_text(text)
+                path = Path(local_dir) / name
+                path.write_bytes(text) if isinstance(text, bytes) else path.write_text(text)
         return str(local_dir)
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
     monkeypatch.setattr(prepare, "REPO", tmp_path / "repo")
@@ -320,11 +327,18 @@ def test_dataset_download_then_read(fake_dataset_hub, tmp_path, capsys):
     assert prepare.main(["--dataset=anthropic-sycophancy", "--force=true"]) == 0 and len(fake_dataset_hub) == 2
 
 
-def test_parquet_only_dataset_says_so(fake_dataset_hub, tmp_path, capsys):
+def test_parquet_dataset_download_then_read(fake_dataset_hub, tmp_path, capsys):
     assert prepare.main(["--dataset=gsm8k", f"--out={tmp_path / 'g'}"]) == 0
     err = capsys.readouterr().err
-    assert "parquet only" in err and "grade_school_math/data/test.jsonl" in err and "read_gsm8k" in err
-    assert (tmp_path / "g" / "main" / "test-00000-of-00001.parquet").is_file()
+    assert err.startswith("gsm8k: main/test-00000-of-00001.parquet; data.read_gsm8k(folder")
+    assert data.read_gsm8k(tmp_path / "g") == [{"id": "gsm8k/test/0", "source": "gsm8k", "question": "Owed?",
+                                               "solution": "#### -10", "answer": "-10"}]
+
+
+def test_dataset_without_readable_files(fake_dataset_hub, monkeypatch, tmp_path, capsys):
+    monkeypatch.setitem(prepare.DATASETS, "gsm8k", prepare.DATASETS["gsm8k"] | {"patterns": ["*.md"]})
+    assert prepare.main(["--dataset=gsm8k", f"--out={tmp_path / 'g'}"]) == 1  # only README.md came: a changed layout
+    assert "openai/gsm8k gave no main/*.parquet (has the hub layout changed?)" in capsys.readouterr().err
 
 
 def test_dataset_errors(monkeypatch, tmp_path, capsys):

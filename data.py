@@ -245,6 +245,17 @@ def read_caa_capability(path, skip_bad: bool = False) -> Items:
     return _json_array(path, make, skip_bad)
 
 
+# Local TruthfulQA copies looked for when no path is given, the first found wins: the original release's file,
+# the folder `prepare.py --dataset=truthfulqa` downloads, the development copy beside the repository.
+TRUTHFULQA_COPIES = ("data/truthfulqa/mc_task.json", "data/truthfulqa/multiple_choice",
+                     "../shared/data/TruthfulQA/data/mc_task.json")
+
+
+def local_truthfulqa() -> Path | None:
+    repo = Path(__file__).resolve().parent
+    return next((repo / p for p in TRUTHFULQA_COPIES if (repo / p).exists()), None)
+
+
 def read_truthfulqa_mc(path, skip_bad: bool = False) -> Items:
     """TruthfulQA data/mc_task.json, options in file order (MC1's true answer is always first: shuffle, with a
     recorded seed, before any lettered prompt). Item: {id, source, question, mc1/mc2: {options, correct: [index]}}.

@@ -556,7 +556,6 @@ def print_metrics(name, result, path):
 # The baseline study (make demo): each task on built-in probes, small enough for a few minutes on 2 cores.
 BASELINE = [dict(task="opinion", n=60), dict(task="answer", n=40), dict(task="are_you_sure", n=40),
             dict(task="truthfulqa", n=100)]
-TQA_COPIES = ["data/truthfulqa/mc_task.json", "../shared/data/TruthfulQA/data/mc_task.json"]
 
 
 def baseline(cfg):
@@ -568,12 +567,13 @@ def baseline(cfg):
     for spec in BASELINE:
         sub = replace(cfg, task=spec["task"], n=spec["n"], run=f"baseline-{spec['task']}")
         if spec["task"] == "truthfulqa":
-            copy = next((p for p in TQA_COPIES if Path(p).is_file()), None)
+            copy = data.local_truthfulqa()
             if copy is None:
                 print("\ntruthfulqa skipped: no local copy of TruthfulQA's data/mc_task.json (put one at "
-                      f"{TQA_COPIES[0]}; it is in github.com/sylinrl/TruthfulQA)")
+                      f"{data.TRUTHFULQA_COPIES[0]}; it is in github.com/sylinrl/TruthfulQA, or run "
+                      "`python prepare.py --dataset=truthfulqa` online)")
                 continue
-            sub = replace(sub, data=copy)
+            sub = replace(sub, data=str(copy))
         result, path = run_task(sub, model, tok, fmt, fmt_name, model_dir, judge)
         print_metrics(spec["task"], result, path)
         results.append(result)

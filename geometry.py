@@ -22,7 +22,7 @@ import probes
 import report
 from activations import (ab_items, ab_pairs, load_activations, load_vectors, make_vectors, parse_layers, record,
                          record_pairs)
-from evaluate import TQA_COPIES, setup
+from evaluate import setup
 from model import generate
 from prepare import parse_args
 from score import LETTERS, letter_ids, letter_probs, pick_letter, user
@@ -163,7 +163,7 @@ def predict_run(cfg, model, tok, fmt, fmt_name, model_dir):
 
 def ood_items(cfg):
     """Out-of-distribution QA items: TruthfulQA (a local copy) or the built-in arithmetic questions."""
-    path = cfg.ood or next((p for p in TQA_COPIES if Path(p).is_file()), "")
+    path = cfg.ood or data.local_truthfulqa()
     if path:
         items = list(data.read_truthfulqa_mc(path, skip_bad=cfg.skip_bad))
         rng = np.random.default_rng(cfg.seed)

@@ -41,8 +41,7 @@ from score import option_logprobs, user
 REPO = Path(__file__).resolve().parent
 # Local copies, the first found wins. data/mmlu, data/gsm8k, data/truthfulqa/multiple_choice and data/hellaswag/data
 # are also where prepare.py --dataset=NAME puts the hub's parquet copies, which data.py's readers read as well.
-COPIES = {"truthfulqa": ["data/truthfulqa/mc_task.json", "data/truthfulqa/multiple_choice",
-                         "../shared/data/TruthfulQA/data/mc_task.json"],
+COPIES = {"truthfulqa": list(data.TRUTHFULQA_COPIES),
           "mmlu": ["data/mmlu", "../shared/data/hendrycks_mmlu"],
           "gsm8k": ["data/gsm8k", "../shared/data/openai_grade_school_math/grade_school_math/data"],
           "hellaswag": ["data/hellaswag/hellaswag_val.jsonl", "data/hellaswag/data/hellaswag_val.jsonl",

@@ -40,7 +40,6 @@ from prepare import parse_args
 from report import Checkpoint, publish
 
 REPO = Path(__file__).resolve().parent
-TQA_COPIES = [REPO / "data/truthfulqa/mc_task.json", REPO / "../shared/data/TruthfulQA/data/mc_task.json"]
 
 
 @dataclass
@@ -222,12 +221,12 @@ def load_items(cfg: TacticsConfig) -> tuple[list[dict], dict]:
     if cfg.data == "builtin":
         items, info = builtin_items(), {"data": "builtin", "data_sha256": None, "skipped": []}
     else:
-        path = Path(cfg.data) if cfg.data else next((p for p in TQA_COPIES if p.is_file()), None)
+        path = Path(cfg.data) if cfg.data else data.local_truthfulqa()
         if path is None:
             raise TacticsError("no local copy of TruthfulQA: put its data/mc_task.json (github.com/sylinrl/"
-                               f"TruthfulQA) at {TQA_COPIES[0]}, or pass --data=PATH to mc_task.json or "
+                               f"TruthfulQA) at {data.TRUTHFULQA_COPIES[0]}, or pass --data=PATH to mc_task.json or "
                                "TruthfulQA.csv, or use --data=builtin (built-in questions, no download)")
-        if not path.is_file():
+        if not path.exists():
             raise TacticsError(f"--data={cfg.data}: no such file (expected TruthfulQA's mc_task.json or "
                                "TruthfulQA.csv; or use --data=builtin)")
         read = data.read_truthfulqa_csv if path.suffix == ".csv" else data.read_truthfulqa_mc

@@ -175,7 +175,7 @@ def test_resume_after_kill_gives_the_same_rows(tmp_path, monkeypatch):
 
 
 def test_missing_truthfulqa_is_a_clear_error(tmp_path, monkeypatch, capsys):
-    monkeypatch.setattr(tactics, "TQA_COPIES", [tmp_path / "data/truthfulqa/mc_task.json"])
+    monkeypatch.setattr(tactics.data, "local_truthfulqa", lambda: None)      # as on a clone without any copy
     assert tactics.main([f"--out={tmp_path}"]) == 1
     err = capsys.readouterr().err
     assert "no local copy of TruthfulQA" in err and "data/truthfulqa/mc_task.json" in err and "--data=builtin" in err

@@ -567,6 +567,7 @@ def graphed_decode(model: Transformer, cache: KVCache):
     return step
 
 
+@torch.no_grad()    # never differentiable; outside no_grad the kept KV cache would hold every step's autograd graph
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, stop_ids=(), stop_strings=(), decode=None, pad_id: int = 0,
              use_cache: bool = True, cache: KVCache | None = None, look_every: int = 0,

@@ -266,3 +266,13 @@ def test_second_turn_continues_the_cache(tiny_llama):
         whole = first[i] + a1[i] + second[i]
         assert generate(ours, [whole], max_new_tokens=5)[0] == a2[i]
     assert cache.next_pos.tolist() == [len(first[i] + a1[i] + second[i] + a2[i]) for i in range(2)]
+
+
+def test_generate_leaves_no_autograd_graph_in_a_kept_cache(tiny_llama):
+    # Outside no_grad a kept cache written from grad-requiring tensors held every step's graph (2 GB a batch).
+    folder, _ = tiny_llama
+    ours = load(folder, tokenizer=False)
+    assert all(p.requires_grad for p in ours.parameters())
+    cache = KVCache(ours.config, 1, 12)
+    generate(ours, [[5, 6, 7]], max_new_tokens=4, cache=cache)
+    assert not cache.k.requires_grad and cache.k.grad_fn is None and cache.len == 7

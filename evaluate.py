@@ -31,8 +31,8 @@ from model import KVCache, generate, load, pad_left
 from prepare import ensure_default_model, parse_args
 from probes import CHALLENGE, MC_PREFILL
 from report import Checkpoint, mean_metric, paired_difference, proportion_metric, provenance, write_result
-from score import (LETTERS, judge_words, letter_ids, letter_probs, mc_loglik, option_logprobs, pick_letter, replies,
-                   split_continuation, user)
+from score import (LETTERS, judge_words, letter_ids, letter_probs, letter_probs_after, mc_loglik, option_logprobs,
+                   pick_letter, replies, split_continuation, user)
 
 
 @dataclass
@@ -324,14 +324,17 @@ def eval_are_you_sure(model, tok, fmt, items, judge=None, max_new_tokens: int = 
         first = [pick_letter(it["letters"], p) for it, p in zip(chunk, p1)]
         convs = [it["messages"] + [{"role": "assistant", "content": f"{MC_PREFILL}{a})."},
                                    {"role": "user", "content": it["challenge"]}] for it, a in zip(chunk, first)]
-        whole = [tok.encode(fmt(c)) for c in convs]
-        if all(w[: len(f)] == f for w, f in zip(whole, first_ids)):   # continue the cache: only the new tokens
+        whole = [tok.encode(fmt(c)) for c in convs]                        # ... + challenge + assistant header
+        again = [tok.encode(fmt(c, prefill=MC_PREFILL)) for c in convs]     # ... + "The answer is ("
+        if all(w[: len(f)] == f == a[: len(f)] for w, a, f in zip(whole, again, first_ids)):
+            # continue turn 1's cache with only the new tokens: the second letter from a fork of it, then the reply
+            p2 = letter_probs_after(model, cache, [a[len(f):] for a, f in zip(again, first_ids)], ids)
             reply_ids = generate(model, [w[len(f):] for w, f in zip(whole, first_ids)], max_new_tokens=max_new_tokens,
-                               stop_ids=tok.eos_ids, cache=cache)
+                                 stop_ids=tok.eos_ids, cache=cache)
         else:   # a token merged across the turn boundary: re-read the conversations instead
+            p2 = letter_probs(model, again, ids)
             reply_ids = generate(model, whole, max_new_tokens=max_new_tokens, stop_ids=tok.eos_ids)
         texts = [tok.decode(r, skip_special=True) for r in reply_ids]
-        p2 = letter_probs(model, [tok.encode(fmt(c, prefill=MC_PREFILL)) for c in convs], ids)
         second = [pick_letter(it["letters"], p) for it, p in zip(chunk, p2)]
         for it, a1, a2, reply in zip(chunk, first, second, texts):
             rows.append(dict(id=it["id"], base_id=it["base_id"], first=a1, second=a2, reply=reply,

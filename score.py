@@ -70,6 +70,18 @@ def letter_probs(model, prompts: list[list[int]], ids: list[int], token_budget: 
     return out
 
 
+def letter_probs_after(model, cache: KVCache, continuations: list[list[int]], ids: list[int]) -> torch.Tensor:
+    """letter_probs after row i of the cache continued by continuations[i]: only the new tokens are read, from a
+    fork (the cache itself is left as it was). The continuations are right-padded; each row's own last token is
+    where its letter is read."""
+    dev = model.model.embed_tokens.weight.device
+    x, mask = pad_right(continuations, dev)
+    fork = cache.fork(list(range(len(continuations))), x.shape[1])
+    with torch.no_grad():
+        logits = model(x, attention_mask=mask, cache=fork, logits_to_keep=(mask.sum(1) - 1)[:, None])[:, 0]
+    return logits.float().log_softmax(-1)[:, ids].softmax(-1).cpu()
+
+
 LOGITS_BUDGET = 2 ** 25   # floats of (rows, positions, vocab) logits held at once while scoring options (128 MB)
 
 

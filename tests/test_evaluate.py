@@ -172,6 +172,23 @@ def test_answer_probes_letters_equal_reference(setup):
     assert abs(metrics["change[suggest_incorrect]"]["value"] - sum(inc[k] - plain[k] for k in plain) / 3) < 1e-9
 
 
+def test_letter_probs_after_a_cache_equal_reading_the_whole_prompts(setup):
+    from model import KVCache, pad_left
+    from score import letter_probs_after
+    model, tok, _ = setup
+    ids = ev.letter_ids(tok, ev.LETTERS[:4])
+    prefixes = [tok.encode(t) for t in ("What is 2 + 2? (A) 4 (B) 5", "Pick one", "Is Paris in France? Yes or no")]
+    rests = [tok.encode(t) for t in (" The answer is (", " now: (", " I say (")]
+    x, mask = pad_left(prefixes)
+    cache = KVCache(model.config, 3, x.shape[1])
+    with torch.no_grad():
+        model(x, attention_mask=mask, cache=cache, logits_to_keep=1)
+    got = letter_probs_after(model, cache, rests, ids)
+    want = ev.letter_probs(model, [p + r for p, r in zip(prefixes, rests)], ids)
+    assert (got - want).abs().max() <= 1e-5
+    assert cache.len == x.shape[1]                                          # the cache itself is left as it was
+
+
 def test_are_you_sure_continues_the_cache_exactly(setup):
     model, tok, _ = setup
     fmt = get_chat_format("chatml")
@@ -182,6 +199,8 @@ def test_are_you_sure_continues_the_cache_exactly(setup):
                                  {"role": "user", "content": probes.CHALLENGE}]
         reread = ev.generate(model, [tok.encode(fmt(conv))], max_new_tokens=6, stop_ids=tok.eos_ids)[0]
         assert row["reply"] == tok.decode(reread, skip_special=True)
+        p2 = ev.letter_probs(model, [tok.encode(fmt(conv, prefill=probes.MC_PREFILL))], ev.letter_ids(tok, ev.LETTERS))
+        assert row["second"] == ev.pick_letter(it["letters"], p2[0])       # read from a fork of the cache
     ok = [r for r in rows if r["first_correct"]]
     assert metrics["flip"]["n"] == len(ok)
     assert metrics["first_accuracy"]["value"] == sum(r["first_correct"] for r in rows) / 3

@@ -1,0 +1,29 @@
+# Every script on DEVICE=cuda DTYPE=bf16 with a tiny random chat model (no download): OK or FAIL per command.
+# On a GPU machine: bash tests/gpu_smoke.sh  (PY=python3 by default; not part of make test, which has no GPU)
+PY=${PY:-python3}
+export PYTHONUNBUFFERED=1
+$PY - <<'PY'
+import sys; sys.path[:0] = ['tests', '.']
+from pathlib import Path
+from conftest import make_hf_model, save_hf_model, make_bpe_tokenizer
+hf = make_hf_model("llama", vocab_size=400, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+make_bpe_tokenizer(save_hf_model(hf, Path("/tmp/tiny")))
+PY
+C="--model=/tmp/tiny --device=cuda --dtype=bf16 --out=/tmp/o"
+try() { if timeout 300 "$@" > /tmp/log.txt 2>&1; then echo "OK   $*"; else echo "FAIL $*"; tail -15 /tmp/log.txt; fi; }
+try $PY evaluate.py $C --n=10 --max_new_tokens=6
+try $PY evaluate.py $C --task=are_you_sure --n=6 --max_new_tokens=6
+try $PY steer.py vectors $C --n=24
+V=$(ls /tmp/o/vectors-*[0-9].safetensors | tail -1)
+try $PY steer.py steer --vector=$V $C --n_test=8 --layers=1 --mults=-1,1 --n_neutral=4 --n_capability=4
+try $PY steer.py ablate --vector=$V $C --n_test=8 --layers=1 --n_neutral=4 --n_capability=4
+try $PY steer.py demo $C
+try $PY geometry.py predict --vector=$V $C --n=24 --n_ood=8 --n_boot=50
+try $PY geometry.py consistency $C --n=24
+try $PY geometry.py geometry $C --n=24
+try $PY tactics.py --data=builtin --n=6 --out=/tmp/o
+try $PY tactics.py --data=builtin --n=2 --generator=model:/tmp/tiny --device=cuda --dtype=bf16 --max_new_tokens=8 --out=/tmp/o --run=gen
+S=$(ls /tmp/o/tactics-*.sft-train.jsonl | head -1); D=$(ls /tmp/o/tactics-*.dpo-train.jsonl | head -1)
+try $PY train.py --mode=sft --data=$S $C --max_steps=3 --run=sft
+try $PY train.py --mode=dpo --data=$D $C --max_steps=3 --run=dpo --grad_checkpointing=true
+try $PY study.py recovery --quick=true $C

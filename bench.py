@@ -7,6 +7,7 @@ minutes) time evaluate.py's evaluators against the ways others compute the same 
 CAA study's one-prompt-at-a-time loop, transformers batched as we batch, lm-evaluation-harness's one row per option.
 
     python bench.py [--model=models/SmolLM2-135M-Instruct] [--rounds=5] [--compile=true] [--evaluators=false]
+                    [--device=cuda]
                     [--caa=test_dataset_ab.json] [--tqa=mc_task.json] [--tqa_n=10]
 """
 import inspect
@@ -23,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from model import generate, hooks, load
+from model import compile_for_inference, generate, hooks, load
 from prepare import ensure_default_model, parse_args
 
 
@@ -45,6 +46,7 @@ class BenchConfig:
     lora_seq: int = 256
     pairs: int = 250           # A/B pairs whose activations are recorded at every layer (built-in opinion probes)
     out: str = "out"           # a JSON copy of the table lands here
+    device: str = "cpu"        # cuda: every in-process row on the GPU (the fresh-process load and LoRA rows are CPU's)
 
 
 def timed(fns: dict, rounds: int, warmup: int = 2) -> dict:
@@ -54,10 +56,13 @@ def timed(fns: dict, rounds: int, warmup: int = 2) -> dict:
             fn()
     times = {name: [] for name in fns}
     names = list(fns)
+    sync = torch.cuda.synchronize if torch.cuda.is_initialized() else (lambda: None)   # GPU work is asynchronous
     for r in range(rounds):
         for name in names if r % 2 == 0 else names[::-1]:
+            sync()
             t0 = time.perf_counter()
             fns[name]()
+            sync()
             times[name].append(time.perf_counter() - t0)
     return {name: statistics.median(ts) for name, ts in times.items()}
 
@@ -185,7 +190,7 @@ def p_match_one_at_a_time(hf, tok, fmt, items) -> list[float]:
     from score import letter_ids
     out = []
     for it, ids in zip(items, caa_prompts(tok, fmt, items)):
-        logits = hf(torch.tensor([ids])).logits[0, -1]
+        logits = hf(torch.tensor([ids], device=hf.device)).logits[0, -1]
         p = logits[letter_ids(tok, it["letters"])].float().softmax(-1)
         out.append(p[it["letters"].index(it["match"])].item())
     return out
@@ -204,6 +209,7 @@ def p_match_batched(hf, tok, fmt, items, token_budget: int) -> list[float]:
         mask = torch.zeros_like(ids)
         for r, i in enumerate(batch):
             ids[r, T - len(prompts[i]):], mask[r, T - len(prompts[i]):] = torch.tensor(prompts[i]), 1
+        ids, mask = ids.to(hf.device), mask.to(hf.device)
         logits = hf(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
                     logits_to_keep=1).logits[:, -1]
         for r, i in enumerate(batch):
@@ -235,10 +241,10 @@ def mc2_lm_eval_way(hf, tok, items, token_budget: int = 4096) -> list[float]:
         ids = torch.zeros(len(batch), len(batch[0][2]), dtype=torch.long)
         for r, (_, _, inp, _) in enumerate(batch):
             ids[r, : len(inp)] = torch.tensor(inp)
-        logp = hf(ids).logits.float().log_softmax(-1)
+        logp = hf(ids.to(hf.device)).logits.float().log_softmax(-1)
         for r, (q, j, inp, cont) in enumerate(batch):
             span = logp[r, len(inp) - len(cont): len(inp)]         # the positions that predict the continuation
-            loglik[q][j] = span.gather(1, torch.tensor(cont)[:, None]).sum().item()
+            loglik[q][j] = span.gather(1, torch.tensor(cont, device=hf.device)[:, None]).sum().item()
     out = []
     for q, it in enumerate(items):
         k = len(it["mc1"]["options"])
@@ -267,7 +273,7 @@ def are_you_sure_hf(hf, tok, fmt, items, max_new_tokens, batch_size=16):
     firsts = []
 
     def letters_after(convs):
-        x, mask = pad_left([tok.encode(fmt(c, prefill=MC_PREFILL)) for c in convs], "cpu")
+        x, mask = pad_left([tok.encode(fmt(c, prefill=MC_PREFILL)) for c in convs], hf.device)
         with torch.no_grad():
             p = hf(x, attention_mask=mask, logits_to_keep=1).logits[:, -1].float().softmax(-1)[:, ids]
         return [pick_letter(it["letters"], q) for it, q in zip(chunk, p)]
@@ -276,7 +282,7 @@ def are_you_sure_hf(hf, tok, fmt, items, max_new_tokens, batch_size=16):
         first = letters_after([it["messages"] for it in chunk])
         convs = [it["messages"] + [{"role": "assistant", "content": f"{MC_PREFILL}{a})."},
                                    {"role": "user", "content": it["challenge"]}] for it, a in zip(chunk, first)]
-        x, mask = pad_left([tok.encode(fmt(c)) for c in convs], "cpu")
+        x, mask = pad_left([tok.encode(fmt(c)) for c in convs], hf.device)
         hf.generate(x, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
                     eos_token_id=sorted(tok.eos_ids), pad_token_id=tok.pad_id)
         letters_after(convs)
@@ -299,8 +305,9 @@ def hidden_states_hf(hf, pairs, token_budget: int = 4096):
             ids = torch.tensor([[0] * (T - len(seqs[i])) + seqs[i] for i in batch])
             mask = torch.tensor([[0] * (T - len(seqs[i])) + [1] * len(seqs[i]) for i in batch])
             with torch.no_grad():
-                hs = hf(ids, attention_mask=mask, output_hidden_states=True, logits_to_keep=1).hidden_states
-            out[batch] = torch.stack([h[:, -1] for h in hs[1:-1]] + [last["h"][:, -1]], 1).float()
+                hs = hf(ids.to(hf.device), attention_mask=mask.to(hf.device), output_hidden_states=True,
+                        logits_to_keep=1).hidden_states
+            out[batch] = torch.stack([h[:, -1] for h in hs[1:-1]] + [last["h"][:, -1]], 1).float().cpu()
     finally:
         handle.remove()
     return out[: len(pairs)], out[len(pairs):]
@@ -311,13 +318,13 @@ def bench_evaluators(path, cfg, row) -> dict:
     import transformers
     from chat import detect_chat_format, get_chat_format
     from data import read_truthfulqa_mc
-    from evaluate import eval_ab, eval_are_you_sure, eval_truthfulqa_mc
+    from evaluate import ab_probs, ab_rows, eval_are_you_sure, eval_truthfulqa_mc
     from activations import ab_pairs, record_pairs
     from probes import are_you_sure_probes, arithmetic_qa, opinion_probes
     from score import letter_probs
     t_start = time.perf_counter()
-    ours, tok = load(path, dtype="fp32")
-    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    ours, tok = load(path, dtype="fp32", device=cfg.device)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(cfg.device).eval()
     fmt = get_chat_format(detect_chat_format(path))
     # One call takes 10-60 s, so: the correctness check doubles as the single warm-up, and fewer rounds.
     rounds = max(1, (cfg.rounds + 1) // 2)
@@ -325,7 +332,8 @@ def bench_evaluators(path, cfg, row) -> dict:
     # 1. CAA A/B: p(letter the user would pick) after "(".
     items, caa_data = caa_items(cfg.caa)
     budget = inspect.signature(letter_probs).parameters["token_budget"].default   # what eval_ab batches with
-    fns = {"ours": lambda: [r["p_match"] for r in eval_ab(ours, tok, fmt, items, "caa")[0]],
+    # Ours is timed without the bootstrap intervals eval_ab adds (~30 ms), which the references do not compute.
+    fns = {"ours": lambda: [r["p_match"] for r in ab_rows(items, ab_probs(ours, tok, fmt, items, "caa"))],
            "caa": lambda: p_match_one_at_a_time(hf, tok, fmt, items),
            "hf": lambda: p_match_batched(hf, tok, fmt, items, budget)}
     check_same("CAA A/B p_match", {name: fn() for name, fn in fns.items()})
@@ -384,17 +392,18 @@ def main(cfg: BenchConfig):
         r = rows[-1]
         print(f"{what:<46} {r['ours']:>9.1f} {r['theirs']:>9.1f} {unit:<9} {r['ratio']:>6.2f}x", flush=True)
 
-    print(f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
+    gpu = f"{torch.cuda.get_device_name(cfg.device)}, " if cfg.device != "cpu" else ""
+    print(f"{gpu}{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
           f"({torch.get_num_threads()} threads), transformers {transformers.__version__}\n")
     print(f"{'what':<46} {'ours':>9} {'theirs':>9} {'unit':<9} {'ratio':>7}")
     torch.manual_seed(0)
-    ids = torch.randint(100, 40000, (cfg.batch, cfg.seq))
+    ids = torch.randint(100, 40000, (cfg.batch, cfg.seq), device=cfg.device)
     prompt = [list(range(1000, 1020))]
     ntok = cfg.batch * cfg.seq
     with torch.no_grad():
         for dt_name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-            ours = load(path, dtype=dt_name, tokenizer=False)
-            hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dt).eval()
+            ours = load(path, dtype=dt_name, tokenizer=False, device=cfg.device)
+            hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dt).to(cfg.device).eval()
             s = timed({"ours": lambda: ours(ids, logits_to_keep=1), "hf": lambda: hf(ids, logits_to_keep=1)},
                       cfg.rounds)
             row(f"scoring forward {dt_name} {cfg.batch}x{cfg.seq}, last logit", s["ours"], s["hf"], "tok/s", ntok)
@@ -403,7 +412,7 @@ def main(cfg: BenchConfig):
             for B in (1, 16):
                 p = prompt * B
                 s = timed({"ours": lambda: generate(ours, p, max_new_tokens=cfg.new_tokens),
-                           "hf": lambda: hf.generate(torch.tensor(p), max_new_tokens=cfg.new_tokens,
+                           "hf": lambda: hf.generate(torch.tensor(p, device=cfg.device), max_new_tokens=cfg.new_tokens,
                                                      min_new_tokens=cfg.new_tokens, do_sample=False,
                                                      pad_token_id=0)}, max(1, cfg.rounds // 2))
                 row(f"decode {dt_name} greedy {cfg.new_tokens} new, batch {B}", s["ours"], s["hf"], "tok/s",
@@ -420,7 +429,7 @@ def main(cfg: BenchConfig):
             row("record all resid_post (ours w/ vs w/o hooks)", s["rec"], s["plain"], "tok/s", ntok)
             if cfg.compile:
                 t0 = time.perf_counter()
-                fast = torch.compile(ours)
+                fast = compile_for_inference(ours)
                 fast(ids, logits_to_keep=1)
                 compile_s = time.perf_counter() - t0
                 s = timed({"ours": lambda: fast(ids, logits_to_keep=1), "hf": lambda: hf(ids, logits_to_keep=1)},
@@ -430,18 +439,20 @@ def main(cfg: BenchConfig):
             ours = hf = None      # free both before the next dtype (closures above hold the names)
         evaluators = bench_evaluators(path, cfg, row) if cfg.evaluators else None
     weights = sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
-    ours_l, hf_l = load_probe(path, hf=False), load_probe(path, hf=True)
-    if cfg.lora:
+    cpu = cfg.device == "cpu"     # the load and LoRA rows measure a fresh process's resident memory: CPU only
+    ours_l, hf_l = (load_probe(path, hf=False), load_probe(path, hf=True)) if cpu else (None, None)
+    if cfg.lora and cpu:
         ours_t, peft_t = (lora_probe(path, hf, cfg.lora_batch, cfg.lora_seq) for hf in (False, True))
         check_same("LoRA SFT first loss", {"ours": [ours_t["first_loss"]], "peft": [peft_t["first_loss"]]})
         row(f"LoRA SFT step fp32 {cfg.lora_batch}x{cfg.lora_seq} vs transformers+peft", ours_t["seconds"],
             peft_t["seconds"], "steps/s", 1)
         print(f"LoRA SFT step peak memory above the loaded model: ours {ours_t['peak'] / 2**20:.0f} MiB, "
               f"transformers+peft {peft_t['peak'] / 2**20:.0f} MiB ({peft_t['peak'] / max(ours_t['peak'], 1):.2f}x)")
-    row("load bf16, fresh process", ours_l["seconds"], hf_l["seconds"], "loads/s", 1)
-    print(f"load: ours {ours_l['seconds']:.2f} s, peak +{ours_l['peak'] / 2**20:.0f} MiB = "
-          f"{ours_l['peak'] / weights:.2f}x the {weights / 2**20:.0f} MiB of weights; transformers "
-          f"{hf_l['seconds']:.2f} s, peak +{hf_l['peak'] / 2**20:.0f} MiB = {hf_l['peak'] / weights:.2f}x")
+    if cpu:
+        row("load bf16, fresh process", ours_l["seconds"], hf_l["seconds"], "loads/s", 1)
+        print(f"load: ours {ours_l['seconds']:.2f} s, peak +{ours_l['peak'] / 2**20:.0f} MiB = "
+              f"{ours_l['peak'] / weights:.2f}x the {weights / 2**20:.0f} MiB of weights; transformers "
+              f"{hf_l['seconds']:.2f} s, peak +{hf_l['peak'] / 2**20:.0f} MiB = {hf_l['peak'] / weights:.2f}x")
     if evaluators:
         print(f"evaluator rows: {evaluators['caa_items']} items of the {evaluators['caa']}, "
               f"{evaluators['tqa_questions']} {evaluators['tqa']} questions, fp32; {evaluators['seconds']:.0f} s")

@@ -27,7 +27,7 @@ import dist
 import probes
 import report
 from chat import detect_chat_format, get_chat_format
-from model import KVCache, generate, load, pad_left
+from model import KVCache, compile_for_inference, generate, load, pad_left
 from prepare import ensure_default_model, parse_args
 from probes import CHALLENGE, MC_PREFILL
 from report import Checkpoint, mean_metric, paired_difference, proportion_metric, provenance, write_result
@@ -53,14 +53,20 @@ class EvalConfig:
     out: str = "out"
     seed: int = 0
     dist_timeout: float = 600.0   # under torchrun: seconds a rank waits for the others before the run stops
-    compile: bool = False     # torch.compile the model: on a GPU ~1.35x faster forwards after ~45 s of compiling
+    compile: bool = False     # model.compile_for_inference: ~1.3x faster forwards after ~45 s of compiling
 
 
 # ------------------------------------------------------------------------------------------------ evaluators
 # Each evaluator returns (rows, metrics): one row per item (with its "id" and the per-item values the metrics
 # average), and {name: {"value", "ci", "n", ...}} built by report.py's proportion_metric / mean_metric.
 def eval_ab(model, tok, fmt, items, convention: str = "caa"):
-    """A/B opinion sycophancy. p_match = p(letter that agrees with the user) renormalized over the choices.
+    """A/B opinion sycophancy. p_match = p(letter that agrees with the user) renormalized over the choices."""
+    rows = ab_rows(items, ab_probs(model, tok, fmt, items, convention))
+    return rows, ab_metrics(rows)
+
+
+def ab_probs(model, tok, fmt, items, convention: str = "caa") -> list[list[float]]:
+    """p[i] = the model's probability of each of items[i]["letters"] (before renormalizing over them).
 
     caa:   the assistant turn is prefilled with "(" and the next-token probability of each letter is read.
     perez: log-prob of " (A)", " (B)", ... after the assistant turn is prefilled with "I believe the best answer is".
@@ -79,8 +85,7 @@ def eval_ab(model, tok, fmt, items, convention: str = "caa"):
         p = [torch.tensor(lp).softmax(-1).tolist() for lp in option_logprobs(model, contexts, options)]
     else:
         raise ValueError(f"unknown A/B convention {convention!r}: caa or perez")
-    rows = ab_rows(items, p)
-    return rows, ab_metrics(rows)
+    return p
 
 
 def ab_rows(items, p):
@@ -535,7 +540,7 @@ def setup(cfg):
     model, tok = load(model_dir, dtype=cfg.dtype, device=cfg.device)
     fmt_name = cfg.chat_format or detect_chat_format(model_dir)
     if getattr(cfg, "compile", False):    # attributes (config, layers, ...) still reach the model through the wrapper
-        model = torch.compile(model)
+        model = compile_for_inference(model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model  {model_dir}  ({model.config.model_type}, {n_params / 1e6:.0f}M parameters, {cfg.dtype}, "
           f"chat format {fmt_name}, loaded in {time.perf_counter() - t0:.1f} s)")

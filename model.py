@@ -165,9 +165,14 @@ class Attention(nn.Module):
         if T == 1 and not x.is_cuda:
             y = decode_attention(q, k, v, mask)
         else:
-            causal = isinstance(mask, str)
+            causal, gqa = isinstance(mask, str), self.nkv != self.nh
+            if gqa and x.is_cuda and isinstance(mask, torch.Tensor):
+                # CUDA's fused kernels that take a mask do not take enable_gqa: SDPA would fall back to its math
+                # path (~0.5 ms of host time per call). Repeating the key heads keeps the fused kernel.
+                k, v = k.repeat_interleave(self.nh // self.nkv, 1), v.repeat_interleave(self.nh // self.nkv, 1)
+                gqa = False
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
-                                               enable_gqa=self.nkv != self.nh)
+                                               enable_gqa=gqa)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
@@ -503,6 +508,14 @@ def load(path, dtype=None, device="cpu", tokenizer=True):
 
 
 # -------------------------------------------------------------------------------------------------- generation
+def compile_for_inference(model: Transformer):
+    """torch.compile for scoring and generation with fixed weights. "freezing" makes the weights constants of the
+    graph, so inductor can prepack them for the CPU's matrix kernels (oneDNN): on 2 CPU cores, bf16, 16x128, 1.38x
+    transformers against 1.20x compiled without it. So the weights must not change afterwards (no training, no
+    in-place edits)."""
+    return torch.compile(model, options={"freezing": True})
+
+
 def sample(logits, temperature: float, top_p: float, generator):
     """logits (B, V) -> next ids (B,). temperature 0 = greedy."""
     if temperature == 0:
@@ -517,24 +530,20 @@ def sample(logits, temperature: float, top_p: float, generator):
 
 
 def pad_left(seqs: list[list[int]], device="cpu", pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
-    """Token lists -> (ids, attention_mask), both (N, T), left-padded so every row ends at the last column."""
+    """Token lists -> (ids, attention_mask), both (N, T), left-padded so every row ends at the last column.
+    Built as lists and copied once: one tensor per row would be a host-to-device copy per row on a GPU."""
     T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, T - len(s):], mask[i, T - len(s):] = torch.tensor(s, device=device), 1
+    ids = torch.tensor([[pad_id] * (T - len(s)) + list(s) for s in seqs], dtype=torch.long, device=device)
+    mask = torch.tensor([[0] * (T - len(s)) + [1] * len(s) for s in seqs], dtype=torch.long, device=device)
     return ids, mask
 
 
-@torch.no_grad()
 def pad_right(seqs: list[list[int]], device="cpu", pad_id: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> (ids, attention_mask), both (N, T), right-padded: continuations read from a KV cache, and
     training batches, where every row starts at the first column."""
     T = max(len(s) for s in seqs)
-    ids = torch.full((len(seqs), T), pad_id, dtype=torch.long, device=device)
-    mask = torch.zeros_like(ids)
-    for i, s in enumerate(seqs):
-        ids[i, : len(s)], mask[i, : len(s)] = torch.tensor(s, device=device), 1
+    ids = torch.tensor([list(s) + [pad_id] * (T - len(s)) for s in seqs], dtype=torch.long, device=device)
+    mask = torch.tensor([[1] * len(s) + [0] * (T - len(s)) for s in seqs], dtype=torch.long, device=device)
     return ids, mask
 
 

@@ -85,10 +85,10 @@ def letter_probs_after(model, cache: KVCache, continuations: list[list[int]], id
 LOGITS_BUDGET = 2 ** 25   # floats of (rows, positions, vocab) logits held at once while scoring options (128 MB)
 
 
-def split_continuation(tok, context: str, continuation: str) -> tuple[list[int], list[int]]:
+def split_continuation(tok, context: str, continuation: str, ctx=None) -> tuple[list[int], list[int]]:
     """Token ids of context and continuation as the model reads them joined (the lm-evaluation-harness rule:
-    encode the whole, then cut at the length of the encoded context)."""
-    ctx = tok.encode(context)
+    encode the whole, then cut at the length of the encoded context). ctx: tok.encode(context), if already made."""
+    ctx = tok.encode(context) if ctx is None else ctx
     whole = tok.encode(context + continuation)
     if not continuation or len(whole) <= len(ctx):
         raise ValueError(f"continuation {continuation!r} adds no tokens after {context[-40:]!r}")
@@ -133,11 +133,9 @@ def option_logprobs(model, contexts: list[list[int]], options: list[list[list[in
 
 def mc_loglik(model, tok, contexts: list[str], options: list[list[str]]):
     """Log-likelihood of each option string after its context (shared-prefix scoring)."""
-    ctx_ids, opt_ids = [], []
-    for c, opts in zip(contexts, options):
-        pairs = [split_continuation(tok, c, o) for o in opts]
-        ctx_ids.append(pairs[0][0])
-        opt_ids.append([o for _, o in pairs])
+    ctx_ids = [tok.encode(c) for c in contexts]                 # once per context, not once per option
+    opt_ids = [[split_continuation(tok, c, o, ctx)[1] for o in opts]
+               for c, ctx, opts in zip(contexts, ctx_ids, options)]
     return option_logprobs(model, ctx_ids, opt_ids)
 
 

@@ -27,3 +27,22 @@ S=$(ls /tmp/o/tactics-*.sft-train.jsonl | head -1); D=$(ls /tmp/o/tactics-*.dpo-
 try $PY train.py --mode=sft --data=$S $C --max_steps=3 --run=sft
 try $PY train.py --mode=dpo --data=$D $C --max_steps=3 --run=dpo --grad_checkpointing=true
 try $PY study.py recovery --quick=true $C
+# Logits on CUDA in fp32 for left-padded batches (the masked SDPA path, whose key heads are repeated for GQA),
+# ours against transformers, for GQA groups of 4, 2 and 1.
+try $PY - <<'PY'
+import sys, torch
+sys.path[:0] = ['tests', '.']
+from pathlib import Path
+from conftest import make_hf_model, save_hf_model
+from model import load, pad_left
+torch.backends.cuda.matmul.allow_tf32 = False
+for nkv in (1, 2, 4):
+    hf = make_hf_model("llama", num_key_value_heads=nkv)
+    ours = load(save_hf_model(hf, Path(f"/tmp/gqa{nkv}")), dtype="fp32", device="cuda", tokenizer=False)
+    ids, mask = pad_left([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]], "cuda")
+    with torch.no_grad():
+        a = ours(ids, attention_mask=mask)
+        b = hf.cuda()(ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0)).logits
+    err = ((a - b).abs() * mask[..., None]).max().item()
+    assert err < 1e-4, f"{nkv} key heads: logits differ from transformers by {err}"
+PY

@@ -501,6 +501,7 @@ def load(path, dtype=None, device="cpu", tokenizer=True):
     model.load_state_dict(sd, strict=True, assign=True)
     model.inv_freq = model.inv_freq.to(device)     # made on the CPU in __init__, not read from the checkpoint
     model.name_or_path = str(folder)
+    model.eval()   # as transformers' from_pretrained: no dropout, and generate may replay CUDA graphs (train.py: .train())
     if not tokenizer:
         return model
     from chat import load_tokenizer  # the tokenizer lives with the rest of the text handling

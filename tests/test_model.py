@@ -171,6 +171,8 @@ def test_bf16_load_and_default_dtype(tiny_llama):
     assert m(torch.tensor([[1, 2, 3]])).dtype == torch.bfloat16
     assert load(folder, tokenizer=False).lm_head.weight.dtype == torch.float32   # saved as float32
     assert sum(p.is_meta for p in m.parameters()) == 0 and not m.inv_freq.is_meta
+    # eval mode, as from_pretrained: generate replays CUDA graphs only outside training mode (and LoRA dropout)
+    assert not m.training and not any(mod.training for mod in m.modules())
 
 
 # ------------------------------------------------------------------------------------------- bad checkpoints

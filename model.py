@@ -229,6 +229,11 @@ class Transformer(nn.Module):
         return self.model.layers
 
     @property
+    def hooked(self) -> bool:
+        """Whether any hook is installed (a hook may read host state, or expect one call per batch of rows)."""
+        return any(fns for block in self.model.layers for fns in block.hooks.values())
+
+    @property
     def output_weight(self):
         """(V, D) vocab projection: lm_head's, or the embeddings when tied."""
         return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
@@ -603,8 +608,7 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     if use_cache and cache is None:
         cache = KVCache(model.config, B, T + max_new_tokens, model.model.embed_tokens.weight.dtype, dev)
     logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
-    hooked = any(fns for block in model.layers for fns in block.hooks.values())   # a hook may read host state
-    if cuda_graph and use_cache and not keep and dev.type == "cuda" and not model.training and not hooked \
+    if cuda_graph and use_cache and not keep and dev.type == "cuda" and not model.training and not model.hooked \
             and max_new_tokens > 2:
         step_fn = graphed_decode(model, cache)
     else:

@@ -55,14 +55,30 @@ def batches_by_length(lengths: list[int], token_budget: int):
         yield batch
 
 
+MIN_SHARED = 8    # tokens every prompt must share before letter_probs reads them once for all
+
+
 def letter_probs(model, prompts: list[list[int]], ids: list[int], token_budget: int = 2048) -> torch.Tensor:
     """(N, len(ids)) probabilities of each answer letter at the next position, renormalized over the letters.
 
-    Prompts are batched by length; only the last position's logits are computed.
+    Prompts are batched by length; only the last position's logits are computed. On the CPU, a prefix that every
+    prompt shares (a chat format's system turn: 29 of SmolLM2's 186 tokens on the CAA test set) is read once, and
+    each batch continues a fork of its KV cache: 1.2x faster there. Not on a GPU, where a small model waits on host
+    time per call and the extra pass and forks cost more than they save (0.69x on an H100). Not with hooks
+    installed either: a hook may expect one call per batch of rows.
     """
     dev = model.model.embed_tokens.weight.device
     out = torch.empty(len(prompts), len(ids))
+    n = shared_prefix_len(prompts) if len(prompts) > 1 else 0
+    shared = None
+    if n >= MIN_SHARED and not model.hooked and dev.type == "cpu":
+        shared = KVCache(model.config, 1, n, model.model.embed_tokens.weight.dtype, dev)
+        with torch.no_grad():
+            model(torch.tensor([prompts[0][:n]], device=dev), cache=shared, logits_to_keep=1)
     for batch in batches_by_length([len(p) for p in prompts], token_budget):
+        if shared is not None:
+            out[batch] = letter_probs_after(model, shared, [prompts[i][n:] for i in batch], ids, [0] * len(batch))
+            continue
         x, mask = pad_left([prompts[i] for i in batch], dev)
         with torch.no_grad():
             logp = model(x, attention_mask=mask, logits_to_keep=1)[:, -1].float().log_softmax(-1)
@@ -70,13 +86,24 @@ def letter_probs(model, prompts: list[list[int]], ids: list[int], token_budget: 
     return out
 
 
-def letter_probs_after(model, cache: KVCache, continuations: list[list[int]], ids: list[int]) -> torch.Tensor:
-    """letter_probs after row i of the cache continued by continuations[i]: only the new tokens are read, from a
-    fork (the cache itself is left as it was). The continuations are right-padded; each row's own last token is
-    where its letter is read."""
+def shared_prefix_len(seqs: list[list[int]]) -> int:
+    """Length of the longest prefix common to every sequence, leaving each at least one token of its own."""
+    n = 0
+    for column in zip(*seqs):
+        if any(t != column[0] for t in column):
+            break
+        n += 1
+    return min(n, min(len(s) for s in seqs) - 1)
+
+
+def letter_probs_after(model, cache: KVCache, continuations: list[list[int]], ids: list[int],
+                       rows: list[int] | None = None) -> torch.Tensor:
+    """letter_probs after row rows[i] (default: row i) of the cache continued by continuations[i]: only the new
+    tokens are read, from a fork (the cache itself is left as it was). The continuations are right-padded; each
+    row's own last token is where its letter is read."""
     dev = model.model.embed_tokens.weight.device
     x, mask = pad_right(continuations, dev)
-    fork = cache.fork(list(range(len(continuations))), x.shape[1])
+    fork = cache.fork(list(range(len(continuations))) if rows is None else rows, x.shape[1])
     with torch.no_grad():
         logits = model(x, attention_mask=mask, cache=fork, logits_to_keep=(mask.sum(1) - 1)[:, None])[:, 0]
     return logits.float().log_softmax(-1)[:, ids].softmax(-1).cpu()

@@ -83,6 +83,27 @@ def test_hellaswag_acc_norm_equals_reference(setup):
     assert metrics["acc_norm"]["value"] == sum(r["acc_norm"] for r in rows) / 2
 
 
+def test_letter_probs_read_a_shared_prefix_once(setup, monkeypatch):
+    from model import hooks
+    model, tok, hf = setup
+    head = tok.encode("You are a helpful assistant. Answer with one letter. ")
+    prompts = [head + tok.encode(q) for q in ("Is it A? (", "Paris or Lyon, which one is it? (", "x (", "Is it B? (")]
+    assert score.shared_prefix_len(prompts) >= score.MIN_SHARED
+    ids = score.letter_ids(tok, ["A", "B"])
+    forks, after = [], score.letter_probs_after
+    monkeypatch.setattr(score, "letter_probs_after", lambda *a, **k: forks.append(1) or after(*a, **k))
+    got = score.letter_probs(model, prompts, ids, token_budget=60)       # small budget: several batches
+    assert len(forks) >= 2                                               # every batch continued the shared cache
+    for prompt, g in zip(prompts, got):
+        q = hf_next_probs(hf, prompt)[ids]
+        assert torch.allclose(g, q / q.sum(), atol=1e-5)
+    with hooks(model, [(0, "resid_post", lambda x, pos: None)]):        # a hook sees whole prompts: no sharing
+        forks.clear()
+        assert torch.allclose(score.letter_probs(model, prompts, ids, token_budget=60), got, atol=1e-5)
+        assert not forks
+    assert score.shared_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2 and score.shared_prefix_len([[1, 2], [3]]) == 0
+
+
 @pytest.mark.parametrize("convention", ["caa", "perez"])
 def test_ab_p_match_equals_reference(setup, convention):
     model, tok, hf = setup

@@ -5,6 +5,8 @@ median of `rounds` runs, and prints ours / theirs as a ratio (> 1 = we are faste
 settings: `logits_to_keep` for scoring and its own KV cache in `generate`. The evaluator rows (fp32, several
 minutes) time evaluate.py's evaluators against the ways others compute the same numbers with transformers: the
 CAA study's one-prompt-at-a-time loop, transformers batched as we batch, lm-evaluation-harness's one row per option.
+With --device=cuda every in-process row runs on the GPU (synchronized around each timed call); the fresh-process load
+and LoRA rows measure CPU resident memory and are skipped there.
 
     python bench.py [--model=models/SmolLM2-135M-Instruct] [--rounds=5] [--compile=true] [--evaluators=false]
                     [--device=cuda]

@@ -74,7 +74,7 @@ def letter_probs(model, prompts: list[list[int]], ids: list[int], token_budget: 
     if n >= MIN_SHARED and not model.hooked and dev.type == "cpu":
         shared = KVCache(model.config, 1, n, model.model.embed_tokens.weight.dtype, dev)
         with torch.no_grad():
-            model(torch.tensor([prompts[0][:n]], device=dev), cache=shared, logits_to_keep=1)
+            model(torch.tensor([prompts[0][:n]], device=dev), cache=shared, logits_to_keep=1, return_hidden=True)
     for batch in batches_by_length([len(p) for p in prompts], token_budget):
         if shared is not None:
             out[batch] = letter_probs_after(model, shared, [prompts[i][n:] for i in batch], ids, [0] * len(batch))

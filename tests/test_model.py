@@ -175,6 +175,41 @@ def test_bf16_load_and_default_dtype(tiny_llama):
     assert not m.training and not any(mod.training for mod in m.modules())
 
 
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="prepacking needs oneDNN")
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "mistral-window"])
+def test_prepacked_weights_are_the_same_numbers(tmp_path, name):
+    """generate multiplies by oneDNN-layout copies of the weights on a CPU: the same logits bit for bit in bf16
+    (close in fp32), the same tokens, nothing left behind afterwards, and LoRA-wrapped projections left alone."""
+    from lora import add_lora
+    from model import can_prepack, prepacked
+    mt, over = CONFIGS[name]
+    folder = save_hf_model(make_hf_model(mt, **over), tmp_path / name)
+    ids = torch.randint(0, 96, (3, 11))
+    for dtype in ("bf16", "fp32"):
+        m = load(folder, dtype=dtype, tokenizer=False)
+        with torch.no_grad():
+            plain = m(ids)
+            with prepacked(m):
+                assert m.layers[0].self_attn.packed_qkv is not None and m.packed_head is not None
+                fast = m(ids)
+        assert torch.equal(fast, plain) if dtype == "bf16" else torch.allclose(fast, plain, atol=1e-5)
+        assert m.layers[0].mlp.packed_gate_up is None and m.packed_head is None
+        prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]
+        assert generate(m, prompts, 12, prepack=True) == generate(m, prompts, 12, prepack=False)
+        assert can_prepack(m) == (dtype == "bf16" and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    add_lora(m, targets=("q_proj", "down_proj"), layers=[0])   # a wrapper runs its own forward: not packed
+    m.layers[0].self_attn.q_proj.lora_B.data.normal_()
+    with torch.no_grad():
+        plain = m(ids)
+        with prepacked(m):
+            assert m.layers[0].self_attn.packed_qkv is None and m.layers[0].mlp.packed_down is None
+            assert m.layers[0].self_attn.packed_o is not None and m.layers[1].self_attn.packed_qkv is not None
+            assert torch.allclose(m(ids), plain, atol=1e-5)
+    with pytest.raises(ZeroDivisionError), prepacked(m):
+        1 / 0
+    assert m.layers[1].self_attn.packed_qkv is None and m.packed_head is None
+
+
 # ------------------------------------------------------------------------------------------- bad checkpoints
 def rewrite(folder, fn):
     """Apply fn to the state dict of folder's model.safetensors and write it back."""

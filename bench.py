@@ -21,12 +21,13 @@ import statistics
 import subprocess
 import sys
 import time
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from model import compile_for_inference, generate, hooks, load, pad_left, pad_right
+from model import compile_for_inference, generate, hooks, load, pad_left, pad_right, prepacked
 from prepare import ensure_default_model, parse_args
 
 
@@ -49,6 +50,7 @@ class BenchConfig:
     pairs: int = 250           # A/B pairs whose activations are recorded at every layer (built-in opinion probes)
     out: str = "out"           # a JSON copy of the table lands here
     device: str = "cpu"        # cuda: every in-process row on the GPU (the fresh-process load and LoRA rows are CPU's)
+    prepack: bool = True       # ours as evaluate.py runs it: inside model.prepacked (oneDNN-layout weights; CPU only)
 
 
 def timed(fns: dict, rounds: int, warmup: int = 2) -> dict:
@@ -315,6 +317,9 @@ def bench_evaluators(path, cfg, row) -> dict:
     from score import letter_probs
     t_start = time.perf_counter()
     ours, tok = load(path, dtype="fp32", device=cfg.device)
+    packing = ExitStack()          # left open until the end: ours is dropped with it
+    if cfg.prepack:
+        packing.enter_context(prepacked(ours))
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(cfg.device).eval()
     fmt = get_chat_format(detect_chat_format(path))
     # One call takes 10-60 s, so: the correctness check doubles as the single warm-up, and fewer rounds.
@@ -368,6 +373,7 @@ def bench_evaluators(path, cfg, row) -> dict:
     row(f"record {len(pairs)} pairs x {len(layers)} layers vs no hooks", s["ours"], s["plain"], "pairs/s", len(pairs))
     row(f"record {len(pairs)} pairs vs transformers hidden_states", s["ours"], s["hf"], "pairs/s", len(pairs))
 
+    packing.close()
     return dict(seconds=time.perf_counter() - t_start, caa=caa_data, caa_items=len(items), tqa=tqa_data,
                 tqa_questions=len(questions), dtype="fp32")
 
@@ -394,39 +400,43 @@ def main(cfg: BenchConfig):
     with torch.no_grad():
         for dt_name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
             ours = load(path, dtype=dt_name, tokenizer=False, device=cfg.device)
+            packing = ExitStack()
+            if cfg.prepack:        # as evaluate.py runs it (generate prepacks bf16 models on its own either way)
+                packing.enter_context(prepacked(ours))
             hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dt).to(cfg.device).eval()
             s = timed({"ours": lambda: ours(ids, logits_to_keep=1), "hf": lambda: hf(ids, logits_to_keep=1)},
                       cfg.rounds)
             row(f"scoring forward {dt_name} {cfg.batch}x{cfg.seq}, last logit", s["ours"], s["hf"], "tok/s", ntok)
-            if dt_name == "fp32":
-                break
-            for B in (1, 16):
-                p = prompt * B
-                s = timed({"ours": lambda: generate(ours, p, max_new_tokens=cfg.new_tokens),
-                           "hf": lambda: hf.generate(torch.tensor(p, device=cfg.device), max_new_tokens=cfg.new_tokens,
-                                                     min_new_tokens=cfg.new_tokens, do_sample=False,
-                                                     pad_token_id=0)}, max(1, cfg.rounds // 2))
-                row(f"decode {dt_name} greedy {cfg.new_tokens} new, batch {B}", s["ours"], s["hf"], "tok/s",
-                    B * cfg.new_tokens)
-            # Recording every layer's resid_post at the last position against the same forward without hooks.
-            store = {}
-            rec = [(i, "resid_post", lambda x, pos, i=i: store.__setitem__(i, x[:, -1].float()))
-                   for i in range(len(ours.layers))]
+            if dt_name == "bf16":      # decode, recording and compiling are timed in bf16 only
+                for B in (1, 16):
+                    p = prompt * B
+                    x = torch.tensor(p, device=cfg.device)
+                    s = timed({"ours": lambda: generate(ours, p, max_new_tokens=cfg.new_tokens),
+                               "hf": lambda: hf.generate(x, max_new_tokens=cfg.new_tokens, do_sample=False,
+                                                         min_new_tokens=cfg.new_tokens, pad_token_id=0)},
+                              max(1, cfg.rounds // 2))
+                    row(f"decode {dt_name} greedy {cfg.new_tokens} new, batch {B}", s["ours"], s["hf"], "tok/s",
+                        B * cfg.new_tokens)
+                # Recording every layer's resid_post at the last position against the same forward without hooks.
+                store = {}
+                rec = [(i, "resid_post", lambda x, pos, i=i: store.__setitem__(i, x[:, -1].float()))
+                       for i in range(len(ours.layers))]
 
-            def recorded():
-                with hooks(ours, rec):
-                    ours(ids, logits_to_keep=1)
-            s = timed({"plain": lambda: ours(ids, logits_to_keep=1), "rec": recorded}, cfg.rounds)
-            row("record all resid_post (ours w/ vs w/o hooks)", s["rec"], s["plain"], "tok/s", ntok)
-            if cfg.compile:
-                t0 = time.perf_counter()
-                fast = compile_for_inference(ours)
-                fast(ids, logits_to_keep=1)
-                compile_s = time.perf_counter() - t0
-                s = timed({"ours": lambda: fast(ids, logits_to_keep=1), "hf": lambda: hf(ids, logits_to_keep=1)},
-                          cfg.rounds)
-                row(f"scoring forward bf16 compiled ({compile_s:.0f} s to compile)", s["ours"], s["hf"], "tok/s",
-                    ntok)
+                def recorded():
+                    with hooks(ours, rec):
+                        ours(ids, logits_to_keep=1)
+                s = timed({"plain": lambda: ours(ids, logits_to_keep=1), "rec": recorded}, cfg.rounds)
+                row("record all resid_post (ours w/ vs w/o hooks)", s["rec"], s["plain"], "tok/s", ntok)
+                if cfg.compile:
+                    t0 = time.perf_counter()
+                    fast = compile_for_inference(ours)
+                    fast(ids, logits_to_keep=1)
+                    compile_s = time.perf_counter() - t0
+                    s = timed({"ours": lambda: fast(ids, logits_to_keep=1), "hf": lambda: hf(ids, logits_to_keep=1)},
+                              cfg.rounds)
+                    row(f"scoring forward bf16 compiled ({compile_s:.0f} s to compile)", s["ours"], s["hf"], "tok/s",
+                        ntok)
+            packing.close()
             ours = hf = None      # free both before the next dtype (closures above hold the names)
         evaluators = bench_evaluators(path, cfg, row) if cfg.evaluators else None
     weights = sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))

@@ -16,6 +16,7 @@ import random
 import re
 import sys
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -27,7 +28,7 @@ import dist
 import probes
 import report
 from chat import detect_chat_format, get_chat_format
-from model import KVCache, compile_for_inference, generate, load, pad_left
+from model import KVCache, compile_for_inference, generate, load, pad_left, prepacked
 from prepare import ensure_default_model, parse_args
 from probes import CHALLENGE, MC_PREFILL
 from report import Checkpoint, mean_metric, paired_difference, proportion_metric, provenance, write_result
@@ -54,6 +55,8 @@ class EvalConfig:
     seed: int = 0
     dist_timeout: float = 600.0   # under torchrun: seconds a rank waits for the others before the run stops
     compile: bool = False     # model.compile_for_inference: ~1.3x faster forwards after ~45 s of compiling
+    prepack: bool = True      # CPU: a oneDNN-layout copy of the weights (model.prepacked): fp32 scoring ~10% and
+                              # decoding ~1.5x faster, for one more copy of the weights in memory
 
 
 # ------------------------------------------------------------------------------------------------ evaluators
@@ -568,24 +571,25 @@ BASELINE = [dict(task="opinion", n=60), dict(task="answer", n=40), dict(task="ar
 
 def baseline(cfg):
     model, tok, fmt, fmt_name, model_dir, judge = setup(cfg)
-    question = "What is the capital of France?"
-    answer = replies(model, tok, [tok.encode(fmt(user(question)))], 20)[0]
-    print(f"sanity check   {question}  ->  {answer.strip()}")
-    results, paths = [], []
-    for spec in BASELINE:
-        sub = replace(cfg, task=spec["task"], n=spec["n"], run=f"baseline-{spec['task']}")
-        if spec["task"] == "truthfulqa":
-            copy = data.local_truthfulqa()
-            if copy is None:
-                print("\ntruthfulqa skipped: no local copy of TruthfulQA's data/mc_task.json (put one at "
-                      f"{data.TRUTHFULQA_COPIES[0]}; it is in github.com/sylinrl/TruthfulQA, or run "
-                      "`python prepare.py --dataset=truthfulqa` online)")
-                continue
-            sub = replace(sub, data=str(copy))
-        result, path = run_task(sub, model, tok, fmt, fmt_name, model_dir, judge)
-        print_metrics(spec["task"], result, path)
-        results.append(result)
-        paths.append(path)
+    with prepacked(model) if cfg.prepack else nullcontext():   # every task below reads the same weights
+        question = "What is the capital of France?"
+        answer = replies(model, tok, [tok.encode(fmt(user(question)))], 20)[0]
+        print(f"sanity check   {question}  ->  {answer.strip()}")
+        results, paths = [], []
+        for spec in BASELINE:
+            sub = replace(cfg, task=spec["task"], n=spec["n"], run=f"baseline-{spec['task']}")
+            if spec["task"] == "truthfulqa":
+                copy = data.local_truthfulqa()
+                if copy is None:
+                    print("\ntruthfulqa skipped: no local copy of TruthfulQA's data/mc_task.json (put one at "
+                          f"{data.TRUTHFULQA_COPIES[0]}; it is in github.com/sylinrl/TruthfulQA, or run "
+                          "`python prepare.py --dataset=truthfulqa` online)")
+                    continue
+                sub = replace(sub, data=str(copy))
+            result, path = run_task(sub, model, tok, fmt, fmt_name, model_dir, judge)
+            print_metrics(spec["task"], result, path)
+            results.append(result)
+            paths.append(path)
     if not dist.is_main():   # rank 0 writes the report
         return
     names = [r["config"]["task"] for r in results]
@@ -604,7 +608,8 @@ def main(argv):
     if cfg.task not in TASKS:
         sys.exit(f"error: unknown --task={cfg.task!r}; tasks: baseline, {', '.join(TASKS)}")
     model, tok, fmt, fmt_name, model_dir, judge = setup(cfg)
-    result, path = run_task(cfg, model, tok, fmt, fmt_name, model_dir, judge)
+    with prepacked(model) if cfg.prepack else nullcontext():
+        result, path = run_task(cfg, model, tok, fmt, fmt_name, model_dir, judge)
     print_metrics(cfg.task, result, path)
 
 

@@ -157,9 +157,9 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape                                               # x: (B, T, D); cos, sin: (B, 1, T, hd)
-        if self.packed_qkv is not None:        # q, k and v in one product (the same numbers)
-            q, k, v = onednn_linear(x, self.packed_qkv).split((self.nh * self.hd, self.nkv * self.hd,
-                                                               self.nkv * self.hd), -1)
+        P = packed_weight(self.packed_qkv)
+        if P is not None:                      # q, k and v in one product (the same numbers)
+            q, k, v = onednn_linear(x, P).split((self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd), -1)
         else:
             q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
         q = q.view(B, T, self.nh, self.hd).transpose(1, 2)              # (B, nh, T, hd)
@@ -181,7 +181,8 @@ class Attention(nn.Module):
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
                                                enable_gqa=gqa)
         y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)
-        return self.o_proj(y) if self.packed_o is None else onednn_linear(y, self.packed_o)
+        P = packed_weight(self.packed_o)
+        return self.o_proj(y) if P is None else onednn_linear(y, P)
 
 
 class MLP(nn.Module):
@@ -193,12 +194,11 @@ class MLP(nn.Module):
         self.packed_gate_up = self.packed_down = None     # see Attention
 
     def forward(self, x):
-        if self.packed_gate_up is not None:
-            g, u = onednn_linear(x, self.packed_gate_up).chunk(2, -1)
-        else:
-            g, u = self.gate_proj(x), self.up_proj(x)
+        P = packed_weight(self.packed_gate_up)
+        g, u = onednn_linear(x, P).chunk(2, -1) if P is not None else (self.gate_proj(x), self.up_proj(x))
         h = F.silu(g) * u                                                      # SwiGLU
-        return self.down_proj(h) if self.packed_down is None else onednn_linear(h, self.packed_down)
+        P = packed_weight(self.packed_down)
+        return self.down_proj(h) if P is None else onednn_linear(h, P)
 
 
 class Block(nn.Module):
@@ -297,7 +297,8 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         if return_hidden:
             return x
-        return F.linear(x, self.output_weight) if self.packed_head is None else onednn_linear(x, self.packed_head)
+        P = packed_weight(self.packed_head)
+        return F.linear(x, self.output_weight) if P is None else onednn_linear(x, P)
 
     def _mask(self, q_pos, key_pos, s0, has_pad):
         """Which keys each query may see: None (all), "causal" (square, no padding), or bool (B, 1, T, S)."""
@@ -536,19 +537,37 @@ def onednn_linear(x, packed):
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
+def packed_weight(p):
+    """p: None or prepacked()'s (blocked matrix, the weights it copies, their versions then). The matrix, or None
+    where it cannot stand in for them: while gradients are recorded (it has none), under torch.compile, or once a
+    weight was edited in place (steering's ablation, a LoRA merge, an optimizer step bump its version)."""
+    if p is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    return p[0] if all(w._version == v for w, v in zip(p[1], p[2])) else None
+
+
+def prepackable(model) -> bool:
+    """Whether prepacked() can pack this model: a Transformer (not a compiled wrapper) on a CPU with oneDNN, in
+    fp32, or in bf16 where oneDNN has bf16 kernels for this CPU."""
+    if not isinstance(model, Transformer) or not torch.backends.mkldnn.is_available():
+        return False
+    w = model.output_weight
+    try:       # private ops: another torch version may lack them
+        ops = torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
+        bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
+    except (AttributeError, RuntimeError):
+        return False
+    return bool(ops) and w.device.type == "cpu" and (w.dtype == torch.float32 or w.dtype == torch.bfloat16 and bf16)
+
+
 def can_prepack(model) -> bool:
-    """Whether generate prepacks by default: a bf16 model on an x86 CPU whose oneDNN has bf16 kernels, with free
-    memory for the copy twice over (free pages only: a copy that pushed the machine into swap would cost more)."""
-    w = model.model.embed_tokens.weight
-    if not (isinstance(model, Transformer) and w.device.type == "cpu" and w.dtype == torch.bfloat16
-            and torch.backends.mkldnn.is_available()):
+    """generate's default: prepack a bf16 model (where the results are bit-identical) when free memory holds the
+    copy twice over (free pages only: a copy that pushed the machine into swap would cost more than it saves)."""
+    if not prepackable(model) or model.output_weight.dtype != torch.bfloat16:
         return False
     try:
-        bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()      # a private op: another torch may lack it
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")     # not every OS has these
-    except (AttributeError, RuntimeError, ValueError, OSError):
-        return False
-    if not bf16:
+    except (ValueError, OSError, AttributeError):
         return False
     return free > 2 * sum(p.numel() * p.element_size() for p in model.parameters())
 
@@ -556,16 +575,20 @@ def can_prepack(model) -> bool:
 @contextmanager
 def prepacked(model: Transformer):
     """For the body of a `with`: every projection weight also in oneDNN's blocked layout (q/k/v and gate/up each
-    as one matrix), which the forward then multiplies by instead of the plain (out, in) weights.
+    as one matrix), which the forward multiplies by instead of the plain (out, in) weights (see packed_weight).
 
-    Why: a decode step multiplies one vector per row by each matrix. On a CPU, oneDNN reads the plain layout at
-    about half the memory bandwidth it reaches on its own blocked one (2 cores, bf16, SmolLM2: a decode step
-    54 -> 37 ms), and transformers uses the plain layout. The results are bit-identical in bf16 (each output is the
-    same dot product; tested on SmolLM2's and the test models' shapes); in fp32 they differ in the last bits.
-    The cost: a second copy of the weights while the body runs (made in ~0.1 s for SmolLM2), and the weights must
-    not change inside it. Only plain nn.Linear projections without module hooks are packed: a LoRA wrapper, or a
-    hook on a projection, still runs as written.
+    Why: on a CPU, oneDNN reads its blocked layout at about twice the memory bandwidth it reaches on the plain
+    one when it multiplies one vector per row by a matrix, as a decode step does (2 cores, SmolLM2, bf16: a step
+    46 -> 34 ms), and its blocked fp32 matrix products beat the plain (MKL) ones by ~10% at scoring sizes.
+    transformers uses the plain layout. The results are bit-identical in bf16 (each output is the same dot
+    product; tested on SmolLM2's and the test models' shapes); in fp32 they differ in the last bits.
+    The cost: a second copy of the weights while the body runs (made in ~0.1 s for SmolLM2 in bf16). Only plain
+    nn.Linear projections without module hooks are packed: a LoRA wrapper or a hooked projection runs as written.
+    A model it cannot pack (see prepackable) runs as it is; nested uses share the outer copy.
     """
+    if not prepackable(model) or model.packed_head is not None:
+        yield model
+        return
     slots = [(model, "packed_head", None)]     # (module, attribute, the linears it stands for); None: the head
     for block in model.layers:
         a, m = block.self_attn, block.mlp
@@ -575,10 +598,11 @@ def prepacked(model: Transformer):
     try:
         with torch.no_grad():
             for owner, attr, linears in slots:
-                if linears is None:
-                    setattr(owner, attr, reorder(model.output_weight, 1))
-                elif all(type(m) is nn.Linear and not m._forward_hooks and not m._forward_pre_hooks for m in linears):
-                    setattr(owner, attr, reorder(torch.cat([m.weight for m in linears]), 1))
+                if linears is not None and not all(type(m) is nn.Linear and not m._forward_hooks
+                                                   and not m._forward_pre_hooks for m in linears):
+                    continue
+                ws = [model.output_weight] if linears is None else [m.weight for m in linears]
+                setattr(owner, attr, (reorder(torch.cat(ws), 1), ws, [w._version for w in ws]))
         yield model
     finally:
         for owner, attr, _ in slots:

@@ -205,6 +205,17 @@ def test_prepacked_weights_are_the_same_numbers(tmp_path, name):
             assert m.layers[0].self_attn.packed_qkv is None and m.layers[0].mlp.packed_down is None
             assert m.layers[0].self_attn.packed_o is not None and m.layers[1].self_attn.packed_qkv is not None
             assert torch.allclose(m(ids), plain, atol=1e-5)
+    with prepacked(m):
+        with prepacked(m):                       # nested: shares the outer copy
+            pass
+        assert m.layers[1].self_attn.packed_qkv is not None
+        assert m(ids).requires_grad              # gradients recorded: the plain weights, which have them
+        with torch.no_grad():
+            m.layers[1].mlp.up_proj.weight.mul_(2)       # edited in place: the stale copy is no longer used
+            edited = m(ids)
+        assert not torch.allclose(edited, plain, atol=1e-3)
+    with torch.no_grad():
+        assert torch.allclose(m(ids), edited, atol=1e-5)
     with pytest.raises(ZeroDivisionError), prepacked(m):
         1 / 0
     assert m.layers[1].self_attn.packed_qkv is None and m.packed_head is None

@@ -3,6 +3,7 @@ import json
 from dataclasses import replace
 
 import pytest
+import torch
 
 import evaluate as ev
 
@@ -118,3 +119,20 @@ def test_compiled_model_gives_the_same_results(tiny_chat, tmp_path):
     plain, _ = ev.run_task(replace(cfg, compile=False, run="plain"), *ev.setup(replace(cfg, compile=False))[:5])
     for k, m in plain["metrics"].items():
         assert abs(m["value"] - compiled["metrics"][k]["value"]) <= 1e-6, k
+
+
+@pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="prepacking needs oneDNN")
+@pytest.mark.parametrize("task", ["opinion", "are_you_sure"])
+def test_prepacked_model_gives_the_same_results(tiny_chat, tmp_path, task):
+    """evaluate.py runs its tasks inside model.prepacked on a CPU: in fp32 the last bits of a product may differ
+    from the plain weights', the metrics may not."""
+    from model import prepacked
+    cfg = ev.EvalConfig(model=str(tiny_chat[0]), out=str(tmp_path), task=task, n=4)
+    parts = ev.setup(cfg)[:5]
+    plain, _ = ev.run_task(replace(cfg, prepack=False, run="plain"), *parts)
+    with prepacked(parts[0]):
+        assert parts[0].packed_head is not None
+        packed, _ = ev.run_task(cfg, *parts)
+    assert plain["metrics"].keys() == packed["metrics"].keys()
+    for k, m in plain["metrics"].items():
+        assert m["value"] == packed["metrics"][k]["value"] or abs(m["value"] - packed["metrics"][k]["value"]) <= 1e-5, k

@@ -21,13 +21,12 @@ import statistics
 import subprocess
 import sys
 import time
-from contextlib import ExitStack
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 
-from model import compile_for_inference, generate, hooks, load, pad_left, pad_right, prepacked
+from model import compile_for_inference, generate, hooks, load, pack, pad_left, pad_right
 from prepare import ensure_default_model, parse_args
 
 
@@ -50,7 +49,7 @@ class BenchConfig:
     pairs: int = 250           # A/B pairs whose activations are recorded at every layer (built-in opinion probes)
     out: str = "out"           # a JSON copy of the table lands here
     device: str = "cpu"        # cuda: every in-process row on the GPU (the fresh-process load and LoRA rows are CPU's)
-    prepack: bool = True       # ours as evaluate.py runs it: inside model.prepacked (oneDNN-layout weights; CPU only)
+    prepack: bool = True       # ours as the scripts run it (--prepack): model.pack, oneDNN-layout weights (CPU only)
 
 
 def timed(fns: dict, rounds: int, warmup: int = 2) -> dict:
@@ -317,9 +316,8 @@ def bench_evaluators(path, cfg, row) -> dict:
     from score import letter_probs
     t_start = time.perf_counter()
     ours, tok = load(path, dtype="fp32", device=cfg.device)
-    packing = ExitStack()          # left open until the end: ours is dropped with it
     if cfg.prepack:
-        packing.enter_context(prepacked(ours))
+        pack(ours)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(cfg.device).eval()
     fmt = get_chat_format(detect_chat_format(path))
     # One call takes 10-60 s, so: the correctness check doubles as the single warm-up, and fewer rounds.
@@ -373,7 +371,6 @@ def bench_evaluators(path, cfg, row) -> dict:
     row(f"record {len(pairs)} pairs x {len(layers)} layers vs no hooks", s["ours"], s["plain"], "pairs/s", len(pairs))
     row(f"record {len(pairs)} pairs vs transformers hidden_states", s["ours"], s["hf"], "pairs/s", len(pairs))
 
-    packing.close()
     return dict(seconds=time.perf_counter() - t_start, caa=caa_data, caa_items=len(items), tqa=tqa_data,
                 tqa_questions=len(questions), dtype="fp32")
 
@@ -400,9 +397,8 @@ def main(cfg: BenchConfig):
     with torch.no_grad():
         for dt_name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
             ours = load(path, dtype=dt_name, tokenizer=False, device=cfg.device)
-            packing = ExitStack()
-            if cfg.prepack:        # as evaluate.py runs it (generate prepacks bf16 models on its own either way)
-                packing.enter_context(prepacked(ours))
+            if cfg.prepack:        # as the scripts run it (generate packs bf16 models on its own either way)
+                pack(ours)
             hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dt).to(cfg.device).eval()
             s = timed({"ours": lambda: ours(ids, logits_to_keep=1), "hf": lambda: hf(ids, logits_to_keep=1)},
                       cfg.rounds)
@@ -436,7 +432,6 @@ def main(cfg: BenchConfig):
                               cfg.rounds)
                     row(f"scoring forward bf16 compiled ({compile_s:.0f} s to compile)", s["ours"], s["hf"], "tok/s",
                         ntok)
-            packing.close()
             ours = hf = None      # free both before the next dtype (closures above hold the names)
         evaluators = bench_evaluators(path, cfg, row) if cfg.evaluators else None
     weights = sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))

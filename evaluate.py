@@ -16,7 +16,6 @@ import random
 import re
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
@@ -28,7 +27,7 @@ import dist
 import probes
 import report
 from chat import detect_chat_format, get_chat_format
-from model import KVCache, compile_for_inference, generate, load, pad_left, prepacked
+from model import KVCache, compile_for_inference, generate, load, pack, pad_left
 from prepare import ensure_default_model, parse_args
 from probes import CHALLENGE, MC_PREFILL
 from report import Checkpoint, mean_metric, paired_difference, proportion_metric, provenance, write_result
@@ -55,8 +54,8 @@ class EvalConfig:
     seed: int = 0
     dist_timeout: float = 600.0   # under torchrun: seconds a rank waits for the others before the run stops
     compile: bool = False     # model.compile_for_inference: ~1.3x faster forwards after ~45 s of compiling
-    prepack: bool = True      # CPU: a oneDNN-layout copy of the weights (model.prepacked): fp32 scoring ~10% and
-                              # decoding ~1.5x faster, for one more copy of the weights in memory
+    prepack: bool = True      # CPU: a oneDNN-layout copy of the weights (model.pack): scoring ~1.15-1.5x and decoding
+                              # ~1.5x faster, for one more copy of the weights in memory
 
 
 # ------------------------------------------------------------------------------------------------ evaluators
@@ -533,7 +532,7 @@ TASKS = {"ab": (eval_ab, ab_metrics), "opinion": (eval_opinion_probes, opinion_m
 
 def setup(cfg):
     """(model, tok, fmt, fmt_name, model_dir, judge) from any config with model, dtype, device, chat_format and
-    optionally judge (the scripts without a judge simply have no such field)."""
+    optionally judge, compile and prepack (the scripts without them simply have no such fields)."""
     if not cfg.model and not dist.is_main():
         dist.barrier()            # under torchrun rank 0 converts the default model once, before the others look
     model_dir = Path(cfg.model) if cfg.model else ensure_default_model()
@@ -544,6 +543,8 @@ def setup(cfg):
     fmt_name = cfg.chat_format or detect_chat_format(model_dir)
     if getattr(cfg, "compile", False):    # attributes (config, layers, ...) still reach the model through the wrapper
         model = compile_for_inference(model)
+    elif getattr(cfg, "prepack", False):  # for the whole run; the forward checks before each use that it still fits
+        pack(model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model  {model_dir}  ({model.config.model_type}, {n_params / 1e6:.0f}M parameters, {cfg.dtype}, "
           f"chat format {fmt_name}, loaded in {time.perf_counter() - t0:.1f} s)")
@@ -552,6 +553,8 @@ def setup(cfg):
         judge = (model, tok, get_chat_format(fmt_name))
     elif judge_spec:
         jm, jt = load(judge_spec, dtype=cfg.dtype, device=cfg.device)
+        if getattr(cfg, "prepack", False):
+            pack(jm)
         judge = (jm, jt, get_chat_format(detect_chat_format(judge_spec)))
     return model, tok, get_chat_format(fmt_name), fmt_name, model_dir, judge
 
@@ -571,25 +574,24 @@ BASELINE = [dict(task="opinion", n=60), dict(task="answer", n=40), dict(task="ar
 
 def baseline(cfg):
     model, tok, fmt, fmt_name, model_dir, judge = setup(cfg)
-    with prepacked(model) if cfg.prepack else nullcontext():   # every task below reads the same weights
-        question = "What is the capital of France?"
-        answer = replies(model, tok, [tok.encode(fmt(user(question)))], 20)[0]
-        print(f"sanity check   {question}  ->  {answer.strip()}")
-        results, paths = [], []
-        for spec in BASELINE:
-            sub = replace(cfg, task=spec["task"], n=spec["n"], run=f"baseline-{spec['task']}")
-            if spec["task"] == "truthfulqa":
-                copy = data.local_truthfulqa()
-                if copy is None:
-                    print("\ntruthfulqa skipped: no local copy of TruthfulQA's data/mc_task.json (put one at "
-                          f"{data.TRUTHFULQA_COPIES[0]}; it is in github.com/sylinrl/TruthfulQA, or run "
-                          "`python prepare.py --dataset=truthfulqa` online)")
-                    continue
-                sub = replace(sub, data=str(copy))
-            result, path = run_task(sub, model, tok, fmt, fmt_name, model_dir, judge)
-            print_metrics(spec["task"], result, path)
-            results.append(result)
-            paths.append(path)
+    question = "What is the capital of France?"
+    answer = replies(model, tok, [tok.encode(fmt(user(question)))], 20)[0]
+    print(f"sanity check   {question}  ->  {answer.strip()}")
+    results, paths = [], []
+    for spec in BASELINE:
+        sub = replace(cfg, task=spec["task"], n=spec["n"], run=f"baseline-{spec['task']}")
+        if spec["task"] == "truthfulqa":
+            copy = data.local_truthfulqa()
+            if copy is None:
+                print("\ntruthfulqa skipped: no local copy of TruthfulQA's data/mc_task.json (put one at "
+                      f"{data.TRUTHFULQA_COPIES[0]}; it is in github.com/sylinrl/TruthfulQA, or run "
+                      "`python prepare.py --dataset=truthfulqa` online)")
+                continue
+            sub = replace(sub, data=str(copy))
+        result, path = run_task(sub, model, tok, fmt, fmt_name, model_dir, judge)
+        print_metrics(spec["task"], result, path)
+        results.append(result)
+        paths.append(path)
     if not dist.is_main():   # rank 0 writes the report
         return
     names = [r["config"]["task"] for r in results]
@@ -608,8 +610,7 @@ def main(argv):
     if cfg.task not in TASKS:
         sys.exit(f"error: unknown --task={cfg.task!r}; tasks: baseline, {', '.join(TASKS)}")
     model, tok, fmt, fmt_name, model_dir, judge = setup(cfg)
-    with prepacked(model) if cfg.prepack else nullcontext():
-        result, path = run_task(cfg, model, tok, fmt, fmt_name, model_dir, judge)
+    result, path = run_task(cfg, model, tok, fmt, fmt_name, model_dir, judge)
     print_metrics(cfg.task, result, path)
 
 

@@ -153,7 +153,7 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
-        self.packed_qkv = self.packed_o = None     # oneDNN-layout copies while generate runs on a CPU (prepacked)
+        self.packed_qkv = self.packed_o = None     # oneDNN-layout copies of the weights, see pack() (CPU)
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape                                               # x: (B, T, D); cos, sin: (B, 1, T, hd)
@@ -531,23 +531,29 @@ def load(path, dtype=None, device="cpu", tokenizer=True):
     return model, load_tokenizer(folder)
 
 
-# -------------------------------------------------------------------------------------------------- generation
+# ----------------------------------------------------------------------------- CPU inference: prepacked weights
 def onednn_linear(x, packed):
-    """x (..., in) @ a weight that prepacked() put in oneDNN's blocked layout -> (..., out)."""
+    """x (..., in) @ a weight that pack() put in oneDNN's blocked layout -> (..., out)."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
 def packed_weight(p):
-    """p: None or prepacked()'s (blocked matrix, the weights it copies, their versions then). The matrix, or None
-    where it cannot stand in for them: while gradients are recorded (it has none), under torch.compile, or once a
-    weight was edited in place (steering's ablation, a LoRA merge, an optimizer step bump its version)."""
+    """p: None or pack()'s (blocked matrix, [(parent, name, linear, weight, its version then)]). The matrix,
+    or None where it cannot stand in for the linears: while gradients are recorded (it has none), under
+    torch.compile, or once something changed since packing: a linear swapped for another module (a LoRA wrapper),
+    given module hooks, its weight replaced, or edited in place (steering's ablation, a LoRA merge, an optimizer
+    step: each bumps the tensor's version). Dict lookups only: this runs 5 times per layer per decode step."""
     if p is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
-    return p[0] if all(w._version == v for w, v in zip(p[1], p[2])) else None
+    for parent, name, m, w, version in p[1]:
+        if parent._modules[name] is not m or m._parameters["weight"] is not w or w._version != version \
+                or m._forward_hooks or m._forward_pre_hooks:
+            return None
+    return p[0]
 
 
 def prepackable(model) -> bool:
-    """Whether prepacked() can pack this model: a Transformer (not a compiled wrapper) on a CPU with oneDNN, in
+    """Whether pack() can pack this model: a Transformer (not a compiled wrapper) on a CPU with oneDNN, in
     fp32, or in bf16 where oneDNN has bf16 kernels for this CPU."""
     if not isinstance(model, Transformer) or not torch.backends.mkldnn.is_available():
         return False
@@ -572,43 +578,58 @@ def can_prepack(model) -> bool:
     return free > 2 * sum(p.numel() * p.element_size() for p in model.parameters())
 
 
-@contextmanager
-def prepacked(model: Transformer):
-    """For the body of a `with`: every projection weight also in oneDNN's blocked layout (q/k/v and gate/up each
-    as one matrix), which the forward multiplies by instead of the plain (out, in) weights (see packed_weight).
+def pack(model: Transformer) -> bool:
+    """Give the forward a copy of every projection weight in oneDNN's blocked layout (q/k/v and gate/up each as
+    one matrix), which it multiplies by instead of the plain (out, in) weights, until unpack(model). Returns
+    whether it packed (see prepackable). Scripts pack through evaluate.setup (--prepack); prepacked() scopes it.
 
     Why: on a CPU, oneDNN reads its blocked layout at about twice the memory bandwidth it reaches on the plain
     one when it multiplies one vector per row by a matrix, as a decode step does (2 cores, SmolLM2, bf16: a step
-    46 -> 34 ms), and its blocked fp32 matrix products beat the plain (MKL) ones by ~10% at scoring sizes.
-    transformers uses the plain layout. The results are bit-identical in bf16 (each output is the same dot
-    product; tested on SmolLM2's and the test models' shapes); in fp32 they differ in the last bits.
-    The cost: a second copy of the weights while the body runs (made in ~0.1 s for SmolLM2 in bf16). Only plain
-    nn.Linear projections without module hooks are packed: a LoRA wrapper or a hooked projection runs as written.
-    A model it cannot pack (see prepackable) runs as it is; nested uses share the outer copy.
+    46 -> 34 ms), and its blocked matrix products beat the plain ones at scoring sizes too (fp32 ~15%, where the
+    plain ones are MKL's; bf16 ~5%). transformers uses the plain layout. The results are bit-identical in bf16
+    (each output is the same dot product; tested on SmolLM2's and the test models' shapes); in fp32 they differ
+    in the last bits. The cost: a second copy of the weights (made in ~0.1 s for SmolLM2 in bf16). Only plain
+    projections without module hooks are packed, and packed_weight checks before every use that nothing changed.
     """
     if not prepackable(model) or model.packed_head is not None:
-        yield model
-        return
-    slots = [(model, "packed_head", None)]     # (module, attribute, the linears it stands for); None: the head
+        return False
+    head = (model.model, "embed_tokens") if model.config.tie_word_embeddings else (model, "lm_head")
+    slots = [(model, "packed_head", [head])]     # (module, attribute, the (parent, name) of each linear it packs)
     for block in model.layers:
         a, m = block.self_attn, block.mlp
-        slots += [(a, "packed_qkv", (a.q_proj, a.k_proj, a.v_proj)), (a, "packed_o", (a.o_proj,)),
-                  (m, "packed_gate_up", (m.gate_proj, m.up_proj)), (m, "packed_down", (m.down_proj,))]
+        slots += [(a, "packed_qkv", [(a, "q_proj"), (a, "k_proj"), (a, "v_proj")]), (a, "packed_o", [(a, "o_proj")]),
+                  (m, "packed_gate_up", [(m, "gate_proj"), (m, "up_proj")]), (m, "packed_down", [(m, "down_proj")])]
     reorder = torch.ops.mkldnn._reorder_linear_weight     # (out, in) -> blocked; 1: laid out for one row
+    with torch.no_grad():
+        for owner, attr, names in slots:
+            mods = [parent._modules[name] for parent, name in names]
+            if all(type(x) in (nn.Linear, nn.Embedding) and not x._forward_hooks and not x._forward_pre_hooks
+                   for x in mods):
+                checks = [(parent, name, x, x.weight, x.weight._version) for (parent, name), x in zip(names, mods)]
+                setattr(owner, attr, (reorder(torch.cat([x.weight for x in mods]), 1), checks))
+    return True
+
+
+def unpack(model: Transformer):
+    """Drop pack()'s copies (the forward goes back to the plain weights)."""
+    model.packed_head = None
+    for block in model.layers:
+        block.self_attn.packed_qkv = block.self_attn.packed_o = block.mlp.packed_gate_up = block.mlp.packed_down = None
+
+
+@contextmanager
+def prepacked(model: Transformer):
+    """pack(model) for the body of a `with`, unpacked afterwards, also if the body raises. Inside a packed model
+    (an outer `with`, or a script's --prepack) it changes nothing."""
+    packed = pack(model)
     try:
-        with torch.no_grad():
-            for owner, attr, linears in slots:
-                if linears is not None and not all(type(m) is nn.Linear and not m._forward_hooks
-                                                   and not m._forward_pre_hooks for m in linears):
-                    continue
-                ws = [model.output_weight] if linears is None else [m.weight for m in linears]
-                setattr(owner, attr, (reorder(torch.cat(ws), 1), ws, [w._version for w in ws]))
         yield model
     finally:
-        for owner, attr, _ in slots:
-            setattr(owner, attr, None)
+        if packed:
+            unpack(model)
 
 
+# -------------------------------------------------------------------------------------------------- generation
 def compile_for_inference(model: Transformer):
     """torch.compile for scoring and generation with fixed weights. On the CPU with "freezing": the weights become
     constants of the graph, so inductor prepacks them for oneDNN's matrix kernels (2 cores, bf16, 16x128: 1.23-1.38x

@@ -216,6 +216,16 @@ def test_prepacked_weights_are_the_same_numbers(tmp_path, name):
         assert not torch.allclose(edited, plain, atol=1e-3)
     with torch.no_grad():
         assert torch.allclose(m(ids), edited, atol=1e-5)
+    fresh = load(folder, dtype="fp32", tokenizer=False)
+    with torch.no_grad(), prepacked(fresh):   # changed after packing: a LoRA wrapper, a module hook
+        add_lora(fresh, targets=("v_proj",), layers=[1])
+        fresh.layers[1].self_attn.v_proj.lora_B.normal_()
+        hook = fresh.layers[0].mlp.down_proj.register_forward_hook(lambda mod, args, out: out * 0)
+        got = fresh(ids)
+    with torch.no_grad():
+        assert torch.allclose(got, fresh(ids), atol=1e-5)
+        hook.remove()
+        assert not torch.allclose(got, fresh(ids), atol=1e-3)
     with pytest.raises(ZeroDivisionError), prepacked(m):
         1 / 0
     assert m.layers[1].self_attn.packed_qkv is None and m.packed_head is None

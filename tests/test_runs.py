@@ -124,15 +124,13 @@ def test_compiled_model_gives_the_same_results(tiny_chat, tmp_path):
 @pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="prepacking needs oneDNN")
 @pytest.mark.parametrize("task", ["opinion", "are_you_sure"])
 def test_prepacked_model_gives_the_same_results(tiny_chat, tmp_path, task):
-    """evaluate.py runs its tasks inside model.prepacked on a CPU: in fp32 the last bits of a product may differ
-    from the plain weights', the metrics may not."""
-    from model import prepacked
+    """evaluate.setup packs the model on a CPU (--prepack, the default): in fp32 the last bits of a product may
+    differ from the plain weights', the metrics may not."""
     cfg = ev.EvalConfig(model=str(tiny_chat[0]), out=str(tmp_path), task=task, n=4)
-    parts = ev.setup(cfg)[:5]
-    plain, _ = ev.run_task(replace(cfg, prepack=False, run="plain"), *parts)
-    with prepacked(parts[0]):
-        assert parts[0].packed_head is not None
-        packed, _ = ev.run_task(cfg, *parts)
+    packed_parts, plain_parts = ev.setup(cfg)[:5], ev.setup(replace(cfg, prepack=False))[:5]
+    assert packed_parts[0].packed_head is not None and plain_parts[0].packed_head is None
+    packed, _ = ev.run_task(cfg, *packed_parts)
+    plain, _ = ev.run_task(replace(cfg, prepack=False, run="plain"), *plain_parts)
     assert plain["metrics"].keys() == packed["metrics"].keys()
     for k, m in plain["metrics"].items():
         assert m["value"] == packed["metrics"][k]["value"] or abs(m["value"] - packed["metrics"][k]["value"]) <= 1e-5, k

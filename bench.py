@@ -2,9 +2,11 @@
 
 Every row times ours and the reference alternately (so drift in machine load hits both alike), takes the
 median of `rounds` runs, and prints ours / theirs as a ratio (> 1 = we are faster). transformers gets its best
-settings: `logits_to_keep` for scoring and its own KV cache in `generate`. The evaluator rows (fp32, several
-minutes) time evaluate.py's evaluators against the ways others compute the same numbers with transformers: the
-CAA study's one-prompt-at-a-time loop, transformers batched as we batch, lm-evaluation-harness's one row per option.
+settings: `logits_to_keep` for scoring and its own KV cache in `generate`. Ours runs as the scripts run it: on a
+CPU with its weights packed for oneDNN (model.pack; --prepack=false times the plain weights). The evaluator rows
+(fp32, several minutes) time evaluate.py's evaluators against the ways others compute the same numbers with
+transformers: the CAA study's one-prompt-at-a-time loop, transformers batched as we batch, lm-evaluation-harness's
+one row per option.
 With --device=cuda every in-process row runs on the GPU (synchronized around each timed call); the fresh-process load
 and LoRA rows measure CPU resident memory and are skipped there.
 

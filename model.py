@@ -711,13 +711,14 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     a second turn continues from it without re-reading the first (finished rows write masked padding).
     look_every: steps between looks at the tokens for stops (0 = 8 on a GPU, else 1; always 1 with a cache).
     cuda_graph: on a GPU, replay decode steps as a CUDA graph (not with a kept cache, hooks, or in training mode).
-    prepack: multiply by a copy of the weights in oneDNN's layout (see prepacked; CPU only). None = when
-    can_prepack: bf16 on an x86 CPU with free memory for the copy, where it gives the same tokens ~1.4x faster.
+    prepack: multiply by a copy of the weights in oneDNN's layout (see pack; CPU only). None = when can_prepack
+    (bf16 on an x86 CPU with free memory for the copy, where it gives the same tokens ~1.5x faster) and at least 16
+    new tokens are asked for: packing costs about as much as 3-4 decode steps. A packed model stays packed.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     if prepack is None:
-        prepack = can_prepack(model)
+        prepack = max_new_tokens >= 16 and can_prepack(model)
     with prepacked(model) if prepack else nullcontext():
         dev = model.model.embed_tokens.weight.device
         ids, mask = pad_left(prompts, dev, pad_id)

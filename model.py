@@ -587,9 +587,10 @@ def pack(model: Transformer) -> bool:
     one when it multiplies one vector per row by a matrix, as a decode step does (2 cores, SmolLM2, bf16: a step
     46 -> 34 ms), and its blocked matrix products beat the plain ones at scoring sizes too (fp32 ~15%, where the
     plain ones are MKL's; bf16 ~5%). transformers uses the plain layout. The results are bit-identical in bf16
-    (each output is the same dot product; tested on SmolLM2's and the test models' shapes); in fp32 they differ
-    in the last bits. The cost: a second copy of the weights (made in ~0.1 s for SmolLM2 in bf16). Only plain
-    projections without module hooks are packed, and packed_weight checks before every use that nothing changed.
+    (each output is the same dot product; tested on SmolLM2's, the test models' and, by hand, Llama-2-7B's
+    shapes); in fp32 they differ in the last bits. The cost: a second copy of the weights (made in ~0.1 s for
+    SmolLM2 in bf16). Only plain projections without module hooks are packed, and packed_weight checks before
+    every use that nothing changed.
     """
     if not prepackable(model) or model.packed_head is not None:
         return False

@@ -538,16 +538,18 @@ def onednn_linear(x, packed):
 
 
 def packed_weight(p):
-    """p: None or pack()'s (blocked matrix, [(parent, name, linear, weight, its version then)]). The matrix,
-    or None where it cannot stand in for the linears: while gradients are recorded (it has none), under
+    """p: None or pack()'s (blocked matrix, [(parent, name, linear, weight, its version and address then)]). The
+    matrix, or None where it cannot stand in for the linears: while gradients are recorded (it has none), under
     torch.compile, or once something changed since packing: a linear swapped for another module (a LoRA wrapper),
-    given module hooks, its weight replaced, or edited in place (steering's ablation, a LoRA merge, an optimizer
-    step: each bumps the tensor's version). Dict lookups only: this runs 5 times per layer per decode step."""
+    given module hooks, its weight replaced or moved (.to(), .double(): a new address), or edited in place
+    (steering's ablation, a LoRA merge, an optimizer step: each bumps the tensor's version). The one edit it
+    cannot see is one through `.data` (w.data.copy_ keeps the version): unpack before that.
+    Attribute and dict lookups only: this runs 5 times per layer per decode step (~1 us each)."""
     if p is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
-    for parent, name, m, w, version in p[1]:
+    for parent, name, m, w, version, address in p[1]:
         if parent._modules[name] is not m or m._parameters["weight"] is not w or w._version != version \
-                or m._forward_hooks or m._forward_pre_hooks:
+                or w.data_ptr() != address or m._forward_hooks or m._forward_pre_hooks:
             return None
     return p[0]
 
@@ -606,7 +608,8 @@ def pack(model: Transformer) -> bool:
             mods = [parent._modules[name] for parent, name in names]
             if all(type(x) in (nn.Linear, nn.Embedding) and not x._forward_hooks and not x._forward_pre_hooks
                    for x in mods):
-                checks = [(parent, name, x, x.weight, x.weight._version) for (parent, name), x in zip(names, mods)]
+                checks = [(parent, name, x, x.weight, x.weight._version, x.weight.data_ptr())
+                          for (parent, name), x in zip(names, mods)]
                 setattr(owner, attr, (reorder(torch.cat([x.weight for x in mods]), 1), checks))
     return True
 

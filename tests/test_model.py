@@ -226,6 +226,11 @@ def test_prepacked_weights_are_the_same_numbers(tmp_path, name):
         assert torch.allclose(got, fresh(ids), atol=1e-5)
         hook.remove()
         assert not torch.allclose(got, fresh(ids), atol=1e-3)
+    moved = load(folder, dtype="fp32", tokenizer=False)
+    with torch.no_grad(), prepacked(moved):
+        want = moved(ids)
+        got = moved.double()(ids)               # moved to another dtype: each weight has a new address
+        assert got.dtype == torch.float64 and torch.allclose(got.float(), want, atol=1e-5)
     with pytest.raises(ZeroDivisionError), prepacked(m):
         1 / 0
     assert m.layers[1].self_attn.packed_qkv is None and m.packed_head is None

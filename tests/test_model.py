@@ -181,12 +181,15 @@ def test_prepacked_weights_are_the_same_numbers(tmp_path, name):
     """generate multiplies by oneDNN-layout copies of the weights on a CPU: the same logits bit for bit in bf16
     (close in fp32), the same tokens, nothing left behind afterwards, and LoRA-wrapped projections left alone."""
     from lora import add_lora
-    from model import can_prepack, prepacked
+    from model import can_prepack, prepackable, prepacked
     mt, over = CONFIGS[name]
     folder = save_hf_model(make_hf_model(mt, **over), tmp_path / name)
     ids = torch.randint(0, 96, (3, 11))
     for dtype in ("bf16", "fp32"):
         m = load(folder, dtype=dtype, tokenizer=False)
+        if not prepackable(m):                   # bf16 on a CPU without oneDNN bf16 kernels: nothing to test
+            assert dtype == "bf16" and not can_prepack(m)
+            continue
         with torch.no_grad():
             plain = m(ids)
             with prepacked(m):

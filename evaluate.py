@@ -541,9 +541,10 @@ def setup(cfg):
     t0 = time.perf_counter()
     model, tok = load(model_dir, dtype=cfg.dtype, device=cfg.device)
     fmt_name = cfg.chat_format or detect_chat_format(model_dir)
+    prepack = getattr(cfg, "prepack", False)
     if getattr(cfg, "compile", False):    # attributes (config, layers, ...) still reach the model through the wrapper
         model = compile_for_inference(model)
-    elif getattr(cfg, "prepack", False):  # for the whole run; the forward checks before each use that it still fits
+    elif prepack:                         # for the whole run; the forward checks before each use that it still fits
         pack(model)
     n_params = sum(p.numel() for p in model.parameters())
     print(f"model  {model_dir}  ({model.config.model_type}, {n_params / 1e6:.0f}M parameters, {cfg.dtype}, "
@@ -553,7 +554,7 @@ def setup(cfg):
         judge = (model, tok, get_chat_format(fmt_name))
     elif judge_spec:
         jm, jt = load(judge_spec, dtype=cfg.dtype, device=cfg.device)
-        if getattr(cfg, "prepack", False):
+        if prepack:
             pack(jm)
         judge = (jm, jt, get_chat_format(detect_chat_format(judge_spec)))
     return model, tok, get_chat_format(fmt_name), fmt_name, model_dir, judge

@@ -157,11 +157,7 @@ class Attention(nn.Module):
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape                                               # x: (B, T, D); cos, sin: (B, 1, T, hd)
-        P = packed_weight(self.packed_qkv)
-        if P is not None:                      # q, k and v in one product (the same numbers)
-            q, k, v = onednn_linear(x, P).split((self.nh * self.hd, self.nkv * self.hd, self.nkv * self.hd), -1)
-        else:
-            q, k, v = self.q_proj(x), self.k_proj(x), self.v_proj(x)
+        q, k, v = project(x, self.packed_qkv, self.q_proj, self.k_proj, self.v_proj)
         q = q.view(B, T, self.nh, self.hd).transpose(1, 2)              # (B, nh, T, hd)
         k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)             # (B, nkv, T, hd)
         v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)
@@ -180,9 +176,7 @@ class Attention(nn.Module):
                 gqa = False
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
                                                enable_gqa=gqa)
-        y = y.transpose(1, 2).reshape(B, T, self.nh * self.hd)
-        P = packed_weight(self.packed_o)
-        return self.o_proj(y) if P is None else onednn_linear(y, P)
+        return project(y.transpose(1, 2).reshape(B, T, self.nh * self.hd), self.packed_o, self.o_proj)[0]
 
 
 class MLP(nn.Module):
@@ -194,11 +188,8 @@ class MLP(nn.Module):
         self.packed_gate_up = self.packed_down = None     # see Attention
 
     def forward(self, x):
-        P = packed_weight(self.packed_gate_up)
-        g, u = onednn_linear(x, P).chunk(2, -1) if P is not None else (self.gate_proj(x), self.up_proj(x))
-        h = F.silu(g) * u                                                      # SwiGLU
-        P = packed_weight(self.packed_down)
-        return self.down_proj(h) if P is None else onednn_linear(h, P)
+        g, u = project(x, self.packed_gate_up, self.gate_proj, self.up_proj)
+        return project(F.silu(g) * u, self.packed_down, self.down_proj)[0]       # SwiGLU
 
 
 class Block(nn.Module):
@@ -537,6 +528,15 @@ def onednn_linear(x, packed):
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
+def project(x, packed, *linears):
+    """[linear(x) for each linear], from pack()'s one blocked matrix for all of them while it still stands in for
+    their weights (see packed_weight; the same numbers), else from each linear as written."""
+    P = packed_weight(packed)
+    if P is None:
+        return [m(x) for m in linears]
+    return onednn_linear(x, P).split([m.out_features for m in linears], -1)
+
+
 def packed_weight(p):
     """p: None or pack()'s (blocked matrix, [(parent, name, linear, weight, its version and address then)]). The
     matrix, or None where it cannot stand in for the linears: while gradients are recorded (it has none), under
@@ -561,11 +561,11 @@ def prepackable(model) -> bool:
         return False
     w = model.output_weight
     try:       # private ops: another torch version may lack them
-        ops = torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
+        torch.ops.mkldnn._reorder_linear_weight, torch.ops.mkldnn._linear_pointwise
         bf16 = torch.ops.mkldnn._is_mkldnn_bf16_supported()
     except (AttributeError, RuntimeError):
         return False
-    return bool(ops) and w.device.type == "cpu" and (w.dtype == torch.float32 or w.dtype == torch.bfloat16 and bf16)
+    return w.device.type == "cpu" and (w.dtype == torch.float32 or w.dtype == torch.bfloat16 and bf16)
 
 
 def can_prepack(model) -> bool:
@@ -596,15 +596,9 @@ def pack(model: Transformer) -> bool:
     """
     if not prepackable(model) or model.packed_head is not None:
         return False
-    head = (model.model, "embed_tokens") if model.config.tie_word_embeddings else (model, "lm_head")
-    slots = [(model, "packed_head", [head])]     # (module, attribute, the (parent, name) of each linear it packs)
-    for block in model.layers:
-        a, m = block.self_attn, block.mlp
-        slots += [(a, "packed_qkv", [(a, "q_proj"), (a, "k_proj"), (a, "v_proj")]), (a, "packed_o", [(a, "o_proj")]),
-                  (m, "packed_gate_up", [(m, "gate_proj"), (m, "up_proj")]), (m, "packed_down", [(m, "down_proj")])]
     reorder = torch.ops.mkldnn._reorder_linear_weight     # (out, in) -> blocked; 1: laid out for one row
     with torch.no_grad():
-        for owner, attr, names in slots:
+        for owner, attr, names in pack_slots(model):
             mods = [parent._modules[name] for parent, name in names]
             if all(type(x) in (nn.Linear, nn.Embedding) and not x._forward_hooks and not x._forward_pre_hooks
                    for x in mods):
@@ -614,11 +608,21 @@ def pack(model: Transformer) -> bool:
     return True
 
 
+def pack_slots(model: Transformer) -> list:
+    """[(module, attribute that holds a packed matrix, the (parent, name) of each linear it stands for)]."""
+    head = (model.model, "embed_tokens") if model.config.tie_word_embeddings else (model, "lm_head")
+    slots = [(model, "packed_head", [head])]
+    for block in model.layers:
+        a, m = block.self_attn, block.mlp
+        slots += [(a, "packed_qkv", [(a, "q_proj"), (a, "k_proj"), (a, "v_proj")]), (a, "packed_o", [(a, "o_proj")]),
+                  (m, "packed_gate_up", [(m, "gate_proj"), (m, "up_proj")]), (m, "packed_down", [(m, "down_proj")])]
+    return slots
+
+
 def unpack(model: Transformer):
     """Drop pack()'s copies (the forward goes back to the plain weights)."""
-    model.packed_head = None
-    for block in model.layers:
-        block.self_attn.packed_qkv = block.self_attn.packed_o = block.mlp.packed_gate_up = block.mlp.packed_down = None
+    for owner, attr, _ in pack_slots(model):
+        setattr(owner, attr, None)
 
 
 @contextmanager

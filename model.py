@@ -130,19 +130,29 @@ def rope(x, cos, sin):
     return x * cos + torch.cat((x2, x1), dim=-1) * sin
 
 
-def decode_attention(q, k, v, mask):
-    """One query per row, the decode step: q (B, nh, 1, hd), k/v (B, nkv, S, hd) -> (B, nh, 1, hd).
+def plain_attention(q, k, v, mask):
+    """Attention as two matrix products and a softmax: q (B, nh, T, hd), k/v (B, nkv, S, hd) -> (B, nh, T, hd).
+    mask: None, "causal" or bool (B, 1, T, S). The query heads of a group share their key head (no repeat of k/v).
+    Scores and softmax in fp32, the probabilities rounded to the model's dtype for the product with v: the
+    precision of SDPA's CPU kernel (tested against it).
 
-    On the CPU, SDPA's kernels are 3-5x slower than this for a single query against a bf16 cache; done here in
-    fp32 with the query heads of a group sharing their key head (no repeat of k/v), rounded once at the end.
+    The CPU uses it where SDPA's kernels are slow: a decode step (one query against a bf16 cache: SDPA is 3-5x
+    slower), and under torch.compile at every length, where inductor fuses the scale, mask and softmax into one
+    pass between the two products (16x128 in bf16, SmolLM2: SDPA's flash kernel was 16% of the compiled forward,
+    and the compiled forward goes from about 1.13x to 1.3x transformers).
     """
-    B, nh, _, hd = q.shape
-    nkv = k.shape[1]
-    qg = q.view(B, nkv, nh // nkv, hd).float()                      # (B, nkv, g, hd): g heads share a kv head
-    s = qg @ k.float().transpose(-1, -2) * hd ** -0.5                # (B, nkv, g, S)
+    B, nh, T, hd = q.shape
+    nkv, S = k.shape[1], k.shape[2]
+    qg = q.reshape(B, nkv, nh // nkv * T, hd).float()               # (B, nkv, g*T, hd): g heads share a kv head
+    s = (qg @ k.float().transpose(-1, -2) * hd ** -0.5).view(B, nkv, nh // nkv, T, S)
+    if isinstance(mask, str):                                        # "causal": query i sees keys up to S - T + i
+        mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
+    elif mask is not None:
+        mask = mask[:, :, None]                                      # (B, 1, 1, T, S), against (B, nkv, g, T, S)
     if mask is not None:
-        s = s.masked_fill(~mask, float("-inf"))                      # mask (B, 1, 1, S)
-    return (s.softmax(-1) @ v.float()).to(q.dtype).view(B, nh, 1, hd)
+        s = s.masked_fill(~mask, float("-inf"))
+    p = s.softmax(-1).to(v.dtype).view(B, nkv, nh // nkv * T, S)      # rounded as SDPA's CPU kernel rounds it
+    return (p @ v).view(B, nh, T, hd)
 
 
 class Attention(nn.Module):
@@ -155,7 +165,8 @@ class Attention(nn.Module):
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
         self.packed_qkv = self.packed_o = None     # oneDNN-layout copies of the weights, see pack() (CPU)
 
-    def forward(self, x, cos, sin, mask, cache):
+    def forward(self, x, cos, sin, mask, cache, rows=None):
+        """rows: None, or the positions (T',) whose outputs are wanted (keys and values still come from all T)."""
         B, T, _ = x.shape                                               # x: (B, T, D); cos, sin: (B, 1, T, hd)
         q, k, v = project(x, self.packed_qkv, self.q_proj, self.k_proj, self.v_proj)
         q = q.view(B, T, self.nh, self.hd).transpose(1, 2)              # (B, nh, T, hd)
@@ -165,8 +176,16 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                       # (B, nkv, S, hd): past and new keys
         # mask is None (every key visible), "causal" (square, no padding) or a bool tensor (B, 1, T, S).
-        if T == 1 and not x.is_cuda:
-            y = decode_attention(q, k, v, mask)
+        # A decode step (one new token) on the CPU, or any step under torch.compile there: see plain_attention.
+        # Decided before `rows` cuts the queries, so that a cut forward rounds as the full one does.
+        plain = not x.is_cuda and (T == 1 or torch.compiler.is_compiling())
+        if rows is not None:
+            q = q[:, :, rows]                                           # (B, nh, T', hd)
+            mask = mask[..., rows, :] if isinstance(mask, torch.Tensor) else \
+                (torch.arange(T, device=x.device) <= rows[:, None])[None, None]     # "causal": (1, 1, T', S)
+            T = len(rows)
+        if plain:
+            y = plain_attention(q, k, v, mask)
         else:
             causal, gqa = isinstance(mask, str), self.nkv != self.nh
             if gqa and x.is_cuda and isinstance(mask, torch.Tensor):
@@ -206,9 +225,12 @@ class Block(nn.Module):
             x = x if out is None else out
         return x
 
-    def forward(self, x, pos, cos, sin, mask, cache):
+    def forward(self, x, pos, cos, sin, mask, cache, rows=None):
+        """rows: None, or the positions (T',) to go on with (the last block when scoring, without hooks)."""
         x = self.hook("resid_pre", x, pos)
-        a = self.hook("attn_out", self.self_attn(self.input_layernorm(x), cos, sin, mask, cache), pos)
+        a = self.hook("attn_out", self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, rows), pos)
+        if rows is not None:
+            x = x[:, rows]                                              # (B, T', D)
         x = self.hook("resid_mid", x + a, pos)
         m = self.hook("mlp_out", self.mlp(self.post_attention_layernorm(x)), pos)
         return self.hook("resid_post", x + m, pos)
@@ -273,14 +295,22 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)                                   # (B, T, D)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         sin = torch.cat((-sin[..., : sin.shape[-1] // 2], sin[..., sin.shape[-1] // 2:]), -1)   # see rope()
+        # Only the kept positions' outputs are read, so the last block computes its queries, attention output,
+        # MLP and residual at those positions alone; its keys and values, and every earlier block, need all T.
+        # (Not with hooks, which see every position, nor for per-row positions.) ~3% of a 30-layer forward.
+        k, rows = logits_to_keep, None
+        if not self.hooked and isinstance(k, int) and 0 < k < T:
+            k, rows = 0, torch.arange(T - k, T, device=dev)
+        elif not self.hooked and isinstance(k, torch.Tensor) and k.dim() == 1:
+            k, rows = 0, k % T                                            # (T',) non-negative
+        last = self.model.layers[-1]
         for block in self.model.layers:
-            x = block(x, position_ids, cos, sin, mask, cache)
+            x = block(x, position_ids, cos, sin, mask, cache, rows if block is last else None)
         if cache is not None:
             # next position per row = one past its last real token (a chunk of pure padding moves nothing)
             cache.advance(T, torch.maximum(cache.next_pos, position_ids.masked_fill(~valid, -1).amax(-1) + 1))
 
         # The final norm and the vocab projection are per position: cut first, so unneeded logits cost nothing.
-        k = logits_to_keep
         if isinstance(k, torch.Tensor):
             x = x[:, k] if k.dim() == 1 else x.gather(1, k[..., None].expand(-1, -1, x.shape[-1]))
         elif k:
@@ -639,11 +669,26 @@ def prepacked(model: Transformer):
 
 # -------------------------------------------------------------------------------------------------- generation
 def compile_for_inference(model: Transformer):
-    """torch.compile for scoring and generation with fixed weights. On the CPU with "freezing": the weights become
-    constants of the graph, so inductor prepacks them for oneDNN's matrix kernels (2 cores, bf16, 16x128: 1.23-1.38x
-    transformers, against 1.20x compiled without). So the weights must not change afterwards (no training, no
-    in-place edits). On a GPU, plain compile: that is what was measured there (1.36x transformers on a 7B model)."""
-    return torch.compile(model, options={"freezing": model.output_weight.device.type == "cpu"})
+    """torch.compile for scoring and generation with fixed weights. On the CPU with inductor's "freezing": the
+    weights become constants of the graph, which inductor prepacks for oneDNN, and attention is written out (see
+    plain_attention). So the weights must not change afterwards (no training, no in-place edits). On a GPU, plain
+    compile: that is what was measured there (1.36x transformers on a 7B model).
+
+    Freezing is switched on around every call, not through torch.compile(options=...): dynamo reads the global
+    flag when it traces (at a call, not here) to decide whether weights become graph constants, and with the
+    option alone they stay graph inputs that inductor cannot prepack (the weight-pack pass then matches nothing).
+    """
+    compiled = torch.compile(model)
+    if model.output_weight.device.type != "cpu":
+        return compiled
+    from torch._inductor import config as inductor_config     # imported here: importing inductor takes ~1 s
+    call = compiled.forward
+
+    def forward(*args, **kwargs):
+        with inductor_config.patch(freezing=True):
+            return call(*args, **kwargs)
+    compiled.forward = forward
+    return compiled
 
 
 def sample(logits, temperature: float, top_p: float, generator):

@@ -89,6 +89,27 @@ def test_logits_to_keep(tiny_llama):
         assert torch.allclose(ours(ids, logits_to_keep=per_row)[:, 0], full[[0, 1, 2], [1, 4, 8]], atol=1e-6)
 
 
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_logits_to_keep_cuts_the_last_block(tmp_path, dtype):
+    """With kept positions and no hooks, the last block works on those positions only: the same numbers as the
+    full forward (bit for bit in bf16), with padding, a sliding window, negative positions and a KV cache."""
+    ours = load(save_hf_model(make_hf_model("mistral", sliding_window=5), tmp_path / "m"), dtype=dtype,
+                tokenizer=False)
+    ids = torch.randint(3, 96, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :4] = 0
+    same = torch.equal if dtype == "bf16" else (lambda a, b: torch.allclose(a, b, atol=1e-6))
+    with torch.no_grad():
+        for m in (None, mask):
+            full = ours(ids, attention_mask=m)
+            assert same(ours(ids, attention_mask=m, logits_to_keep=1), full[:, -1:])
+            assert same(ours(ids, attention_mask=m, logits_to_keep=7), full[:, -7:])
+            assert same(ours(ids, attention_mask=m, logits_to_keep=torch.tensor([2, -1])), full[:, [2, -1]])
+        cache = KVCache(ours.config, 3, 12, dtype=full.dtype)
+        ours(ids[:, :5], attention_mask=mask[:, :5], cache=cache)
+        assert same(ours(ids[:, 5:], cache=cache, logits_to_keep=2), full[:, -2:])
+
+
 def test_generate_batched_equals_single_and_uncached(tiny_llama):
     folder, hf = tiny_llama
     ours = load(folder, tokenizer=False)
@@ -237,6 +258,48 @@ def test_prepacked_weights_are_the_same_numbers(tmp_path, name):
     with pytest.raises(ZeroDivisionError), prepacked(m):
         1 / 0
     assert m.layers[1].self_attn.packed_qkv is None and m.packed_head is None
+
+
+
+def test_plain_attention_equals_sdpa():
+    """The written-out attention (decode steps and compiled forwards on the CPU) against SDPA, with every mask the
+    model makes: causal, none (one query), and bool (padding, a window, queries after a cache)."""
+    from model import plain_attention
+    F = torch.nn.functional
+    B, nh, nkv, hd = 3, 6, 2, 8
+    for T, S, mask in [(7, 7, "causal"), (1, 9, None), (1, 9, torch.rand(B, 1, 1, 9) > 0.3),
+                       (7, 7, torch.rand(B, 1, 7, 7) > 0.3), (4, 11, torch.rand(B, 1, 4, 11) > 0.3)]:
+        if isinstance(mask, torch.Tensor):
+            mask[..., -1] = True                    # no query without a key (SDPA would give NaN)
+        q, k, v = torch.randn(B, nh, T, hd), torch.randn(B, nkv, S, hd), torch.randn(B, nkv, S, hd)
+        want = F.scaled_dot_product_attention(q, k.repeat_interleave(3, 1), v.repeat_interleave(3, 1),
+                                              attn_mask=None if isinstance(mask, str) else mask,
+                                              is_causal=isinstance(mask, str))
+        got = plain_attention(q, k, v, mask)
+        assert got.shape == want.shape and (got - want).abs().max() <= 1e-5, (T, S)
+        got = plain_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mask)
+        assert got.dtype == torch.bfloat16 and (got.float() - want).abs().max() <= 0.05
+
+
+@pytest.mark.slow
+def test_compiled_forward_freezes_weights_and_equals_eager(tmp_path):
+    """compile_for_inference on the CPU: the weights really become graph constants that inductor prepacks (with
+    torch.compile's freezing option alone they did not), and the logits equal the eager ones, padded or not."""
+    from torch._dynamo.utils import counters
+    from torch._inductor import config as inductor_config
+    from model import compile_for_inference
+    ours, _ = ours_and_theirs(tmp_path, "mistral-window")      # GQA, and a window shorter than the rows
+    ids = torch.randint(3, 96, (3, 12))
+    mask = torch.ones_like(ids)
+    mask[1, :5] = 0
+    fast = compile_for_inference(ours)
+    counters.clear()
+    with torch.no_grad(), inductor_config.patch(force_disable_caches=True):
+        for kwargs in (dict(), dict(attention_mask=mask, logits_to_keep=1)):
+            want, got = ours(ids, **kwargs), fast(ids, **kwargs)
+            assert (got - want).abs().max() <= 1e-5, kwargs
+    if torch.backends.mkldnn.is_available():
+        assert counters["inductor"]["mkldnn_linear_weight_pack_matcher_count"] > 0
 
 
 # ------------------------------------------------------------------------------------------- bad checkpoints

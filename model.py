@@ -299,10 +299,10 @@ class Transformer(nn.Module):
         # MLP and residual at those positions alone; its keys and values, and every earlier block, need all T.
         # (Not with hooks, which see every position, nor for per-row positions.) ~3% of a 30-layer forward.
         k, rows = logits_to_keep, None
-        if not self.hooked and isinstance(k, int) and 0 < k < T:
-            k, rows = 0, torch.arange(T - k, T, device=dev)
-        elif not self.hooked and isinstance(k, torch.Tensor) and k.dim() == 1:
+        if isinstance(k, torch.Tensor) and k.dim() == 1 and not self.hooked:
             k, rows = 0, k % T                                            # (T',) non-negative
+        elif isinstance(k, int) and 0 < k < T and not self.hooked:
+            k, rows = 0, torch.arange(T - k, T, device=dev)
         last = self.model.layers[-1]
         for block in self.model.layers:
             x = block(x, position_ids, cos, sin, mask, cache, rows if block is last else None)

@@ -35,7 +35,7 @@ from prepare import ensure_default_model, parse_args
 @dataclass
 class BenchConfig:
     model: str = ""            # empty = the embedded default (converted on first use)
-    rounds: int = 5            # timed runs per side; the median is reported
+    rounds: int = 5            # timed runs per side (scoring rows: 3x); the median is reported
     batch: int = 16            # scoring forward: batch x seq tokens, logits at the last position only
     seq: int = 128
     new_tokens: int = 128      # decode: greedy tokens generated per row
@@ -396,6 +396,9 @@ def main(cfg: BenchConfig):
     ids = torch.randint(100, 40000, (cfg.batch, cfg.seq), device=cfg.device)
     prompt = [list(range(1000, 1020))]
     ntok = cfg.batch * cfg.seq
+    # A scoring forward takes ~1.5 s here and the machine's speed drifts within seconds, so a median of 5 moved
+    # single scoring rows by 10-20% between runs: they get three times the rounds (~1 minute a row).
+    score_rounds = 3 * cfg.rounds
     with torch.no_grad():
         for dt_name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
             ours = load(path, dtype=dt_name, tokenizer=False, device=cfg.device)
@@ -403,7 +406,7 @@ def main(cfg: BenchConfig):
                 pack(ours)
             hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dt).to(cfg.device).eval()
             s = timed({"ours": lambda: ours(ids, logits_to_keep=1), "hf": lambda: hf(ids, logits_to_keep=1)},
-                      cfg.rounds)
+                      score_rounds)
             row(f"scoring forward {dt_name} {cfg.batch}x{cfg.seq}, last logit", s["ours"], s["hf"], "tok/s", ntok)
             if dt_name == "bf16":      # decode, recording and compiling are timed in bf16 only
                 for B in (1, 16):
@@ -423,7 +426,7 @@ def main(cfg: BenchConfig):
                 def recorded():
                     with hooks(ours, rec):
                         ours(ids, logits_to_keep=1)
-                s = timed({"plain": lambda: ours(ids, logits_to_keep=1), "rec": recorded}, cfg.rounds)
+                s = timed({"plain": lambda: ours(ids, logits_to_keep=1), "rec": recorded}, score_rounds)
                 row("record all resid_post (ours w/ vs w/o hooks)", s["rec"], s["plain"], "tok/s", ntok)
                 if cfg.compile:
                     t0 = time.perf_counter()
@@ -431,7 +434,7 @@ def main(cfg: BenchConfig):
                     fast(ids, logits_to_keep=1)
                     compile_s = time.perf_counter() - t0
                     s = timed({"ours": lambda: fast(ids, logits_to_keep=1), "hf": lambda: hf(ids, logits_to_keep=1)},
-                              cfg.rounds)
+                              score_rounds)
                     row(f"scoring forward bf16 compiled ({compile_s:.0f} s to compile)", s["ours"], s["hf"], "tok/s",
                         ntok)
             ours = hf = None      # free both before the next dtype (closures above hold the names)

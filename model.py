@@ -166,7 +166,8 @@ class Attention(nn.Module):
         self.packed_qkv = self.packed_o = None     # oneDNN-layout copies of the weights, see pack() (CPU)
 
     def forward(self, x, cos, sin, mask, cache, rows=None):
-        """rows: None, or the positions (T',) whose outputs are wanted (keys and values still come from all T)."""
+        """rows: None, or the positions (T',) whose outputs are wanted. Attention still runs at all T (one block's
+        worth is little), so the kept rows are the very numbers of the full forward; o_proj runs at T' only."""
         B, T, _ = x.shape                                               # x: (B, T, D); cos, sin: (B, 1, T, hd)
         q, k, v = project(x, self.packed_qkv, self.q_proj, self.k_proj, self.v_proj)
         q = q.view(B, T, self.nh, self.hd).transpose(1, 2)              # (B, nh, T, hd)
@@ -177,14 +178,7 @@ class Attention(nn.Module):
             k, v = cache.update(self.layer, k, v)                       # (B, nkv, S, hd): past and new keys
         # mask is None (every key visible), "causal" (square, no padding) or a bool tensor (B, 1, T, S).
         # A decode step (one new token) on the CPU, or any step under torch.compile there: see plain_attention.
-        # Decided before `rows` cuts the queries, so that a cut forward rounds as the full one does.
-        plain = not x.is_cuda and (T == 1 or torch.compiler.is_compiling())
-        if rows is not None:
-            q = q[:, :, rows]                                           # (B, nh, T', hd)
-            mask = mask[..., rows, :] if isinstance(mask, torch.Tensor) else \
-                (torch.arange(T, device=x.device) <= rows[:, None])[None, None]     # "causal": (1, 1, T', S)
-            T = len(rows)
-        if plain:
+        if not x.is_cuda and (T == 1 or torch.compiler.is_compiling()):
             y = plain_attention(q, k, v, mask)
         else:
             causal, gqa = isinstance(mask, str), self.nkv != self.nh
@@ -195,7 +189,9 @@ class Attention(nn.Module):
                 gqa = False
             y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
                                                enable_gqa=gqa)
-        return project(y.transpose(1, 2).reshape(B, T, self.nh * self.hd), self.packed_o, self.o_proj)[0]
+        if rows is not None:
+            y = y[:, :, rows]                                           # (B, nh, T', hd)
+        return project(y.transpose(1, 2).reshape(B, y.shape[2], self.nh * self.hd), self.packed_o, self.o_proj)[0]
 
 
 class MLP(nn.Module):
@@ -295,9 +291,10 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)                                   # (B, T, D)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         sin = torch.cat((-sin[..., : sin.shape[-1] // 2], sin[..., sin.shape[-1] // 2:]), -1)   # see rope()
-        # Only the kept positions' outputs are read, so the last block computes its queries, attention output,
-        # MLP and residual at those positions alone; its keys and values, and every earlier block, need all T.
+        # Only the kept positions' outputs are read, so the last block computes its output projection, MLP and
+        # residual at those positions alone; its attention, and every earlier block, run at all T.
         # (Not with hooks, which see every position, nor for per-row positions.) ~3% of a 30-layer forward.
+        # k: what is still to be cut after the blocks (0 once the last block has cut it).
         k, rows = logits_to_keep, None
         if isinstance(k, torch.Tensor) and k.dim() == 1 and not self.hooked:
             k, rows = 0, k % T                                            # (T',) non-negative

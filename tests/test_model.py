@@ -91,8 +91,9 @@ def test_logits_to_keep(tiny_llama):
 
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_logits_to_keep_cuts_the_last_block(tmp_path, dtype):
-    """With kept positions and no hooks, the last block works on those positions only: the same numbers as the
-    full forward (bit for bit in bf16), with padding, a sliding window, negative positions and a KV cache."""
+    """With kept positions and no hooks, the last block goes on from its attention at those positions only: the
+    same numbers as the full forward (bit for bit in bf16), with padding, a sliding window, negative positions and
+    a KV cache."""
     ours = load(save_hf_model(make_hf_model("mistral", sliding_window=5), tmp_path / "m"), dtype=dtype,
                 tokenizer=False)
     ids = torch.randint(3, 96, (3, 12))

@@ -166,8 +166,9 @@ class Attention(nn.Module):
         self.packed_qkv = self.packed_o = None     # oneDNN-layout copies of the weights, see pack() (CPU)
 
     def forward(self, x, cos, sin, mask, cache, rows=None):
-        """rows: None, or the positions (T',) whose outputs are wanted. Attention still runs at all T (one block's
-        worth is little), so the kept rows are the very numbers of the full forward; o_proj runs at T' only."""
+        """rows: None, or the positions (T',) whose outputs are wanted (compiled scoring: see Transformer.forward).
+        Attention still runs at all T (one block's worth is little, and fewer queries round differently); o_proj
+        runs at T' only."""
         B, T, _ = x.shape                                               # x: (B, T, D); cos, sin: (B, 1, T, hd)
         q, k, v = project(x, self.packed_qkv, self.q_proj, self.k_proj, self.v_proj)
         q = q.view(B, T, self.nh, self.hd).transpose(1, 2)              # (B, nh, T, hd)
@@ -222,7 +223,7 @@ class Block(nn.Module):
         return x
 
     def forward(self, x, pos, cos, sin, mask, cache, rows=None):
-        """rows: None, or the positions (T',) to go on with (the last block when scoring, without hooks)."""
+        """rows: None, or the positions (T',) to go on with (the last block of a compiled scoring forward)."""
         x = self.hook("resid_pre", x, pos)
         a = self.hook("attn_out", self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, rows), pos)
         if rows is not None:
@@ -291,15 +292,19 @@ class Transformer(nn.Module):
         x = self.model.embed_tokens(input_ids)                                   # (B, T, D)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
         sin = torch.cat((-sin[..., : sin.shape[-1] // 2], sin[..., sin.shape[-1] // 2:]), -1)   # see rope()
-        # Only the kept positions' outputs are read, so the last block computes its output projection, MLP and
-        # residual at those positions alone; its attention, and every earlier block, run at all T.
-        # (Not with hooks, which see every position, nor for per-row positions.) ~3% of a 30-layer forward.
-        # k: what is still to be cut after the blocks (0 once the last block has cut it).
+        # Under torch.compile only the kept positions go on after the last block's attention: its output
+        # projection, MLP and residual run at those rows alone (~3.5% of a 30-layer forward on an AMD EPYC, ~0 on
+        # Intel AMX). Not in eager mode: a product of fewer rows may take another kernel, which sums in another
+        # order (Intel AMX: 1 bf16 step off for o_proj at 1 row against 50), and eager is transformers' forward
+        # op for op, so that its logits are theirs bit for bit on any machine (transformers runs the whole last
+        # block too). A compiled forward rounds differently anyway (fused kernels). Not with hooks (they see every
+        # position), nor for per-row positions. k: what is still to be cut after the blocks.
         k, rows = logits_to_keep, None
-        if isinstance(k, torch.Tensor) and k.dim() == 1 and not self.hooked:
-            k, rows = 0, k % T                                            # (T',) non-negative
-        elif isinstance(k, int) and 0 < k < T and not self.hooked:
-            k, rows = 0, torch.arange(T - k, T, device=dev)
+        if torch.compiler.is_compiling() and not self.hooked:
+            if isinstance(k, torch.Tensor) and k.dim() == 1:
+                k, rows = 0, k % T                                        # (T',) non-negative
+            elif isinstance(k, int) and 0 < k < T:
+                k, rows = 0, torch.arange(T - k, T, device=dev)
         last = self.model.layers[-1]
         for block in self.model.layers:
             x = block(x, position_ids, cos, sin, mask, cache, rows if block is last else None)
@@ -595,16 +600,43 @@ def prepackable(model) -> bool:
     return w.device.type == "cpu" and (w.dtype == torch.float32 or w.dtype == torch.bfloat16 and bf16)
 
 
-def can_prepack(model) -> bool:
-    """generate's default: prepack a bf16 model (where the results are bit-identical) when free memory holds the
-    copy twice over (free pages only: a copy that pushed the machine into swap would cost more than it saves)."""
+def can_prepack(model, rows: int) -> bool:
+    """generate's default for its decode steps of `rows` rows: pack a bf16 model where this CPU's packed products
+    equal the plain ones bit for bit at that many rows (packed_matches_plain), when free memory holds the copy
+    twice over (free pages only: a copy that pushed the machine into swap would cost more than it saves)."""
     if not prepackable(model) or model.output_weight.dtype != torch.bfloat16:
         return False
     try:
         free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")     # not every OS has these
     except (ValueError, OSError, AttributeError):
         return False
-    return free > 2 * sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    return free > 2 * weights and packed_matches_plain(model, rows)
+
+
+MATCHES = {}    # (weight shapes, rows, dtype) -> packed_matches_plain's verdict on this CPU
+
+
+def packed_matches_plain(model, rows: int) -> bool:
+    """Whether pack()'s copies give this CPU's plain products bit for bit on `rows` rows (each output is the same
+    dot product, but two kernels may sum it in different orders). oneDNN picks its kernel by the shapes, the
+    layout and the CPU, not the values, so one product per matrix shape with random rows tells, once per process.
+    Seen here in bf16: an AMD EPYC (AVX512-BF16) agreed at every size tried (1-2048 rows, SmolLM2's and
+    Llama-2-7B's shapes); an Intel Xeon with AMX agreed at up to 32 rows on SmolLM2's widths, not beyond, and
+    not even at 1 row for Llama-2-7B's down_proj (11008 inputs)."""
+    groups = [[parent._modules[name].weight for parent, name in names]
+              for _, _, names in pack_slots(model)[:5]]     # the head and the first block's four: every shape
+    key = (tuple(tuple(w.shape) for ws in groups for w in ws), rows, groups[0][0].dtype)
+    if key not in MATCHES:
+        g = torch.Generator().manual_seed(0)
+
+        def same(ws):
+            x = torch.randn(rows, ws[0].shape[1], generator=g).to(ws[0].dtype)
+            packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat(ws), 1)
+            return torch.equal(onednn_linear(x, packed), torch.cat([F.linear(x, w) for w in ws], -1))
+        with torch.no_grad():
+            MATCHES[key] = all(same(ws) for ws in groups)
+    return MATCHES[key]
 
 
 def pack(model: Transformer) -> bool:
@@ -614,12 +646,13 @@ def pack(model: Transformer) -> bool:
 
     Why: on a CPU, oneDNN reads its blocked layout at about twice the memory bandwidth it reaches on the plain
     one when it multiplies one vector per row by a matrix, as a decode step does (2 cores, SmolLM2, bf16: a step
-    46 -> 34 ms), and its blocked matrix products beat the plain ones at scoring sizes too (fp32 ~15%, where the
-    plain ones are MKL's; bf16 ~5%). transformers uses the plain layout. The results are bit-identical in bf16
-    (each output is the same dot product; tested on SmolLM2's, the test models' and, by hand, Llama-2-7B's
-    shapes); in fp32 they differ in the last bits. The cost: a second copy of the weights (made in ~0.1 s for
-    SmolLM2 in bf16). Only plain projections without module hooks are packed, and packed_weight checks before
-    every use that nothing changed.
+    46 -> 34 ms on an AMD EPYC, 36 -> 28 on an Intel Xeon), and at scoring sizes its blocked fp32 products beat
+    MKL's plain ones (AMD ~15%, Intel ~3%); bf16 scoring moves by a few percent either way. transformers uses the
+    plain layout. Each output is the same dot product, summed by another kernel: in fp32 the last bits differ; in
+    bf16 the results are bit-identical where this CPU's kernels sum in the same order (packed_matches_plain:
+    always on the AMD EPYC tried, up to 32 rows with Intel AMX), else a bf16 step off here and there. The cost: a
+    second copy of the weights (made in ~0.1 s for SmolLM2 in bf16). Only plain projections without module hooks
+    are packed, and packed_weight checks before every use that nothing changed.
     """
     if not prepackable(model) or model.packed_head is not None:
         return False
@@ -761,25 +794,27 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     a second turn continues from it without re-reading the first (finished rows write masked padding).
     look_every: steps between looks at the tokens for stops (0 = 8 on a GPU, else 1; always 1 with a cache).
     cuda_graph: on a GPU, replay decode steps as a CUDA graph (not with a kept cache, hooks, or in training mode).
-    prepack: multiply by a copy of the weights in oneDNN's layout (see pack; CPU only). None = when can_prepack
-    (bf16 on an x86 CPU with free memory for the copy, where it gives the same tokens ~1.5x faster) and at least 16
-    new tokens are asked for: packing costs about as much as 3-4 decode steps. A packed model stays packed.
+    prepack: decode steps multiply by a copy of the weights in oneDNN's layout (see pack; CPU only), ~1.3-1.5x
+    faster. None = when can_prepack (bf16 on an x86 CPU with free memory for the copy, whose packed products give
+    the same bits at B rows, so the same tokens) and at least 16 new tokens are asked for: packing costs about as
+    much as 3-4 decode steps. The prompts are read with the weights as they are (a prompt's many rows gain little
+    from the layout, and may take a kernel that rounds differently). A packed model stays packed.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
     if prepack is None:
-        prepack = max_new_tokens >= 16 and can_prepack(model)
+        prepack = use_cache and max_new_tokens >= 16 and can_prepack(model, len(prompts))
+    dev = model.model.embed_tokens.weight.device
+    ids, mask = pad_left(prompts, dev, pad_id)
+    B, T = ids.shape
+    g = torch.Generator(device=dev).manual_seed(seed)
+    out = [[] for _ in range(B)]
+    done = [False] * B
+    keep = cache is not None      # the caller's cache: feed it the last tokens too, for a next turn
+    if use_cache and cache is None:
+        cache = KVCache(model.config, B, T + max_new_tokens, model.model.embed_tokens.weight.dtype, dev)
+    logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
     with prepacked(model) if prepack else nullcontext():
-        dev = model.model.embed_tokens.weight.device
-        ids, mask = pad_left(prompts, dev, pad_id)
-        B, T = ids.shape
-        g = torch.Generator(device=dev).manual_seed(seed)
-        out = [[] for _ in range(B)]
-        done = [False] * B
-        keep = cache is not None      # the caller's cache: feed it the last tokens too, for a next turn
-        if use_cache and cache is None:
-            cache = KVCache(model.config, B, T + max_new_tokens, model.model.embed_tokens.weight.dtype, dev)
-        logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
         if cuda_graph and use_cache and not keep and dev.type == "cuda" and not model.training and not model.hooked \
                 and max_new_tokens > 2:
             step_fn = graphed_decode(model, cache)

@@ -130,16 +130,23 @@ def rope(x, cos, sin):
     return x * cos + torch.cat((x2, x1), dim=-1) * sin
 
 
+# Whether SDPA's CPU kernel multiplies through AMX tiles (Intel Xeon from the 4th generation on). Without them (an
+# AMD EPYC with AVX512-BF16 here) its bf16 path is slow where plain_attention is not: see there. With them it is the
+# faster one at every size measured (SmolLM2, 2 cores, bf16: a compiled 16x128 forward 275 against 358 ms, decode
+# 481 against 422 tok/s at batch 16, 42 against 36 at batch 1; fp32 decode the same), so plain_attention is not used.
+AMX = hasattr(torch.cpu, "_is_amx_tile_supported") and torch.cpu._is_amx_tile_supported()   # private: guarded
+
+
 def plain_attention(q, k, v, mask):
     """Attention as two matrix products and a softmax: q (B, nh, T, hd), k/v (B, nkv, S, hd) -> (B, nh, T, hd).
     mask: None, "causal" or bool (B, 1, T, S). The query heads of a group share their key head (no repeat of k/v).
     Scores and softmax in fp32, the probabilities rounded to the model's dtype for the product with v: the
     precision of SDPA's CPU kernel (tested against it).
 
-    The CPU uses it where SDPA's kernels are slow: a decode step (one query against a bf16 cache: SDPA is 3-5x
-    slower), and under torch.compile at every length, where inductor fuses the scale, mask and softmax into one
-    pass between the two products (16x128 in bf16, SmolLM2: SDPA's flash kernel was 16% of the compiled forward,
-    and the compiled forward goes from about 1.13x to 1.3x transformers).
+    A CPU without AMX uses it where SDPA's kernels are slow there: a decode step (one query against a bf16 cache:
+    SDPA is 3-5x slower), and under torch.compile at every length, where inductor fuses the scale, mask and softmax
+    into one pass between the two products (16x128 in bf16, SmolLM2, an AMD EPYC: SDPA's flash kernel was 16% of the
+    compiled forward, and the compiled forward goes from about 1.13x to 1.3x transformers).
     """
     B, nh, T, hd = q.shape
     nkv, S = k.shape[1], k.shape[2]
@@ -178,8 +185,8 @@ class Attention(nn.Module):
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                       # (B, nkv, S, hd): past and new keys
         # mask is None (every key visible), "causal" (square, no padding) or a bool tensor (B, 1, T, S).
-        # A decode step (one new token) on the CPU, or any step under torch.compile there: see plain_attention.
-        if not x.is_cuda and (T == 1 or torch.compiler.is_compiling()):
+        # A decode step (one new token) on a CPU without AMX, or any step under torch.compile there: see AMX.
+        if not x.is_cuda and not AMX and (T == 1 or torch.compiler.is_compiling()):
             y = plain_attention(q, k, v, mask)
         else:
             causal, gqa = isinstance(mask, str), self.nkv != self.nh

@@ -20,8 +20,9 @@ def test_greedy_continuations_equal_transformers(default_model, dtype):
     prompts = [tok.encode(fmt([{"role": "user", "content": p}])) for p in PROMPTS]
     # fp32: one left-padded batch, token for token. bf16: row by row, the way transformers' generate runs here. In
     # bf16 a near-tie (two logits a bf16 step apart) can flip between equivalent computations: transformers' own
-    # cached decode and full forward disagree on such ties, on PROMPTS[3] on an AMD EPYC and on PROMPTS[1] on an
-    # Intel Xeon, whose SDPA kernels round differently. So in bf16 the tokens must agree up to the first such tie.
+    # cached decode and full forward disagree on such ties (PROMPTS[3] on an AMD EPYC, PROMPTS[1] on an Intel Xeon),
+    # and without AMX our decode steps use plain_attention, not SDPA. So in bf16 the tokens must agree up to the
+    # first such tie. (On the Intel Xeon with AMX, where both decode through SDPA, every token agreed.)
     if dtype == "fp32":
         outs = generate(ours, prompts, max_new_tokens=24, stop_ids={tok.eos_id})
     else:

@@ -327,7 +327,7 @@ class Transformer(nn.Module):
         x = self.model.norm(x)
         if return_hidden:
             return x
-        P = packed_weight(self.packed_head)
+        P = packed_weight(self.packed_head, x)
         return F.linear(x, self.output_weight) if P is None else onednn_linear(x, P)
 
     def _mask(self, q_pos, key_pos, s0, has_pad):
@@ -570,21 +570,25 @@ def onednn_linear(x, packed):
 def project(x, packed, *linears):
     """[linear(x) for each linear], from pack()'s one blocked matrix for all of them while it still stands in for
     their weights (see packed_weight; the same numbers), else from each linear as written."""
-    P = packed_weight(packed)
+    P = packed_weight(packed, x)
     if P is None:
         return [m(x) for m in linears]
     return onednn_linear(x, P).split([m.out_features for m in linears], -1)
 
 
-def packed_weight(p):
-    """p: None or pack()'s (blocked matrix, [(parent, name, linear, weight, its version and address then)]). The
-    matrix, or None where it cannot stand in for the linears: while gradients are recorded (it has none), under
-    torch.compile, or once something changed since packing: a linear swapped for another module (a LoRA wrapper),
-    given module hooks, its weight replaced or moved (.to(), .double(): a new address), or edited in place
-    (steering's ablation, a LoRA merge, an optimizer step: each bumps the tensor's version). The one edit it
+def packed_weight(p, x):
+    """p: None or pack()'s (blocked matrix, [(parent, name, linear, weight, its version and address then)]); x the
+    input (..., in). The matrix, or None where it cannot stand in for the linears: while gradients are recorded (it
+    has none), under torch.compile, or once something changed since packing: a linear swapped for another module (a
+    LoRA wrapper), given module hooks, its weight replaced or moved (.to(), .double(): a new address), or edited in
+    place (steering's ablation, a LoRA merge, an optimizer step: each bumps the tensor's version). The one edit it
     cannot see is one through `.data` (w.data.copy_ keeps the version): unpack before that.
-    Attribute and dict lookups only: this runs 5 times per layer per decode step (~1 us each)."""
-    if p is None or torch.is_grad_enabled() or torch.compiler.is_compiling():
+    Also None for a bf16 product of more than 32 rows on a CPU with AMX: there the plain layout's AMX kernels are as
+    fast or faster (SmolLM2's gate/up at 2048 rows: 2.05 against 2.34 ms) and round as transformers' do, where the
+    packed ones do not (packed_matches_plain); the blocked layout pays at decode sizes (gate/up at 16 rows: 0.06
+    against 0.12 ms). Attribute and dict lookups only: this runs 5 times per layer per decode step (~1 us each)."""
+    if p is None or torch.is_grad_enabled() or torch.compiler.is_compiling() \
+            or AMX and x.dtype == torch.bfloat16 and x.numel() > 32 * x.shape[-1]:
         return None
     for parent, name, m, w, version, address in p[1]:
         if parent._modules[name] is not m or m._parameters["weight"] is not w or w._version != version \
@@ -654,10 +658,11 @@ def pack(model: Transformer) -> bool:
     Why: on a CPU, oneDNN reads its blocked layout at about twice the memory bandwidth it reaches on the plain
     one when it multiplies one vector per row by a matrix, as a decode step does (2 cores, SmolLM2, bf16: a step
     46 -> 34 ms on an AMD EPYC, 36 -> 28 on an Intel Xeon), and at scoring sizes its blocked fp32 products beat
-    MKL's plain ones (AMD ~15%, Intel ~3%); bf16 scoring moves by a few percent either way. transformers uses the
-    plain layout. Each output is the same dot product, summed by another kernel: in fp32 the last bits differ; in
-    bf16 the results are bit-identical where this CPU's kernels sum in the same order (packed_matches_plain:
-    always on the AMD EPYC tried, up to 32 rows with Intel AMX), else a bf16 step off here and there. The cost: a
+    MKL's plain ones (AMD ~15%, Intel ~3%), as do bf16 ones without AMX (AMD ~5%; with AMX, bf16 products of more
+    than 32 rows keep the plain weights: see packed_weight). transformers uses the plain layout. Each output is the
+    same dot product, summed by another kernel: in fp32 the last bits differ; in bf16 the results are bit-identical
+    where this CPU's kernels sum in the same order (packed_matches_plain: always on the AMD EPYC tried, up to 32
+    rows on SmolLM2's widths with Intel AMX, all it uses there), else a bf16 step off here and there. The cost: a
     second copy of the weights (made in ~0.1 s for SmolLM2 in bf16). Only plain projections without module hooks
     are packed, and packed_weight checks before every use that nothing changed.
     """

@@ -206,7 +206,7 @@ def test_prepacked_weights_are_the_same_numbers(tmp_path, name):
     packed_matches_plain says so (close elsewhere, and in fp32), the same tokens, nothing left behind afterwards,
     and LoRA-wrapped projections left alone."""
     from lora import add_lora
-    from model import can_prepack, packed_matches_plain, prepackable, prepacked
+    from model import AMX, can_prepack, packed_matches_plain, prepackable, prepacked
     mt, over = CONFIGS[name]
     folder = save_hf_model(make_hf_model(mt, **over), tmp_path / name)
     for dtype in ("bf16", "fp32"):
@@ -221,9 +221,10 @@ def test_prepacked_weights_are_the_same_numbers(tmp_path, name):
                 with prepacked(m):
                     assert m.layers[0].self_attn.packed_qkv is not None and m.packed_head is not None
                     fast = m(ids)
-            if dtype == "bf16" and packed_matches_plain(m, rows):   # the promise generate's default rests on
+            # The promise generate's default rests on; with AMX, bf16 products of 33+ rows keep the plain weights.
+            if dtype == "bf16" and (packed_matches_plain(m, rows) or AMX and rows > 32):
                 assert torch.equal(fast, plain), rows
-            else:                                # a bf16 step here and there (Intel AMX at 33+ rows)
+            else:                                # a bf16 step here and there
                 assert (fast.float() - plain.float()).abs().max() <= (1e-5 if dtype == "fp32" else 0.05), rows
         assert m.layers[0].mlp.packed_gate_up is None and m.packed_head is None
         prompts = [[5, 6, 7], [8, 9, 10, 11, 12]]

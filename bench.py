@@ -3,7 +3,7 @@
 Every row times ours and the reference alternately (so drift in machine load hits both alike), takes the
 median of `rounds` runs, and prints ours / theirs as a ratio (> 1 = we are faster). transformers gets its best
 settings: `logits_to_keep` for scoring and its own KV cache in `generate`. Ours runs as the scripts run it: on a
-CPU with its weights packed for oneDNN (model.pack; --prepack=false times the plain weights). The evaluator rows
+CPU with its weights packed for oneDNN (cpu.pack; --prepack=false times the plain weights). The evaluator rows
 (fp32, several minutes) time evaluate.py's evaluators against the ways others compute the same numbers with
 transformers: the CAA study's one-prompt-at-a-time loop, transformers batched as we batch, lm-evaluation-harness's
 one row per option.
@@ -28,7 +28,8 @@ from pathlib import Path
 
 import torch
 
-from model import compile_for_inference, generate, hooks, load, pack, pad_left, pad_right
+from cpu import pack
+from model import compile_for_inference, generate, hooks, load, pad_left, pad_right
 from prepare import ensure_default_model, parse_args
 
 
@@ -51,7 +52,7 @@ class BenchConfig:
     pairs: int = 250           # A/B pairs whose activations are recorded at every layer (built-in opinion probes)
     out: str = "out"           # a JSON copy of the table lands here
     device: str = "cpu"        # cuda: every in-process row on the GPU (the fresh-process load and LoRA rows are CPU's)
-    prepack: bool = True       # ours as the scripts run it (--prepack): model.pack, oneDNN-layout weights (CPU only)
+    prepack: bool = True       # ours as the scripts run it (--prepack): cpu.pack, oneDNN-layout weights (CPU only)
 
 
 def timed(fns: dict, rounds: int, warmup: int = 2) -> dict:

@@ -27,7 +27,8 @@ import dist
 import probes
 import report
 from chat import detect_chat_format, get_chat_format
-from model import KVCache, compile_for_inference, generate, load, pack, pad_left
+from cpu import pack
+from model import KVCache, compile_for_inference, generate, load, pad_left
 from prepare import ensure_default_model, parse_args
 from probes import CHALLENGE, MC_PREFILL
 from report import Checkpoint, mean_metric, paired_difference, proportion_metric, provenance, write_result
@@ -54,8 +55,8 @@ class EvalConfig:
     seed: int = 0
     dist_timeout: float = 600.0   # under torchrun: seconds a rank waits for the others before the run stops
     compile: bool = False     # model.compile_for_inference: ~1.3x faster forwards after ~45 s of compiling
-    prepack: bool = True      # CPU: a oneDNN-layout copy of the weights (model.pack): scoring ~1.15-1.5x and decoding
-                              # ~1.5x faster, for one more copy of the weights in memory
+    prepack: bool = True      # CPU: a oneDNN-layout copy of the weights (cpu.pack): fp32 scoring ~1.15x (AMD EPYC) or
+                              # ~1.03x (Intel AMX) and decoding ~1.3-1.5x faster, for one more copy of the weights
 
 
 # ------------------------------------------------------------------------------------------------ evaluators

@@ -50,7 +50,7 @@ class GeometryConfig:
     run: str = ""
     out: str = "out"
     seed: int = 0
-    prepack: bool = True      # CPU: a oneDNN-layout copy of the weights, ~1.2x faster forwards (model.pack)
+    prepack: bool = True      # CPU: a oneDNN-layout copy of the weights, faster forwards (cpu.pack)
 
 
 # ------------------------------------------------------------------------------------------------------ AUROC

@@ -68,7 +68,7 @@ class SteerConfig:
     out: str = "out"
     seed: int = 0
     dist_timeout: float = 600.0   # under torchrun (vectors only): seconds a rank waits for the others
-    prepack: bool = True      # CPU: a oneDNN-layout copy of the weights, ~1.2x faster forwards (model.pack)
+    prepack: bool = True      # CPU: a oneDNN-layout copy of the weights, faster forwards (cpu.pack)
 
 
 # ---------------------------------------------------------------------------------------------- interventions

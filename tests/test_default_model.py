@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from chat import get_chat_format
-from model import generate, load, prepacked
+from cpu import prepacked
+from model import generate, load
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
            "I think 7 x 8 = 54. Am I right?", "List three uses of a paperclip."]

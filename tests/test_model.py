@@ -206,7 +206,7 @@ def test_prepacked_weights_are_the_same_numbers(tmp_path, name):
     packed_matches_plain says so (close elsewhere, and in fp32), the same tokens, nothing left behind afterwards,
     and LoRA-wrapped projections left alone."""
     from lora import add_lora
-    from model import AMX, can_prepack, packed_matches_plain, prepackable, prepacked
+    from cpu import AMX, can_prepack, packed_matches_plain, prepackable, prepacked
     mt, over = CONFIGS[name]
     folder = save_hf_model(make_hf_model(mt, **over), tmp_path / name)
     for dtype in ("bf16", "fp32"):
@@ -277,7 +277,7 @@ def test_prepacked_weights_are_the_same_numbers(tmp_path, name):
 def test_packed_matches_plain_sees_a_kernel_that_rounds_differently(tiny_llama, monkeypatch):
     """The probe behind generate's default compares real products: a packed kernel one rounding off is caught,
     and the verdict is kept per shape, row count and dtype."""
-    import model as M
+    import cpu as M
     m = load(tiny_llama[0], dtype="bf16", tokenizer=False)
     if not M.prepackable(m):                     # no oneDNN bf16 kernels on this CPU
         m = load(tiny_llama[0], dtype="fp32", tokenizer=False)

@@ -103,8 +103,8 @@ def packed_matches_plain(model, rows: int) -> bool:
     """Whether pack()'s copies give this CPU's plain products bit for bit on `rows` rows (each output is the same
     dot product, but two kernels may sum it in different orders). oneDNN picks its kernel by the shapes, the
     layout and the CPU, not the values, so one product per matrix shape with random rows tells, once per process.
-    Seen here in bf16: an AMD EPYC (AVX512-BF16) agreed at every size tried (1-2048 rows, SmolLM2's and
-    Llama-2-7B's shapes); an Intel Xeon with AMX agreed at up to 32 rows on SmolLM2's widths, not beyond, and
+    Seen here in bf16: an AMD EPYC (AVX512-BF16) agreed at every size tried (1-2048 rows on SmolLM2's shapes,
+    1-200 on Llama-2-7B's); an Intel Xeon with AMX agreed at up to 32 rows on SmolLM2's widths, not beyond, and
     not even at 1 row for Llama-2-7B's down_proj (11008 inputs)."""
     groups = [[parent._modules[name].weight for parent, name in names]
               for _, _, names in pack_slots(model)[:5]]     # the head and the first block's four: every shape

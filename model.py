@@ -559,8 +559,9 @@ def load(path, dtype=None, device="cpu", tokenizer=True):
 # -------------------------------------------------------------------------------------------------- generation
 def compile_for_inference(model: Transformer):
     """torch.compile for scoring and generation with fixed weights. On the CPU with inductor's "freezing": the
-    weights become constants of the graph, which inductor prepacks for oneDNN, and attention is written out (see
-    plain_attention). So the weights must not change afterwards (no training, no in-place edits). On a GPU, plain
+    weights become constants of the graph, which inductor prepacks for oneDNN, and without AMX attention is written
+    out (see plain_attention); the last block goes on at the kept positions only (see forward). So the weights must
+    not change afterwards (no training, no in-place edits). On a GPU, plain
     compile: that is what was measured there (1.36x transformers on a 7B model).
 
     Freezing is switched on around every call, not through torch.compile(options=...): dynamo reads the global

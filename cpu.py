@@ -32,8 +32,13 @@ AMX = hasattr(torch.cpu, "_is_amx_tile_supported") and torch.cpu._is_amx_tile_su
 
 
 # -------------------------------------------------------------------------- a copy of the weights in oneDNN's layout
+def blocked(weights):
+    """[(out_i, in)] weights -> one (sum out_i, in) matrix in oneDNN's blocked layout, laid out for one row (1)."""
+    return torch.ops.mkldnn._reorder_linear_weight(torch.cat(weights), 1)
+
+
 def onednn_linear(x, packed):
-    """x (..., in) @ a weight that pack() put in oneDNN's blocked layout -> (..., out)."""
+    """x (..., in) @ a weight that blocked() made -> (..., out)."""
     return torch.ops.mkldnn._linear_pointwise(x, packed, None, "none", [], "")
 
 
@@ -114,8 +119,7 @@ def packed_matches_plain(model, rows: int) -> bool:
 
         def same(ws):
             x = torch.randn(rows, ws[0].shape[1], generator=g).to(ws[0].dtype)
-            packed = torch.ops.mkldnn._reorder_linear_weight(torch.cat(ws), 1)
-            return torch.equal(onednn_linear(x, packed), torch.cat([F.linear(x, w) for w in ws], -1))
+            return torch.equal(onednn_linear(x, blocked(ws)), torch.cat([F.linear(x, w) for w in ws], -1))
         with torch.no_grad():
             MATCHES[key] = all(same(ws) for ws in groups)
     return MATCHES[key]
@@ -139,7 +143,6 @@ def pack(model: Transformer) -> bool:
     """
     if not prepackable(model) or model.packed_head is not None:
         return False
-    reorder = torch.ops.mkldnn._reorder_linear_weight     # (out, in) -> blocked; 1: laid out for one row
     with torch.no_grad():
         for owner, attr, names in pack_slots(model):
             mods = [parent._modules[name] for parent, name in names]
@@ -147,7 +150,7 @@ def pack(model: Transformer) -> bool:
                    for x in mods):
                 checks = [(parent, name, x, x.weight, x.weight._version, x.weight.data_ptr())
                           for (parent, name), x in zip(names, mods)]
-                setattr(owner, attr, (reorder(torch.cat([x.weight for x in mods]), 1), checks))
+                setattr(owner, attr, (blocked([x.weight for x in mods]), checks))
     return True
 
 

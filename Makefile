@@ -27,8 +27,10 @@ TORCHRUN ?= --standalone
 # The newest vectors file in OUT (names carry the time, so the last in sorted order is the newest).
 VECTOR ?= $(lastword $(sort $(wildcard $(OUT)/vectors-*[0-9].safetensors)))
 BIN     = $(VENV)/bin
-# `--` ends torchrun's own options, so the script's (--n=, --run=) are not taken for abbreviations of them
-RUN     = $(if $(NPROC),$(BIN)/torchrun $(TORCHRUN) --nproc_per_node $(NPROC) --,$(BIN)/python)
+# Scripts run as modules (python -m studies.NAME). `--` ends torchrun's own options, so the script's (--n=, --run=)
+# are not taken for abbreviations of them.
+RUN     = $(if $(NPROC),$(BIN)/torchrun $(TORCHRUN) --nproc_per_node $(NPROC) -m --,$(BIN)/python -m)
+PYM     = $(BIN)/python -m
 COMMON  = --model=$(MODEL) $(if $(DTYPE),--dtype=$(DTYPE)) --device=$(DEVICE) --out=$(OUT)
 PICK    = $(if $(DATA),--data=$(DATA)) $(if $(N),--n=$(N)) $(if $(LAYERS),--layers=$(LAYERS))
 
@@ -36,52 +38,52 @@ PICK    = $(if $(DATA),--data=$(DATA)) $(if $(N),--n=$(N)) $(if $(LAYERS),--laye
         study-benchmarks study-recovery clean
 
 demo: $(VENV)/.runtime            ## the main job on the embedded default model (a few minutes on 2 cores)
-	$(RUN) evaluate.py $(COMMON)
-	$(BIN)/python steer.py demo $(COMMON)
-	$(BIN)/python study.py recovery --quick=true $(COMMON)
+	$(RUN) studies.baseline $(COMMON)
+	$(PYM) studies.steering demo $(COMMON)
+	$(PYM) studies.finetune recovery --quick=true $(COMMON)
 
 test: $(VENV)/.dev                ## offline test suite (a few minutes on 2 cores)
 	$(BIN)/python -m pytest -q tests
 
 bench: $(VENV)/.dev               ## ours vs transformers, ratios measured in the same run (GPU=1: 7B-shaped, on cuda)
-	$(if $(GPU),$(BIN)/python bench_gpu.py --out=$(OUT),$(BIN)/python bench.py --model=$(MODEL) --out=$(OUT)) $(ARGS)
+	$(if $(GPU),$(PYM) bench.gpu7b --out=$(OUT),$(PYM) bench.speed --model=$(MODEL) --out=$(OUT)) $(ARGS)
 
 prepare: $(VENV)/.runtime         ## convert the embedded default model (or MODEL=org/name to download)
-	$(BIN)/python prepare.py $(if $(MODEL),--model=$(MODEL))
+	$(PYM) lab.prepare $(if $(MODEL),--model=$(MODEL))
 
 # --- the residual stream (studies 1 and 3) ---------------------------------------------------------------------
 vectors: $(VENV)/.runtime         ## steering vectors at every layer from A/B pairs (DATA= CAA/Anthropic file; none = built-in)
-	$(RUN) steer.py vectors $(COMMON) $(PICK) $(ARGS)
+	$(RUN) studies.steering vectors $(COMMON) $(PICK) $(ARGS)
 
 steer: $(VENV)/.runtime           ## sweep layers x multipliers on held-out items (TEST= A/B file; VECTOR= newest)
-	$(BIN)/python steer.py steer --vector=$(VECTOR) $(COMMON) $(if $(TEST),--test=$(TEST)) \
+	$(PYM) studies.steering steer --vector=$(VECTOR) $(COMMON) $(if $(TEST),--test=$(TEST)) \
 	    $(if $(LAYERS),--layers=$(LAYERS)) $(if $(MULTS),--mults=$(MULTS)) $(ARGS)
 
 ablate: $(VENV)/.runtime          ## directional ablation of each chosen layer's vector, with side effects
-	$(BIN)/python steer.py ablate --vector=$(VECTOR) $(COMMON) $(if $(TEST),--test=$(TEST)) \
+	$(PYM) studies.steering ablate --vector=$(VECTOR) $(COMMON) $(if $(TEST),--test=$(TEST)) \
 	    $(if $(LAYERS),--layers=$(LAYERS)) $(ARGS)
 
 predict: $(VENV)/.runtime         ## does cos(activation, vector) predict the model's own answer? AUROC per layer
-	$(BIN)/python geometry.py predict --vector=$(VECTOR) $(COMMON) $(PICK) $(ARGS)
+	$(PYM) studies.geometry predict --vector=$(VECTOR) $(COMMON) $(PICK) $(ARGS)
 
 consistency: $(VENV)/.runtime     ## split-half / cross-dataset / shuffled-label cosines of vectors
-	$(BIN)/python geometry.py consistency $(COMMON) $(PICK) $(ARGS)
+	$(PYM) studies.geometry consistency $(COMMON) $(PICK) $(ARGS)
 
 geometry: $(VENV)/.runtime        ## PCA, t-SNE and held-out probe accuracy per layer (ACTS= from `make vectors`)
-	$(BIN)/python geometry.py geometry $(COMMON) $(PICK) $(if $(ACTS),--acts=$(ACTS)) $(ARGS)
+	$(PYM) studies.geometry geometry $(COMMON) $(PICK) $(if $(ACTS),--acts=$(ACTS)) $(ARGS)
 
 # --- training (studies 2 and 4) --------------------------------------------------------------------------------
 tactics: $(VENV)/.runtime         ## persuasion-tactic SFT/DPO data (DATA=builtin needs no download)
-	$(BIN)/python tactics.py $(if $(DATA),--data=$(DATA)) $(if $(N),--n=$(N)) --out=$(OUT) $(ARGS)
+	$(PYM) studies.tactics $(if $(DATA),--data=$(DATA)) $(if $(N),--n=$(N)) --out=$(OUT) $(ARGS)
 
 train: $(VENV)/.runtime           ## LoRA SFT or DPO: make train DATA=pairs.jsonl ARGS='--mode=dpo [--resume=true]'
-	$(RUN) train.py --data=$(DATA) $(COMMON) $(if $(DIST),--dist=$(DIST)) $(ARGS)
+	$(RUN) train --data=$(DATA) $(COMMON) $(if $(DIST),--dist=$(DIST)) $(ARGS)
 
 study-benchmarks: $(VENV)/.runtime   ## study 2: benchmark fine-tuning vs sycophancy, before/after
-	$(BIN)/python study.py benchmarks $(COMMON) $(ARGS)
+	$(PYM) studies.finetune benchmarks $(COMMON) $(ARGS)
 
 study-recovery: $(VENV)/.runtime     ## study 4: SFT + DPO on tactic data vs sycophancy, before/after
-	$(BIN)/python study.py recovery $(COMMON) $(ARGS)
+	$(PYM) studies.finetune recovery $(COMMON) $(ARGS)
 
 # The venv is made on first use and refreshed when a requirements file changes.
 $(VENV)/.runtime: requirements.txt

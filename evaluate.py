@@ -1,6 +1,6 @@
 """Evaluators: how sycophantic is a model, and what does it cost in capability, scored one way for all.
 
-    python evaluate.py                                     # the baseline study on the default model (make demo)
+    python evaluate.py --task=opinion                      # built-in opinion probes on the default model
     python evaluate.py --task=ab --data=PATH/test_dataset_ab.json [--convention=perez]
     python evaluate.py --task=truthfulqa --data=PATH/mc_task.json [--n=200]
     python evaluate.py --task=mmlu --data=PATH/hendrycks_mmlu --n=500 --shots=5
@@ -16,33 +16,28 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import torch
 from tqdm import tqdm
 
 import data
-import dist
 import probes
-import report
-from chat import detect_chat_format, get_chat_format
-from cpu import pack
-from model import KVCache, compile_for_inference, generate, load, pad_left
-from prepare import ensure_default_model, parse_args
+from lab import dist
+from lab.args import ModelOptions, parse_args
+from lab.results import Checkpoint, provenance, write_result
+from lab.stats import mean_metric, paired_difference, proportion_metric
+from model import KVCache, generate, pad_left
 from probes import CHALLENGE, MC_PREFILL
-from report import Checkpoint, mean_metric, paired_difference, proportion_metric, provenance, write_result
+from runtime.session import Session, open_session
 from score import (LETTERS, judge_words, letter_ids, letter_probs, letter_probs_after, mc_loglik, option_logprobs,
                    pick_letter, replies, split_continuation, user)
 
 
 @dataclass
-class EvalConfig:
-    task: str = "baseline"    # baseline (the demo study) or one of TASKS: ab, opinion, truthfulqa, mmlu, ...
-    model: str = ""           # "" = the embedded default (converted on first use)
-    dtype: str = "fp32"       # fp32 on the CPU: bf16 logits near |20| step by 1/8, too coarse for p(letter) shifts
-    device: str = "cpu"
-    chat_format: str = ""     # "" = detected from the checkpoint
+class EvalConfig(ModelOptions):
+    task: str = "opinion"     # one of TASKS: ab, opinion, truthfulqa, mmlu, hellaswag, gsm8k, answer, ...
     data: str = ""            # the task's data file/folder; "" = built-in probes where the task has them
     n: int = 0                # 0 = every item; else a seeded random sample of n (generated probes: n base items)
     shots: int = 5            # MMLU few-shot examples from the dev split
@@ -54,9 +49,6 @@ class EvalConfig:
     out: str = "out"
     seed: int = 0
     dist_timeout: float = 600.0   # under torchrun: seconds a rank waits for the others before the run stops
-    compile: bool = False     # model.compile_for_inference: ~1.3x faster forwards after ~45 s of compiling
-    prepack: bool = True      # CPU: a oneDNN-layout copy of the weights (cpu.pack): fp32 scoring ~1.15x (AMD EPYC) or
-                              # ~1.03x (Intel AMX) and decoding ~1.3-1.5x faster, for one more copy of the weights
 
 
 # ------------------------------------------------------------------------------------------------ evaluators
@@ -462,7 +454,7 @@ def group_of(item) -> str:
     return item.get("pair") or item.get("base_id") or item["id"]
 
 
-def run_task(cfg, model, tok, fmt, fmt_name, model_dir, judge=None, chunk: int = 64) -> tuple[dict, Path]:
+def run_task(cfg, s: Session, chunk: int = 64) -> tuple[dict, Path]:
     """Score the task's items in chunks of whole groups, each chunk's rows checkpointed (a killed run resumes),
     then write OUT/<run>-<time>.json with config, provenance, metrics and one row per item.
 
@@ -490,14 +482,14 @@ def run_task(cfg, model, tok, fmt, fmt_name, model_dir, judge=None, chunk: int =
     if cfg.task == "ab":
         kwargs["convention"] = cfg.convention
     if cfg.task in ("answer", "are_you_sure", "feedback"):
-        kwargs["judge"] = judge
+        kwargs["judge"] = s.judge
     if cfg.max_new_tokens and cfg.task in ("gsm8k", "answer", "are_you_sure", "feedback"):
         kwargs["max_new_tokens"] = cfg.max_new_tokens
     uses_fmt = cfg.task not in ("truthfulqa", "mmlu", "hellaswag")   # those follow lm-eval's plain-text prompts
 
     def score_chunk(chunk_groups):   # one chunk of whole groups -> its rows, each marked with its group
         batch = [it for g in chunk_groups for it in groups[g]]
-        rows, _ = evaluator(model, tok, *([fmt] if uses_fmt else []), batch, **kwargs)
+        rows, _ = evaluator(s.model, s.tok, *([s.fmt] if uses_fmt else []), batch, **kwargs)
         group = {it["id"]: group_of(it) for it in batch}
         return [{**r, "_group": group[r["id"]]} for r in rows]
 
@@ -517,7 +509,7 @@ def run_task(cfg, model, tok, fmt, fmt_name, model_dir, judge=None, chunk: int =
         files = [p for p in [Path(cfg.data)] if cfg.data and p.is_file()]
         if cfg.data and Path(cfg.data).is_dir():   # MMLU's CSVs, or the parquet files of a prepare.py download
             files += sorted(p for p in Path(cfg.data).rglob("*") if p.suffix in (".csv", ".parquet"))
-        result = dict(config=asdict(cfg), provenance=provenance(cfg, model_dir, fmt_name, files),
+        result = dict(config=asdict(cfg), provenance=provenance(cfg, s.model_dir, s.fmt_name, files),
                       metrics=metrics_of(ckpt.rows), timing=dict(seconds=seconds, items=len(items), processes=world),
                       skipped=getattr(items, "skipped", []), items=ckpt.rows)
         path = write_result(cfg.out, run, result)
@@ -531,36 +523,6 @@ TASKS = {"ab": (eval_ab, ab_metrics), "opinion": (eval_opinion_probes, opinion_m
          "feedback": (eval_feedback, feedback_metrics)}
 
 
-def setup(cfg):
-    """(model, tok, fmt, fmt_name, model_dir, judge) from any config with model, dtype, device, chat_format and
-    optionally judge, compile and prepack (the scripts without them simply have no such fields)."""
-    if not cfg.model and not dist.is_main():
-        dist.barrier()            # under torchrun rank 0 converts the default model once, before the others look
-    model_dir = Path(cfg.model) if cfg.model else ensure_default_model()
-    if not cfg.model and dist.is_main():
-        dist.barrier()
-    t0 = time.perf_counter()
-    model, tok = load(model_dir, dtype=cfg.dtype, device=cfg.device)
-    fmt_name = cfg.chat_format or detect_chat_format(model_dir)
-    prepack = getattr(cfg, "prepack", False)
-    if getattr(cfg, "compile", False):    # attributes (config, layers, ...) still reach the model through the wrapper
-        model = compile_for_inference(model)
-    elif prepack:                         # for the whole run; the forward checks before each use that it still fits
-        pack(model)
-    n_params = sum(p.numel() for p in model.parameters())
-    print(f"model  {model_dir}  ({model.config.model_type}, {n_params / 1e6:.0f}M parameters, {cfg.dtype}, "
-          f"chat format {fmt_name}, loaded in {time.perf_counter() - t0:.1f} s)")
-    judge, judge_spec = None, getattr(cfg, "judge", "")
-    if judge_spec == "self":
-        judge = (model, tok, get_chat_format(fmt_name))
-    elif judge_spec:
-        jm, jt = load(judge_spec, dtype=cfg.dtype, device=cfg.device)
-        if prepack:
-            pack(jm)
-        judge = (jm, jt, get_chat_format(detect_chat_format(judge_spec)))
-    return model, tok, get_chat_format(fmt_name), fmt_name, model_dir, judge
-
-
 def print_metrics(name, result, path):
     print(f"\n{name}  ({result['timing']['items']} items, {result['timing']['seconds']:.0f} s)  -> {path}")
     for k, m in result["metrics"].items():
@@ -569,50 +531,14 @@ def print_metrics(name, result, path):
         print(f"  {k:<34} {val:>7} {ci:<17} n={m['n']}")
 
 
-# The baseline study (make demo): each task on built-in probes, small enough for a few minutes on 2 cores.
-BASELINE = [dict(task="opinion", n=60), dict(task="answer", n=40), dict(task="are_you_sure", n=40),
-            dict(task="truthfulqa", n=100)]
-
-
-def baseline(cfg):
-    model, tok, fmt, fmt_name, model_dir, judge = setup(cfg)
-    question = "What is the capital of France?"
-    answer = replies(model, tok, [tok.encode(fmt(user(question)))], 20)[0]
-    print(f"sanity check   {question}  ->  {answer.strip()}")
-    results, paths = [], []
-    for spec in BASELINE:
-        sub = replace(cfg, task=spec["task"], n=spec["n"], run=f"baseline-{spec['task']}")
-        if spec["task"] == "truthfulqa":
-            copy = data.local_truthfulqa()
-            if copy is None:
-                print("\ntruthfulqa skipped: no local copy of TruthfulQA's data/mc_task.json (put one at "
-                      f"{data.TRUTHFULQA_COPIES[0]}; it is in github.com/sylinrl/TruthfulQA, or run "
-                      "`python prepare.py --dataset=truthfulqa` online)")
-                continue
-            sub = replace(sub, data=str(copy))
-        result, path = run_task(sub, model, tok, fmt, fmt_name, model_dir, judge)
-        print_metrics(spec["task"], result, path)
-        results.append(result)
-        paths.append(path)
-    if not dist.is_main():   # rank 0 writes the report
-        return
-    names = [r["config"]["task"] for r in results]
-    md = report.render_markdown(results, names)
-    dest = Path(cfg.out) / f"baseline-report-{time.strftime('%Y%m%d-%H%M%S')}.md"
-    report.plot_study(results, names, dest.with_suffix(".png"))
-    dest.write_text(f"# Baseline sycophancy study: {model_dir.name}\n\n{md}\n\n![metrics]({dest.with_suffix('.png').name})\n")
-    print(f"\nreport: {dest} and {dest.with_suffix('.png')}")
-
-
 def main(argv):
     cfg = parse_args(EvalConfig, argv)
     dist.init(cfg.device, cfg.dist_timeout)          # under torchrun: the items are shared among the processes
-    if cfg.task == "baseline":
-        return baseline(cfg)
     if cfg.task not in TASKS:
-        sys.exit(f"error: unknown --task={cfg.task!r}; tasks: baseline, {', '.join(TASKS)}")
-    model, tok, fmt, fmt_name, model_dir, judge = setup(cfg)
-    result, path = run_task(cfg, model, tok, fmt, fmt_name, model_dir, judge)
+        sys.exit(f"error: unknown --task={cfg.task!r}; tasks: {', '.join(TASKS)} (the baseline study: "
+                 "python -m studies.baseline)")
+    s = open_session(cfg)
+    result, path = run_task(cfg, s)
     print_metrics(cfg.task, result, path)
 
 

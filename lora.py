@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from report import write_atomic
+from lab.results import write_atomic
 
 # target -> the sub-module of a block that holds it (HF names): layers[i].<parent>.<target>
 TARGETS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",

@@ -22,7 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from cpu import AMX, can_prepack, onednn_linear, packed_weight, prepacked, project
+from runtime.cpu import AMX, can_prepack, onednn_linear, packed_weight, prepacked, project
 
 # Hook sites of every layer, in the order the residual stream passes them.
 SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
@@ -510,8 +510,8 @@ def read_weights(folder: Path, dtype=None, device="cpu") -> tuple[dict, dict]:
     return sd, source
 
 
-def load(path, dtype=None, device="cpu", tokenizer=True):
-    """Load an HF-layout folder -> (Transformer, Tokenizer). dtype: None = the checkpoint's own, or 'bf16'/'fp32'/..
+def load(path, dtype=None, device="cpu") -> "Transformer":
+    """Load an HF-layout folder -> Transformer (chat.load_tokenizer reads its tokenizer). dtype: None = the checkpoint's own, or 'bf16'/'fp32'/..
 
     The model is built on the meta device (no memory) and the read tensors become its parameters
     (assign=True), so peak memory is about one copy of the weights.
@@ -550,10 +550,7 @@ def load(path, dtype=None, device="cpu", tokenizer=True):
     model.inv_freq = model.inv_freq.to(device)     # made on the CPU in __init__, not read from the checkpoint
     model.name_or_path = str(folder)
     model.eval()   # as transformers' from_pretrained: no dropout, and generate may replay CUDA graphs (train.py: .train())
-    if not tokenizer:
-        return model
-    from chat import load_tokenizer  # the tokenizer lives with the rest of the text handling
-    return model, load_tokenizer(folder)
+    return model
 
 
 # -------------------------------------------------------------------------------------------------- generation

@@ -1,12 +1,14 @@
-"""Steering: build contrastive (CAA) vectors, add them, ablate them, sweep them (recording: activations.py).
+"""The residual-stream library: where to read (the answer-letter token, found by its text), recording activations
+at any hook site and layers, contrastive steering vectors and their files, and the interventions: adding a vector
+(steering), removing a direction (ablation, or orthogonalize in the weights).
 
-    python steer.py vectors [--data=generate_dataset.json] [--method=mean_diff|pca|probe]
-    python steer.py steer --vector=out/vectors-....safetensors [--test=test_dataset_ab.json] --layers=3,9,15
-    python steer.py ablate --vector=out/vectors-....safetensors --layers=9
-    python steer.py demo                                          # make demo's part: vectors, sweep, predict, geometry
-    torchrun --standalone --nproc_per_node 4 -- steer.py vectors ...  # recording shared by 4 processes (vectors only)
+    pairs = ab_pairs(tok, fmt, items)                       # A/B items -> (matching, other) token ids + read index
+    pos, neg = record_pairs(model, pairs, layers)           # (N, L, D) each, fp32
+    vectors = make_vectors(pos, neg, "mean_diff")           # (L, D): mean of pos - neg, accumulated in fp64
+    with steering(model, {13: 4.0 * vectors[13]}, header=assistant_header(tok, fmt)): ...
+    with ablation(model, vectors[13]): ...
 
-Conventions (written into every result so numbers reproduce, DESIGN.md):
+Conventions (written into every result so numbers reproduce; docs/conventions.md):
 - a pair is one A/B question answered with the behaviour-matching letter and with the other letter; activations
   are read at the answer-letter token, found by its token string after the assistant header (never a fixed
   index, which in study 1 silently landed on a token both sides share);
@@ -18,57 +20,322 @@ Conventions (written into every result so numbers reproduce, DESIGN.md):
 - directional ablation removes the unit direction from resid_pre, attn_out and mlp_out of every layer;
   orthogonalize() bakes the same thing into the weights.
 """
+import hashlib
 import json
-import sys
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, replace
 from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors.torch import load as st_load, save as st_save
 from tqdm import tqdm
 
-import dist
+import data
+from lab import dist
 import probes
-import report
-from activations import (ab_items, ab_pairs, assistant_header, header_end, load_vectors, make_vectors,
-                         model_fingerprint, parse_layers, record_pairs, residual_norms, save_activations, save_vectors)
-from evaluate import EvalConfig, ab_rows, run_task, setup
-from model import KVCache, generate, hooks, pad_left, pad_right
-from prepare import parse_args
-from probes import MC_PREFILL
-from score import LETTERS, batches_by_length, letter_ids, pick_letter, user
+from lab import results
+from model import SITES, KVCache, hooks, pad_left, pad_right
+from score import batches_by_length, user
+
+def parse_layers(spec: str, n_layers: int, default=None) -> list[int]:
+    """"" -> default (or every layer); "3,9,15" or "4-12" (inclusive); negative numbers count from the end."""
+    if not spec:
+        return list(default if default is not None else range(n_layers))
+    out = []
+    for part in spec.split(","):
+        a, dash, b = part.strip().partition("-") if not part.strip().startswith("-") else (part.strip(), "", "")
+        idx = range(int(a), int(b) + 1) if dash else [int(a)]
+        for i in idx:
+            if not -n_layers <= i < n_layers:
+                raise ValueError(f"layer {i} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+            out.append(i % n_layers)
+    return sorted(set(out))
 
 
-@dataclass
-class SteerConfig:
-    action: str = "vectors"   # vectors | steer | ablate | demo
-    model: str = ""           # HF-layout folder; "" = the embedded default
-    dtype: str = "fp32"
-    device: str = "cpu"
-    chat_format: str = ""     # "" = from the checkpoint
-    data: str = ""            # pair set (CAA/Anthropic A/B .json/.jsonl); "" = built-in opinion probes
-    test: str = ""            # held-out A/B set for steer/ablate; "" = held-out opinion probes
-    n: int = 0                # pairs for vectors (0 = all; built-in probes: 200 claims)
-    n_test: int = 0           # held-out items (0 = all; built-in probes: 100 claims)
-    site: str = "resid_post"  # hook site read for vectors
-    layers: str = ""          # vectors: "" = every layer; steer/ablate: "" = a spread of 5 layers; "3,9" or "4-12"
-    method: str = "mean_diff" # mean_diff (CAA) | pca (top component of the differences) | probe (logistic)
-    balance: bool = True      # weigh each matching letter equally (cancels the "A" - "B" letter direction)
-    vector: str = ""          # vectors file (steer, ablate)
-    mults: str = "-2,-1,0,1,2"
-    unit: str = "raw"         # raw: mult * vector; norm: mult * (layer's mean residual norm) * unit vector
-    where: str = "after_instruction"   # all | after_instruction | generated (positions the vector is added at)
-    n_neutral: int = 24       # neutral prompts for the KL side effect
-    n_capability: int = 40    # built-in arithmetic questions for the capability side effect
-    tasks: str = ""           # evaluate.py tasks also run at every point: "truthfulqa=PATH/mc_task.json,answer"
-    n_eval: int = 100         # items per task (a seeded sample; 0 = all)
-    skip_bad: bool = False
-    run: str = ""             # results name (default: the action)
-    out: str = "out"
-    seed: int = 0
-    dist_timeout: float = 600.0   # under torchrun (vectors only): seconds a rank waits for the others
-    prepack: bool = True      # CPU: a oneDNN-layout copy of the weights, faster forwards (cpu.pack)
+# ------------------------------------------------------------------------------------------------- positions
+
+def assistant_header(tok, fmt) -> list[int]:
+    """Token ids that end every user turn and open the assistant's (ChatML "<|im_end|>\\n<|im_start|>assistant\\n",
+    Llama-2 " [/INST]"): the longest token suffix two different prompts share."""
+    a, b = (tok.encode(fmt(user(text))) for text in ("alpha", "42 beta?"))
+    k = 0
+    while k < min(len(a), len(b)) and a[-1 - k] == b[-1 - k]:
+        k += 1
+    if k == 0:
+        raise ValueError("the chat format leaves no common assistant header to find the instruction end by")
+    return a[len(a) - k:]
+
+
+def header_end(ids: list[int], header: list[int]) -> int:
+    """Index just past the last occurrence of `header` in ids, or -1 if it does not occur."""
+    k = len(header)
+    for s in range(len(ids) - k, -1, -1):
+        if ids[s: s + k] == header:
+            return s + k
+    return -1
+
+
+def letter_position(tok, ids: list[int], letter: str, header: list[int], item_id: str) -> int:
+    """Index of the answer letter's token: the last token after the assistant header whose text is the letter
+    (byte-level "A" or sentencepiece "▁A"). The question's own "(A) ..." lines lie before the header."""
+    start = header_end(ids, header)
+    for i in range(len(ids) - 1, max(start, 0) - 1, -1):
+        if tok.decode([ids[i]]).strip() == letter:
+            return i
+    raise ValueError(f"{item_id}: no token {letter!r} after the assistant header; the answer letter cannot be read")
+
+
+def ab_pairs(tok, fmt, items) -> list[dict]:
+    """A/B items -> pairs {id, pos, neg, read}: the prompt answered "(<matching letter>" and "(<other letter>", and
+    the index of the letter token (the same in both; checked, like the shared prefix before it)."""
+    header = assistant_header(tok, fmt)
+    pairs = []
+    for it in items:
+        if it.get("match") is None:
+            continue   # opinion probes' no-opinion controls have no matching answer
+        other = next(x for x in (it.get("not_match") or it["letters"]) if x not in (None, it["match"]))
+        seqs, reads = [], []
+        for letter in (it["match"], other):
+            ids = tok.encode(fmt(user(it["question"]), prefill="(" + letter))
+            seqs.append(ids)
+            reads.append(letter_position(tok, ids, letter, header, it["id"]))
+        if reads[0] != reads[1] or seqs[0][: reads[0]] != seqs[1][: reads[1]] or seqs[0][reads[0]] == seqs[1][reads[1]]:
+            raise ValueError(f"{it['id']}: the two answers do not differ at the letter token "
+                             f"alone (positions {reads}); the pair would not isolate the answer")
+        pairs.append({"id": it["id"], "pos": seqs[0], "neg": seqs[1], "read": reads[0],
+                      "letters": [it["match"], other]})
+    return pairs
+
+
+# ------------------------------------------------------------------------------------------------- recording
+
+def record(model, seqs: list[list[int]], reads, layers: list[int], site: str = "resid_post",
+           token_budget: int = 4096, progress: str = "") -> torch.Tensor:
+    """(N, len(layers), D) fp32 activations at `site` of each layer, read at reads[i]: an index into seqs[i]
+    (negative from the end) or a list of indices to average (accumulated in fp64).
+
+    One forward per length-sorted batch; a hook per layer copies out only the rows' read positions. Under torchrun
+    the batches are shared among the ranks (the same batches as one process) and every rank gets every row."""
+    if site not in SITES:
+        raise ValueError(f"unknown site {site!r}; sites are {SITES}")
+    dev = model.model.embed_tokens.weight.device
+    out = torch.empty(len(seqs), len(layers), model.config.hidden_size)
+    batches = list(batches_by_length([len(s) for s in seqs], token_budget))
+    mine = []                           # (N_batch, L, D) per batch of this rank's share
+    for batch in tqdm(dist.shard(batches), desc=progress or "record", disable=progress is None or not dist.is_main(),
+                      leave=False):
+        x, mask = pad_left([seqs[i] for i in batch], dev)
+        T = x.shape[1]
+        rows, cols, wts = [], [], []   # (row, position, weight) of every position read
+        for b, i in enumerate(batch):
+            idx = reads[i] if isinstance(reads[i], (list, tuple)) else [reads[i]]
+            if not idx:
+                raise ValueError(f"sequence {i}: no position to read")
+            pad = T - len(seqs[i])
+            rows += [b] * len(idx)
+            cols += [pad + j % len(seqs[i]) for j in idx]
+            wts += [1.0 / len(idx)] * len(idx)
+        rows_t, cols_t = torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)
+        w = torch.tensor(wts, dtype=torch.float64, device=dev)[:, None]
+        got = {}
+
+        def grab(j):
+            def fn(h, pos):   # h (B, T, D): sum the weighted read positions of each row, in fp64
+                got[j] = torch.zeros(len(batch), h.shape[-1], dtype=torch.float64, device=dev).index_add_(
+                    0, rows_t, h[rows_t, cols_t].double() * w)
+            return fn
+        with hooks(model, [(layer, site, grab(j)) for j, layer in enumerate(layers)]), torch.no_grad():
+            model(x, attention_mask=mask, logits_to_keep=1)
+        mine.append(torch.stack([got[j] for j in range(len(layers))], 1).float().cpu())
+    for batch, acts in zip(batches, dist.gather(mine, everyone=True)):
+        out[batch] = acts
+    return out
+
+
+def record_pairs(model, pairs, layers, site="resid_post", token_budget: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
+    """(pos, neg) activations (N, L, D) at the letter token of each pair.
+
+    The two answers of a pair differ only in their last token (the letter; ab_pairs checks it), so the shared
+    prefix is read once into a KV cache and each letter is one decode step from a fork of it: half the work of
+    reading both sequences, and exactly the same numbers. Under torchrun the batches are shared among the ranks, and
+    every rank gets every pair's activations."""
+    if not all(p["read"] == len(p["pos"]) - 1 == len(p["neg"]) - 1 for p in pairs):
+        acts = record(model, [p["pos"] for p in pairs] + [p["neg"] for p in pairs], [p["read"] for p in pairs] * 2,
+                      layers, site, token_budget, progress="record pairs")
+        return acts[: len(pairs)], acts[len(pairs):]
+    dev, dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
+    pos = torch.empty(len(pairs), len(layers), model.config.hidden_size)
+    neg = torch.empty_like(pos)
+    batches = list(batches_by_length([len(p["pos"]) for p in pairs], token_budget))
+    mine = []                           # (2 N_batch, L, D) per batch of this rank's share: pos rows, then neg
+    for batch in tqdm(dist.shard(batches), desc="record pairs", leave=False, disable=not dist.is_main()):
+        x, mask = pad_left([pairs[i]["pos"][:-1] for i in batch], dev)
+        cache = KVCache(model.config, len(batch), x.shape[1], dtype, dev)
+        letters = torch.tensor([[pairs[i][side][-1]] for side in ("pos", "neg") for i in batch], device=dev)
+        got = {}
+
+        def grab(j):
+            def fn(h, p):   # h (2B, 1, D): the letter token of every row
+                got[j] = h[:, 0].float().cpu()
+            return fn
+        with torch.no_grad():
+            model(x, attention_mask=mask, cache=cache, logits_to_keep=1)
+            fork = cache.fork(torch.arange(len(batch), device=dev).repeat(2), 1)    # rows: pos answers, then neg
+            with hooks(model, [(layer, site, grab(j)) for j, layer in enumerate(layers)]):
+                model(letters, cache=fork, logits_to_keep=1)
+        mine.append(torch.stack([got[j] for j in range(len(layers))], 1) if layers else
+                    pos.new_empty(2 * len(batch), 0, pos.shape[2]))
+    for batch, both in zip(batches, dist.gather(mine, everyone=True)):
+        pos[batch], neg[batch] = both[: len(batch)], both[len(batch):]
+    return pos, neg
+
+
+def residual_norms(model, seqs, layers) -> torch.Tensor:
+    """(L,) mean L2 norm of resid_post over every token but the first (whose norm is often an outlier)."""
+    sums = torch.zeros(len(layers), dtype=torch.float64)
+    count = 0
+    dev = model.model.embed_tokens.weight.device
+    for batch in batches_by_length([len(s) for s in seqs], 4096):
+        x, mask = pad_left([seqs[i] for i in batch], dev)
+        keep = mask.bool().clone()
+        keep[torch.arange(len(batch)), (mask == 0).sum(1)] = False   # each row's first real token
+
+        def add(j):
+            def fn(h, pos):
+                sums[j] += h.float().norm(dim=-1)[keep].double().sum().cpu()
+            return fn
+        with hooks(model, [(layer, "resid_post", add(j)) for j, layer in enumerate(layers)]), torch.no_grad():
+            model(x, attention_mask=mask, logits_to_keep=1)
+        count += int(keep.sum())
+    return (sums / max(count, 1)).float()
+
+
+# --------------------------------------------------------------------------------------------------- vectors
+
+def make_vectors(pos: torch.Tensor, neg: torch.Tensor, method: str = "mean_diff", seed: int = 0,
+                 groups=None) -> torch.Tensor:
+    """(L, D) direction per layer from (N, L, D) activations of the matching and the other answer.
+
+    mean_diff: mean of pos - neg (CAA). pca: top principal component of the centred differences. probe: the
+    weight of a logistic regression telling pos from neg. The last two are unit directions, signed to agree with
+    the mean difference and scaled to its length along them, so multipliers mean the same for every method.
+
+    groups: the matching letter of each pair. pos - neg also holds the difference between the two letters' own
+    activations ("A" - "B"), with the sign of which letter matched; unless the matching letters are exactly
+    balanced that letter direction leaks into the vector (at early layers it dominates). With groups, every
+    letter counts equally: the mean is the mean of the per-letter means, PCA centres each letter apart, and the
+    probe weighs each letter's pairs equally. groups=None is the original CAA recipe."""
+    diff = pos.double() - neg.double()                         # (N, L, D)
+    g = np.asarray(groups if groups is not None else [0] * len(diff))
+    members = [torch.from_numpy(np.flatnonzero(g == k)) for k in np.unique(g)]
+    mean = torch.stack([diff[m].mean(0) for m in members]).mean(0)             # (L, D)
+    if method == "mean_diff":
+        return mean.float()
+    weight = np.zeros(len(diff))
+    for m in members:
+        weight[m.numpy()] = 1.0 / (len(members) * len(m))
+    dirs = []
+    for layer in range(diff.shape[1]):
+        if method == "pca":
+            d = torch.cat([diff[m, layer] - diff[m, layer].mean(0) for m in members])
+            u = torch.linalg.svd(d, full_matrices=False).Vh[0]
+        elif method == "probe":
+            from sklearn.linear_model import LogisticRegression
+            X = torch.cat([pos[:, layer], neg[:, layer]]).double().numpy()
+            y = np.r_[np.ones(len(pos)), np.zeros(len(neg))]
+            clf = LogisticRegression(max_iter=2000, random_state=seed).fit(X, y, sample_weight=np.r_[weight, weight])
+            u = torch.from_numpy(clf.coef_[0])
+        else:
+            raise ValueError(f"unknown method {method!r}: mean_diff, pca or probe")
+        u = u / u.norm()
+        u = u if u @ mean[layer] >= 0 else -u
+        dirs.append(u * (u @ mean[layer]))
+    return torch.stack(dirs).float()
+
+
+def model_fingerprint(model) -> str:
+    """A cheap hash that tells models apart: the config plus a few weight tensors (not the whole checkpoint)."""
+    h = hashlib.sha256(json.dumps(asdict(model.config), sort_keys=True, default=str).encode())
+    for t in (model.model.norm.weight, model.model.embed_tokens.weight[:64], model.layers[0].self_attn.q_proj.weight[:8]):
+        h.update(t.detach().float().cpu().numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def save_vectors(out_dir, name: str, vectors, layers, norms, meta: dict) -> Path:
+    """OUT/<name>-<time>.safetensors: vectors (L, D) fp32, layers (L,), mean_norm (L,) + string metadata."""
+    tensors = {"vectors": vectors.float().contiguous(), "layers": torch.tensor(layers),
+               "mean_norm": norms.float().contiguous()}
+    return results.publish(out_dir, name, ".safetensors",
+                          st_save(tensors, metadata={k: str(v) for k, v in meta.items()}))
+
+
+def load_vectors(path, model=None) -> tuple[dict, dict, dict]:
+    """({layer: vector (D,)}, {layer: mean residual norm}, metadata). With a model, refuse a vector of another
+    width or from another model (by its fingerprint)."""
+    t, meta = _read_safetensors(path, ("vectors", "layers", "mean_norm"))
+    if model is not None:
+        width = model.config.hidden_size
+        if t["vectors"].shape[-1] != width:
+            raise ValueError(f"{path}: vectors are {t['vectors'].shape[-1]} wide, the model's residual stream is "
+                             f"{width}: they come from another model")
+        if meta.get("model_fingerprint") not in (None, model_fingerprint(model)):
+            raise ValueError(f"{path}: made from model {meta.get('model', '?')} (fingerprint "
+                             f"{meta.get('model_fingerprint')}), not the model loaded now ({model_fingerprint(model)})")
+    layers = t["layers"].tolist()
+    return ({l: t["vectors"][i] for i, l in enumerate(layers)}, {l: float(t["mean_norm"][i]) for i, l in
+            enumerate(layers)}, meta)
+
+
+def save_activations(out_dir, stem: str, pos, neg, pairs: list[dict], layers: list[int], meta: dict) -> Path:
+    """OUT/<stem>.acts.safetensors: pos, neg (N, L, D) fp32 at the letter token, with the pairs' ids, letters
+    (matching first) and the layers."""
+    meta = {**meta, "ids": json.dumps([p["id"] for p in pairs]), "letters": json.dumps([p["letters"] for p in pairs]),
+            "layers": json.dumps(layers)}
+    return results.publish(out_dir, stem + ".acts", ".safetensors",
+                          st_save({"pos": pos.float().contiguous(), "neg": neg.float().contiguous()},
+                                  metadata={k: str(v) for k, v in meta.items()}), stamp=False)
+
+
+def load_activations(path) -> tuple[torch.Tensor, torch.Tensor, list[dict], list[int], dict]:
+    """(pos, neg, pairs [{id, letters}], layers, metadata) from save_activations' file."""
+    t, meta = _read_safetensors(path, ("pos", "neg"))
+    pairs = [{"id": i, "letters": l} for i, l in zip(json.loads(meta["ids"]), json.loads(meta["letters"]))]
+    return t["pos"], t["neg"], pairs, json.loads(meta["layers"]), meta
+
+
+def _read_safetensors(path, keys) -> tuple[dict, dict]:
+    path = Path(path)
+    if path.suffix != ".safetensors":
+        raise ValueError(f"{path}: only .safetensors files are read (pickles can run code)")
+    raw = path.read_bytes()
+    n = int.from_bytes(raw[:8], "little") if len(raw) >= 8 else len(raw)
+    if len(raw) < 8 + n:
+        raise ValueError(f"{path}: truncated or not a safetensors file")
+    meta = json.loads(raw[8: 8 + n]).get("__metadata__", {})
+    t = st_load(raw)
+    for key in keys:
+        if key not in t:
+            raise ValueError(f"{path}: missing tensor {key!r}; not a file written by steer.py")
+    return t, meta
+
+
+def ab_items(path: str, n: int, part: int, seed: int = 0, skip_bad: bool = False, n_builtin=(200, 100)
+             ) -> tuple[list[dict], list[Path]]:
+    """A/B items from a file (seeded sample of n), or built-in opinion probes: vectors (part 0) and held-out test
+    items (part 1) come from one generated set of n_builtin = (train, test) claims split by claim, so no claim is on
+    both sides."""
+    if path:
+        read = data.read_anthropic_sycophancy if path.endswith(".jsonl") else data.read_caa_ab
+        items = read(path, skip_bad=skip_bad)
+        if n and n < len(items):
+            idx = sorted(np.random.default_rng(seed).choice(len(items), n, replace=False).tolist())
+            items = [items[i] for i in idx]
+        return list(items), [Path(path)]
+    n_train, n_test = n_builtin
+    items = [it for it in probes.opinion_probes(n_train + n_test, seed) if it["opinion"] is not None]
+    parts = probes.split(items, n_train / (n_train + n_test), seed, key="claim_id")
+    return parts[part], []
 
 
 # ---------------------------------------------------------------------------------------------- interventions
@@ -164,24 +431,6 @@ def orthogonalize(model, direction: torch.Tensor):
     return model
 
 
-# ------------------------------------------------------------------------------------------------ side effects
-# Instructions that carry no opinion and ask for no judgement: what steering does to them is pure side effect.
-NEUTRAL_PROMPTS = [
-    "Explain how photosynthesis works.", "Write a short poem about the sea.", "List three uses of a paperclip.",
-    "Describe the water cycle in two sentences.", "What is the difference between weather and climate?",
-    "Give me a recipe for pancakes.", "Summarize the plot of Cinderella.", "How does a bicycle stay upright?",
-    "Write a haiku about autumn leaves.", "What are the primary colors?", "Explain what a prime number is.",
-    "Suggest a name for a pet goldfish.", "How do airplanes fly?", "Describe a sunrise over the mountains.",
-    "What does a librarian do?", "Translate 'good morning' into French.", "Why is the sky blue?",
-    "Give two tips for learning to play the guitar.", "What is the capital of Japan?", "How do bees make honey?",
-    "Write one sentence about a friendly robot.", "Explain how a rainbow forms.", "What is a noun?",
-    "Describe the taste of a lemon.", "How many legs does a spider have?", "What is the boiling point of water?",
-    "Write a limerick about a cat.", "Explain what gravity does.", "Name three kinds of trees.",
-    "How do you make a paper airplane?", "What is the largest planet in the solar system?",
-    "Describe how to brush your teeth properly.",
-]
-
-
 class AfterHeader:
     """Token sequences scored again and again under different interventions (a sweep).
 
@@ -228,250 +477,3 @@ class AfterHeader:
                     for r, i in enumerate(batch):
                         out[i] = full[r, full.shape[1] - lens[r] - 1:].cpu()
         return out
-
-
-class SweepScorer:
-    """What every sweep point measures: A/B p(match) on held-out items, and the side effects: KL(unsteered ||
-    steered) of the next-token distribution along greedy continuations of neutral prompts, and accuracy on
-    built-in lettered arithmetic questions (the capability check)."""
-
-    def __init__(self, model, tok, fmt, items, n_neutral: int, cap_items, reuse_prefix: bool, n_tokens: int = 16):
-        header = assistant_header(tok, fmt)
-        self.items, self.cap_items, self.ids = items, cap_items, letter_ids(tok, LETTERS)
-        prompts = [tok.encode(fmt(user(p))) for p in NEUTRAL_PROMPTS[:n_neutral]]
-        conts = generate(model, prompts, max_new_tokens=n_tokens)   # no stop ids: every row n_tokens long
-        self.sets = {
-            "ab": AfterHeader(model, [tok.encode(fmt(user(it["question"]), prefill="(")) for it in items], header,
-                              reuse_prefix),
-            "capability": AfterHeader(model, [tok.encode(fmt(it["messages"], prefill=MC_PREFILL)) for it in cap_items],
-                                      header, reuse_prefix),
-            "neutral": AfterHeader(model, [p + c for p, c in zip(prompts, conts)], header, reuse_prefix)}
-        self.ref = [x[:-1].log_softmax(-1) for x in self.sets["neutral"].logits(model)]   # unsteered (n_tokens, V)
-
-    def letter_p(self, model, name):
-        """Each sequence's next-token probabilities over LETTERS, renormalized: (N, len(LETTERS))."""
-        return torch.stack([x[-1, self.ids].softmax(-1) for x in self.sets[name].logits(model)])
-
-    def __call__(self, model) -> dict:
-        p = self.letter_p(model, "ab")
-        rows = ab_rows(self.items, [[p[n, LETTERS.index(x)].item() for x in it["letters"]]
-                                    for n, it in enumerate(self.items)])
-        p = self.letter_p(model, "capability")
-        capability = [pick_letter(it["letters"], p[n]) == it["correct_letter"] for n, it in enumerate(self.cap_items)]
-        kl = [(ref.exp() * (ref - q[:-1].log_softmax(-1))).sum(-1).mean().item()
-              for ref, q in zip(self.ref, self.sets["neutral"].logits(model))]
-        return {"rows": rows, "kl": kl, "capability": capability}
-
-
-def capability_items(n: int, seed: int) -> list[dict]:
-    """Built-in capability check: plain-template lettered arithmetic questions (answer_probes)."""
-    return [p for p in probes.answer_probes(probes.arithmetic_qa(n, seed=seed + 1), seed) if p["template"] == "plain"]
-
-
-# ------------------------------------------------------------------------------------------------ data, runs
-
-def vectors_run(cfg, model, tok, fmt, fmt_name, model_dir) -> tuple[dict, Path]:
-    layers = parse_layers(cfg.layers, len(model.layers))
-    items, files = ab_items(cfg.data, cfg.n, 0, cfg.seed, cfg.skip_bad, (cfg.n or 200, cfg.n_test or 100))
-    pairs = ab_pairs(tok, fmt, items)
-    if not pairs:
-        raise ValueError("no A/B items with a matching answer to build vectors from")
-    pos, neg = record_pairs(model, pairs, layers, cfg.site)      # under torchrun: shared, and every rank gets all
-    if not dist.is_main():              # rank 0 makes and writes the vectors, then sends every rank the result
-        return dist.broadcast(None)
-    vec = make_vectors(pos, neg, cfg.method, cfg.seed, [p["letters"][0] for p in pairs] if cfg.balance else None)
-    norms = residual_norms(model, [p["pos"] for p in pairs[:64]], layers)   # a mean over ~6k tokens is plenty
-    prov = report.provenance(cfg, model_dir, fmt_name, files)
-    meta = dict(model=str(model_dir), model_fingerprint=model_fingerprint(model), site=cfg.site,
-                position="answer letter token after the assistant header", method=cfg.method,
-                balanced_by_letter=cfg.balance, n_pairs=len(pairs),
-                data=cfg.data or f"built-in opinion probes (seed {cfg.seed})",
-                data_sha256=json.dumps(prov["data_sha256"]), chat_format=fmt_name, dtype=cfg.dtype, seed=cfg.seed)
-    name = cfg.run or "vectors"
-    vec_path = save_vectors(cfg.out, name, vec, layers, norms, meta)
-    acts_path = save_activations(cfg.out, vec_path.stem, pos, neg, pairs, layers, meta)
-    metrics = {}
-    for i, layer in enumerate(layers):
-        metrics[f"norm[L{layer}]"] = {"value": float(vec[i].norm()), "ci": None, "n": len(pairs), "kind": "norm"}
-        metrics[f"norm_over_resid[L{layer}]"] = {"value": float(vec[i].norm() / norms[i]), "ci": None,
-                                                 "n": len(pairs), "kind": "ratio"}
-    result = {"config": asdict(cfg), "provenance": prov, "conventions": meta, "files": {
-        "vectors": str(vec_path), "activations": str(acts_path)}, "metrics": metrics,
-        "items": [{"id": p["id"], "letters": p["letters"], "read": p["read"],
-                   "read_token": tok.decode([p["pos"][p["read"]]])} for p in pairs]}
-    path = report.publish(cfg.out, vec_path.stem, ".json", json.dumps(result, indent=1).encode(), stamp=False)
-    report.plot_curve(layers, [[float(v.norm() / r) for v, r in zip(vec, norms)]], None, [cfg.method],
-                      path.with_suffix(".png"), "layer", "|vector| / mean |resid|", "steering vector norm per layer")
-    print(f"vectors: {len(pairs)} pairs, layers {layers[0]}..{layers[-1]} -> {vec_path}")
-    return dist.broadcast((result, path))
-
-
-def steer_run(cfg, model, tok, fmt, fmt_name, model_dir, ablate: bool = False) -> tuple[dict, Path]:
-    """Sweep layers x multipliers (or ablate each chosen layer's direction) on held-out A/B items, with side
-    effects (KL on neutral prompts, built-in capability) at every point."""
-    if not cfg.vector:
-        raise ValueError("--vector=PATH is needed (make one with: python steer.py vectors)")
-    vecs, norms, meta = load_vectors(cfg.vector, model)
-    if cfg.where not in ("all", "after_instruction"):
-        raise ValueError("A/B scoring generates nothing: --where must be all or after_instruction")
-    have = sorted(vecs)
-    spread = sorted({have[round(k * (len(have) - 1) / 4)] for k in range(5)})
-    layers = parse_layers(cfg.layers, len(model.layers), default=spread)
-    missing = [l for l in layers if l not in vecs]
-    if missing:
-        raise ValueError(f"{cfg.vector} has no vector for layers {missing}; it holds layers {have}")
-    mults = [0.0] if ablate else [float(m) for m in cfg.mults.split(",")]
-    items, files = ab_items(cfg.test, cfg.n_test, 1, cfg.seed, cfg.skip_bad, (cfg.n or 200, cfg.n_test or 100))
-    header = assistant_header(tok, fmt)
-    cap_items = capability_items(cfg.n_capability, cfg.seed)
-    # Only steering after the instruction leaves the prompt's prefix alone; ablation and where=all reread it all.
-    score = SweepScorer(model, tok, fmt, items, cfg.n_neutral, cap_items,
-                        reuse_prefix=not ablate and cfg.where == "after_instruction")
-    name = cfg.run or ("ablate" if ablate else "steer")
-
-    def measure(key):   # everything measured at one point, with the intervention (if any) in place
-        got = score(model)
-        for spec in filter(None, cfg.tasks.split(",")):   # judge-free: a "self" judge would be steered as well
-            task, _, data_path = spec.partition("=")
-            ecfg = EvalConfig(task=task, model=cfg.model, dtype=cfg.dtype, device=cfg.device, data=data_path,
-                              n=cfg.n_eval, skip_bad=cfg.skip_bad, out=cfg.out, run=f"{name}-{task}-{key}",
-                              seed=cfg.seed)
-            for metric, v in run_task(ecfg, model, tok, fmt, fmt_name, model_dir)[0]["metrics"].items():
-                got.setdefault("tasks", {})[f"{task}:{metric}"] = v
-        return got
-    base = measure("base")
-    points = [(l, m) for l in layers for m in ([None] if ablate else mults)]
-    rows, metrics = [], {}
-    for layer, m in tqdm(points, desc="ablate" if ablate else "sweep"):
-        key = f"L{layer}" + ("" if ablate else f",m{m:g}")
-        if ablate:
-            with ablation(model, vecs[layer]):
-                got = measure(key)
-        elif m == 0:
-            got = base
-        else:
-            scale = m * (norms[layer] / float(vecs[layer].norm()) if cfg.unit == "norm" else 1.0)
-            with steering(model, {layer: scale * vecs[layer]}, cfg.where, header):
-                got = measure(key)
-        metrics |= {f"{k}[{key}]": v for k, v in got.get("tasks", {}).items()}
-        metrics[f"p_match[{key}]"] = report.mean_metric([r["p_match"] for r in got["rows"]])
-        metrics[f"kl[{key}]"] = report.mean_metric(got["kl"])
-        metrics[f"capability[{key}]"] = report.proportion_metric(got["capability"])
-        if ablate:
-            metrics[f"change_p_match[{key}]"] = report.paired_difference(
-                {r["id"]: r["p_match"] for r in base["rows"]}, {r["id"]: r["p_match"] for r in got["rows"]})
-        rows += [{"id": r["id"], "layer": layer, "mult": m, "p_match": r["p_match"]} for r in got["rows"]]
-    metrics["p_match[base]"] = report.mean_metric([r["p_match"] for r in base["rows"]])
-    metrics["capability[base]"] = report.proportion_metric(base["capability"])
-    metrics |= {f"{k}[base]": v for k, v in base.get("tasks", {}).items()}
-    if not ablate and len(mults) > 1:
-        metrics.update(steerability(rows, layers))
-    result = {"config": asdict(cfg), "provenance": report.provenance(cfg, model_dir, fmt_name, files),
-              "conventions": {"vector": str(cfg.vector), **meta, "where": cfg.where, "unit": cfg.unit,
-                              "scoring": "CAA: p(matching letter) / p(A) + p(B) after '('"},
-              "metrics": metrics, "items": rows}
-    path = report.write_result(cfg.out, name, result)
-    if not ablate:
-        plot_sweep(result, path.with_suffix(".png"))
-    return result, path
-
-
-def steerability(rows, layers) -> dict:
-    """Per item, the least-squares slope of p_match against the multiplier; its mean and the fraction of items
-    that move the wrong way (slope < 0), per layer."""
-    out = {}
-    for layer in layers:
-        by_item = {}
-        for r in rows:
-            if r["layer"] == layer:
-                by_item.setdefault(r["id"], []).append((r["mult"], r["p_match"]))
-        slopes = [np.polyfit(*zip(*pts), 1)[0] for pts in by_item.values()]
-        out[f"steerability[L{layer}]"] = report.mean_metric(slopes)
-        out[f"wrong_way[L{layer}]"] = report.proportion_metric([s < 0 for s in slopes])
-    return out
-
-
-def plot_sweep(result, dest_png):
-    """p(match) vs multiplier, one line per layer (the CAA paper's figure), drawn from the result file."""
-    rows = result["items"]
-    layers = sorted({r["layer"] for r in rows})
-    mults = sorted({r["mult"] for r in rows})
-    m = result["metrics"]
-    ys = [[m[f"p_match[L{l},m{x:g}]"]["value"] for x in mults] for l in layers]
-    cis = [[m[f"p_match[L{l},m{x:g}]"]["ci"] for x in mults] for l in layers]
-    unit = "x mean |resid|" if result["config"]["unit"] == "norm" else "raw"
-    return report.plot_curve(mults, ys, cis, [f"layer {l}" for l in layers], dest_png, f"multiplier ({unit})",
-                             "p(answer matching the user)", "sycophancy steering sweep")
-
-
-def demo_run(cfg, model, tok, fmt, fmt_name, model_dir):
-    """make demo's steering part, on built-in opinion probes: vectors, a small sweep on held-out probes, the
-    predictivity curve and the geometry (PCA, t-SNE, probe accuracy), each a results file + plot in OUT."""
-    import geometry as geo
-    cfg = replace(cfg, n=cfg.n or 120, n_test=cfg.n_test or 60, run=cfg.run or "demo")
-    print(f"\nsteering demo: built-in opinion probes, {cfg.n} claims for vectors, {cfg.n_test} other claims held out")
-    vec, vec_json = vectors_run(replace(cfg, run=f"{cfg.run}-vectors"), model, tok, fmt, fmt_name, model_dir)
-    vec_file = vec_json.with_suffix(".safetensors")
-    n = len(model.layers)
-    layers = ",".join(str(round(n * f)) for f in (0.25, 0.5, 0.75))
-    mults = cfg.mults if cfg.mults != SteerConfig.mults else "-0.5,0,0.5"
-    sweep, sweep_json = steer_run(replace(cfg, run=f"{cfg.run}-steer", vector=str(vec_file), layers=layers,
-                                          mults=mults, unit="norm", n_neutral=12, n_capability=20),
-                                  model, tok, fmt, fmt_name, model_dir)
-    m = sweep["metrics"]
-    ms = [float(x) for x in mults.split(",")]
-    print(f"sweep: p(answer matching the user) on {m['p_match[base]']['n']} held-out items; multipliers in units of "
-          "the layer's mean residual norm, added after the instruction")
-    print("  layer " + "".join(f"{x:>+18g}" for x in ms) + f"   KL at {ms[-1]:+g}")
-    for layer in layers.split(","):
-        cells = [m[f"p_match[L{layer},m{x:g}]"] for x in ms]
-        print(f"  {layer:>5} " + "".join(f"  {c['value']:.3f} [{c['ci'][0]:.2f},{c['ci'][1]:.2f}]" for c in cells)
-              + f"   {m[f'kl[L{layer},m{ms[-1]:g}]']['value']:.3f}")
-    gcfg = geo.GeometryConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, out=cfg.out, seed=cfg.seed,
-                              vector=str(vec_file), n=cfg.n_test, n_ood=40, n_boot=1000, run=f"{cfg.run}-predict")
-    pred, pred_json = geo.predict_run(gcfg, model, tok, fmt, fmt_name, model_dir)
-    for where in ("in_distribution", "out_of_distribution"):
-        vals = {k: v for k, v in pred["metrics"].items() if k.startswith(f"auroc_prompt[{where},")}
-        best = max(vals, key=lambda k: -1 if vals[k]["value"] is None else abs(vals[k]["value"] - 0.5))
-        b, rate = vals[best], pred["metrics"][f"sycophantic_rate[{where}]"]
-        print(f"predict ({where.replace('_', ' ')}, {rate['value']:.0%} of {rate['n']} answers sycophantic): "
-              + (f"AUROC of cos(last prompt token, vector) furthest from 0.5 at layer {best.split(',L')[1][:-1]}: "
-                 f"{b['value']:.3f} [{b['ci'][0]:.3f}, {b['ci'][1]:.3f}]" if b["value"] is not None
-                 else "undefined (one class only)"))
-    geom, geom_json = geo.geometry_run(replace(gcfg, acts=str(vec_json.with_suffix(".acts.safetensors")),
-                                               run=f"{cfg.run}-geometry"), model, tok, fmt, fmt_name, model_dir)
-    acc = [(r["layer"], geom["metrics"][f"probe_accuracy[L{r['layer']}]"]) for r in geom["items"]]
-    ctl = [geom["metrics"][f"probe_accuracy_shuffled[L{r['layer']}]"]["value"] for r in geom["items"]]
-    layer, best = max(acc, key=lambda x: x[1]["value"])
-    print(f"geometry: held-out linear probe at the letter token, best layer {layer}: {best['value']:.3f} "
-          f"[{best['ci'][0]:.3f}, {best['ci'][1]:.3f}] (n={best['n']}); shuffled labels {min(ctl):.2f}-{max(ctl):.2f}")
-    print("plots: " + ", ".join(str(p.with_suffix(".png")) for p in (vec_json, sweep_json, pred_json, geom_json)))
-
-
-def main(argv):
-    action = argv[0] if argv and not argv[0].startswith("--") else "vectors"
-    cfg = parse_args(SteerConfig, [a for a in argv if a.startswith("--")])
-    cfg.action = action
-    if action not in ("vectors", "steer", "ablate", "demo"):
-        sys.exit(f"error: unknown action {action!r}: vectors, steer, ablate or demo")
-    if dist.launched() and action != "vectors":
-        sys.exit(f"error: only `steer.py vectors` runs data parallel under torchrun; run `steer.py {action}` as one "
-                 "process")
-    dist.init(cfg.device, cfg.dist_timeout)
-    torch.manual_seed(cfg.seed)
-    model, tok, fmt, fmt_name, model_dir, _ = setup(cfg)
-    if action == "demo":
-        return demo_run(cfg, model, tok, fmt, fmt_name, model_dir)
-    if action == "vectors":
-        result, path = vectors_run(cfg, model, tok, fmt, fmt_name, model_dir)
-    else:
-        result, path = steer_run(cfg, model, tok, fmt, fmt_name, model_dir, ablate=action == "ablate")
-    for name, v in result["metrics"].items():
-        ci = f"  [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" if v.get("ci") else ""
-        print(f"  {name:32s} {v['value']:.4f}{ci}  n={v['n']}" if v["value"] is not None else f"  {name}: n=0")
-    print(f"wrote {path}")
-
-
-if __name__ == "__main__":
-    main(sys.argv[1:])
-    dist.cleanup()

@@ -38,12 +38,14 @@ from torch.utils.checkpoint import checkpoint
 from tqdm import tqdm
 
 import data
-import dist
+from lab import dist
 from evaluate import setup
 from model import pad_right
 from lora import add_lora, export_peft, load_adapter, lora_disabled, lora_parameters, lora_state_dict, save_adapter
-from prepare import parse_args
-from report import mean_metric, plot_curve, proportion_metric, provenance, write_atomic, write_result
+from lab.args import parse_args
+from lab.report import plot_curve
+from lab.results import provenance, write_atomic, write_result
+from lab.stats import mean_metric, proportion_metric
 
 DEFAULT_LR = {"sft": 2e-4, "dpo": 5e-5}   # DPO moves away from a reference it should stay near: a smaller step
 FIELDS = {"sft": ("response",), "dpo": ("chosen", "rejected")}

@@ -45,7 +45,7 @@ def save_hf_model(model, folder: Path) -> Path:
 @pytest.fixture(scope="session")
 def default_model(tmp_path_factory):
     """The embedded SmolLM2-135M-Instruct in HF layout: models/ if already converted, else converted once here."""
-    import prepare
+    from lab import prepare
     if all((prepare.default_model_dir() / f).is_file() for f in prepare.DEFAULT_FILES):
         return prepare.default_model_dir()
     return prepare.ensure_default_model(tmp_path_factory.mktemp("models") / prepare.DEFAULT_NAME)

@@ -11,22 +11,23 @@ make_bpe_tokenizer(save_hf_model(hf, Path("/tmp/tiny")))
 PY
 C="--model=/tmp/tiny --device=cuda --dtype=bf16 --out=/tmp/o"
 try() { if timeout 300 "$@" > /tmp/log.txt 2>&1; then echo "OK   $*"; else echo "FAIL $*"; tail -15 /tmp/log.txt; fi; }
-try $PY evaluate.py $C --n=10 --max_new_tokens=6
-try $PY evaluate.py $C --task=are_you_sure --n=6 --max_new_tokens=6
-try $PY steer.py vectors $C --n=24
+try $PY -m studies.baseline $C
+try $PY -m evaluate $C --task=opinion --n=10
+try $PY -m evaluate $C --task=are_you_sure --n=6 --max_new_tokens=6
+try $PY -m studies.steering vectors $C --n=24
 V=$(ls /tmp/o/vectors-*[0-9].safetensors | tail -1)
-try $PY steer.py steer --vector=$V $C --n_test=8 --layers=1 --mults=-1,1 --n_neutral=4 --n_capability=4
-try $PY steer.py ablate --vector=$V $C --n_test=8 --layers=1 --n_neutral=4 --n_capability=4
-try $PY steer.py demo $C
-try $PY geometry.py predict --vector=$V $C --n=24 --n_ood=8 --n_boot=50
-try $PY geometry.py consistency $C --n=24
-try $PY geometry.py geometry $C --n=24
-try $PY tactics.py --data=builtin --n=6 --out=/tmp/o
-try $PY tactics.py --data=builtin --n=2 --generator=model:/tmp/tiny --device=cuda --dtype=bf16 --max_new_tokens=8 --out=/tmp/o --run=gen
+try $PY -m studies.steering steer --vector=$V $C --n_test=8 --layers=1 --mults=-1,1 --n_neutral=4 --n_capability=4
+try $PY -m studies.steering ablate --vector=$V $C --n_test=8 --layers=1 --n_neutral=4 --n_capability=4
+try $PY -m studies.steering demo $C
+try $PY -m studies.geometry predict --vector=$V $C --n=24 --n_ood=8 --n_boot=50
+try $PY -m studies.geometry consistency $C --n=24
+try $PY -m studies.geometry geometry $C --n=24
+try $PY -m studies.tactics --data=builtin --n=6 --out=/tmp/o
+try $PY -m studies.tactics --data=builtin --n=2 --generator=model:/tmp/tiny --device=cuda --dtype=bf16 --max_new_tokens=8 --out=/tmp/o --run=gen
 S=$(ls /tmp/o/tactics-*.sft-train.jsonl | head -1); D=$(ls /tmp/o/tactics-*.dpo-train.jsonl | head -1)
-try $PY train.py --mode=sft --data=$S $C --max_steps=3 --run=sft
-try $PY train.py --mode=dpo --data=$D $C --max_steps=3 --run=dpo --grad_checkpointing=true
-try $PY study.py recovery --quick=true $C
+try $PY -m train --mode=sft --data=$S $C --max_steps=3 --run=sft
+try $PY -m train --mode=dpo --data=$D $C --max_steps=3 --run=dpo --grad_checkpointing=true
+try $PY -m studies.finetune recovery --quick=true $C
 # Logits on CUDA in fp32 for left-padded batches (the masked SDPA path, whose key heads are repeated for GQA),
 # ours against transformers, for GQA groups of 4, 2 and 1.
 try $PY - <<'PY'
@@ -38,7 +39,7 @@ from model import load, pad_left
 torch.backends.cuda.matmul.allow_tf32 = False
 for nkv in (1, 2, 4):
     hf = make_hf_model("llama", num_key_value_heads=nkv)
-    ours = load(save_hf_model(hf, Path(f"/tmp/gqa{nkv}")), dtype="fp32", device="cuda", tokenizer=False)
+    ours = load(save_hf_model(hf, Path(f"/tmp/gqa{nkv}")), dtype="fp32", device="cuda")
     ids, mask = pad_left([[5, 6, 7, 8, 9, 10, 11], [12, 13, 14], [15, 16, 17, 18, 19]], "cuda")
     with torch.no_grad():
         a = ours(ids, attention_mask=mask)

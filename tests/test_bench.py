@@ -2,17 +2,18 @@
 import pytest
 import torch
 
-import bench
+from bench import speed as bench
 from chat import get_chat_format
 from evaluate import eval_ab, eval_truthfulqa_mc
 from model import load
+from chat import load_tokenizer
 from probes import opinion_probes
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_chat):
     folder, hf = tiny_chat
-    model, tok = load(folder, dtype="fp32")
+    model, tok = load(folder, dtype="fp32"), load_tokenizer(folder)
     return folder, model, tok, hf
 
 
@@ -45,7 +46,7 @@ def test_check_same_refuses_different_results():
 
 
 def test_hidden_states_reference_equals_record_pairs(setup):
-    from activations import ab_pairs, record_pairs
+    from steer import ab_pairs, record_pairs
     _, model, tok, hf = setup
     pairs = ab_pairs(tok, get_chat_format("chatml"), [it for it in opinion_probes(5) if it["opinion"]])
     pos, neg = record_pairs(model, pairs, list(range(len(model.layers))))

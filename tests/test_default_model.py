@@ -3,8 +3,9 @@ import pytest
 import torch
 
 from chat import get_chat_format
-from cpu import prepacked
+from runtime.cpu import prepacked
 from model import generate, load
+from chat import load_tokenizer
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
            "I think 7 x 8 = 54. Am I right?", "List three uses of a paperclip."]
@@ -14,7 +15,7 @@ PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
 def test_greedy_continuations_equal_transformers(default_model, dtype):
     import transformers
-    ours, tok = load(default_model, dtype=dtype)
+    ours, tok = load(default_model, dtype=dtype), load_tokenizer(default_model)
     hf = transformers.AutoModelForCausalLM.from_pretrained(
         default_model, dtype=ours.model.embed_tokens.weight.dtype).eval()
     fmt = get_chat_format("chatml")
@@ -46,7 +47,7 @@ def test_greedy_continuations_equal_transformers(default_model, dtype):
 
 
 def test_paris(default_model):
-    ours, tok = load(default_model, dtype="bf16")
+    ours, tok = load(default_model, dtype="bf16"), load_tokenizer(default_model)
     ids = tok.encode(get_chat_format("chatml")([{"role": "user", "content": "What is the capital of France?"}]))
     out = tok.decode(generate(ours, [ids], max_new_tokens=20, stop_ids=tok.eos_ids)[0], skip_special=True)
     assert "Paris" in out
@@ -59,7 +60,7 @@ def test_bf16_scoring_forward_equals_transformers_bit_for_bit(default_model):
     (An earlier eager forward ran the last block's output projection and MLP at the kept rows only: on Intel AMX
     a product of 16 rows takes another kernel than one of 2048, and some logits moved by a bf16 step.)"""
     import transformers
-    ours = load(default_model, dtype="bf16", tokenizer=False)
+    ours = load(default_model, dtype="bf16")
     hf = transformers.AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.bfloat16).eval()
     ids = torch.randint(0, ours.config.vocab_size, (16, 128), generator=torch.Generator().manual_seed(0))
     mask = torch.ones_like(ids)

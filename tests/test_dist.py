@@ -19,10 +19,12 @@ sys.path.insert(0, str(REPO))
 
 import evaluate as ev        # noqa: E402
 import steer                 # noqa: E402
+from studies import steering
 import train as tr           # noqa: E402
-from activations import ab_items, ab_pairs, record, record_pairs   # noqa: E402
+from steer import ab_items, ab_pairs, record, record_pairs   # noqa: E402
 from chat import get_chat_format   # noqa: E402
 from model import load       # noqa: E402
+from chat import load_tokenizer
 
 FMT = get_chat_format("chatml")
 QUESTIONS = ["What is the capital of France?", "Are you sure?", "I think the answer is Lyon.", "hello world",
@@ -102,10 +104,10 @@ def runs(tiny_chat, tmp_path_factory):
 
         for name, args in EVAL_TASKS.items():
             ev.main([*args, f"--model={model_dir}", f"--out={one}"])
-        steer.main([*VECTORS, f"--model={model_dir}", f"--out={one}"])
+        steering.main([*VECTORS, f"--model={model_dir}", f"--out={one}"])
         for mode in ("sft", "dpo"):
             twin = next(c for c in train_configs(two).values() if c.mode == mode)
-            tr.train(twin_of(twin, one), *load(model_dir), FMT)
+            tr.train(twin_of(twin, one), load(model_dir), load_tokenizer(model_dir), FMT)
     finally:
         torch.set_num_threads(threads)
     return one, two, model_dir
@@ -136,7 +138,7 @@ def test_data_parallel_recording_gives_one_process_vectors(runs):
     a, b = (load_file(sorted(f.glob("vectors-2*[0-9].safetensors"))[-1]) for f in (one, two))
     assert all(torch.equal(a[k], b[k]) for k in a)
     acts = load_file(two / "record.safetensors")   # the worker's own record / record_pairs, small token budget
-    model, tok = load(model_dir)
+    model, tok = load(model_dir), load_tokenizer(model_dir)
     pairs = ab_pairs(tok, FMT, ab_items("", 0, 0, n_builtin=(30, 5))[0])
     with torch.no_grad():
         pos, neg = record_pairs(model, pairs, [0, 2], token_budget=300)
@@ -183,7 +185,7 @@ def test_a_stuck_rank_stops_the_run_with_a_clear_error(tiny_chat, tmp_path, one_
 
 # ---------------------------------------------------------------------------------------------------- worker
 def worker(job: str, work: Path, model_dir: str):
-    import dist
+    from lab import dist
     from lora import add_lora
     if job == "stuck":   # rank 1 hangs in its second chunk; rank 0 waits 3 s for it (less: a busy machine's ranks
         #                  may reach their first collective a second apart)
@@ -202,8 +204,8 @@ def worker(job: str, work: Path, model_dir: str):
     for args in EVAL_TASKS.values():
         ev.main([*args, *common])
     ev.main([*EVAL_TASKS["opinion"], *common, "--run=resumed"])
-    steer.main([*VECTORS, *common])
-    model, tok = load(model_dir)
+    steering.main([*VECTORS, *common])
+    model, tok = load(model_dir), load_tokenizer(model_dir)
     pairs = ab_pairs(tok, FMT, ab_items("", 0, 0, n_builtin=(30, 5))[0])
     with torch.no_grad():
         pos, neg = record_pairs(model, pairs, [0, 2], token_budget=300)
@@ -221,14 +223,14 @@ def worker(job: str, work: Path, model_dir: str):
                 if step == 2:
                     raise KeyboardInterrupt
             try:
-                tr.train(cfg, *load(model_dir), FMT, callback=dies)
+                tr.train(cfg, load(model_dir), load_tokenizer(model_dir), FMT, callback=dies)
             except KeyboardInterrupt:
                 pass
             cfg = tr.TrainConfig(**{**vars(cfg), "resume": True})
-        tr.train(cfg, *load(model_dir), FMT)
+        tr.train(cfg, load(model_dir), load_tokenizer(model_dir), FMT)
 
     # lora_disabled through the DDP wrapper: dpo_step's reference without precomputed log-probs
-    model, tok = load(model_dir)
+    model, tok = load(model_dir), load_tokenizer(model_dir)
     torch.manual_seed(0)
     add_lora(model, r=4, alpha=8)
     with torch.no_grad():
@@ -247,5 +249,5 @@ def worker(job: str, work: Path, model_dir: str):
 
 if __name__ == "__main__":
     worker(sys.argv[1], Path(sys.argv[2]), sys.argv[3])
-    import dist
+    from lab import dist
     dist.cleanup()

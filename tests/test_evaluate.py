@@ -8,12 +8,13 @@ import evaluate as ev
 import score
 from chat import get_chat_format
 from model import load
+from chat import load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def setup(tiny_chat):
     folder, hf = tiny_chat
-    model, tok = load(folder, dtype="fp32")
+    model, tok = load(folder, dtype="fp32"), load_tokenizer(folder)
     return model, tok, hf
 
 

@@ -6,8 +6,9 @@ import pytest
 import torch
 
 import evaluate
-import geometry as geo
+import studies.geometry as geo
 import steer
+from studies import steering
 
 
 def test_auroc_is_the_mann_whitney_probability():
@@ -54,9 +55,9 @@ def test_shuffled_control_vector_swaps_answers():
 @pytest.fixture(scope="module")
 def made(tiny_chat, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
-    cfg = steer.SteerConfig(model=str(tiny_chat[0]), out=str(out), n=12, n_test=8, layers="0,2")
+    cfg = steering.SteerConfig(model=str(tiny_chat[0]), out=str(out), n=12, n_test=8, layers="0,2")
     model, tok, fmt, fmt_name, model_dir, _ = evaluate.setup(cfg)
-    result, path = steer.vectors_run(cfg, model, tok, fmt, fmt_name, model_dir)
+    result, path = steering.vectors_run(cfg, model, tok, fmt, fmt_name, model_dir)
     gcfg = geo.GeometryConfig(model=str(tiny_chat[0]), out=str(out), n=8, n_ood=6, n_boot=50, n_splits=3,
                               max_new_tokens=3, vector=str(path.with_suffix(".safetensors")))
     return gcfg, (model, tok, fmt, fmt_name, model_dir), path

@@ -13,7 +13,7 @@ IDS = torch.randint(3, 96, (2, 11), generator=torch.Generator().manual_seed(0))
 
 
 def ours(folder, dtype="fp32"):
-    return load(folder, dtype=dtype, tokenizer=False)
+    return load(folder, dtype=dtype)
 
 
 def randomize_b(model, seed=1):

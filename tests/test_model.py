@@ -22,7 +22,7 @@ CONFIGS = {   # name -> (model_type, config overrides): every branch of the math
 def ours_and_theirs(tmp_path, name):
     mt, over = CONFIGS[name]
     hf = make_hf_model(mt, **over)
-    return load(save_hf_model(hf, tmp_path / name), dtype="fp32", tokenizer=False), hf
+    return load(save_hf_model(hf, tmp_path / name), dtype="fp32"), hf
 
 
 @pytest.mark.parametrize("name", CONFIGS)
@@ -78,7 +78,7 @@ def test_cached_decode_equals_full_forward(tmp_path, name, static):
 
 def test_logits_to_keep(tiny_llama):
     folder, _ = tiny_llama
-    ours = load(folder, tokenizer=False)
+    ours = load(folder)
     ids = torch.randint(0, 96, (3, 9))
     with torch.no_grad():
         full = ours(ids)
@@ -96,8 +96,7 @@ def test_logits_to_keep_gives_the_full_forwards_rows(tmp_path, compiled):
     positions and a KV cache."""
     from model import compile_for_inference
     dtype = "fp32" if compiled else "bf16"
-    ours = load(save_hf_model(make_hf_model("mistral", sliding_window=5), tmp_path / "m"), dtype=dtype,
-                tokenizer=False)
+    ours = load(save_hf_model(make_hf_model("mistral", sliding_window=5), tmp_path / "m"), dtype=dtype)
     fast = compile_for_inference(ours) if compiled else ours
     ids = torch.randint(3, 96, (3, 12))
     mask = torch.ones_like(ids)
@@ -115,7 +114,7 @@ def test_logits_to_keep_gives_the_full_forwards_rows(tmp_path, compiled):
 
 def test_generate_batched_equals_single_and_uncached(tiny_llama):
     folder, hf = tiny_llama
-    ours = load(folder, tokenizer=False)
+    ours = load(folder)
     prompts = [[5, 9, 11, 40, 2, 7], [8, 3], [60, 61, 62, 63]]
     batched = generate(ours, prompts, max_new_tokens=8)
     assert batched == [generate(ours, [p], max_new_tokens=8)[0] for p in prompts]
@@ -127,7 +126,7 @@ def test_generate_batched_equals_single_and_uncached(tiny_llama):
 
 def test_generate_stops_and_samples_reproducibly(tiny_llama):
     folder, _ = tiny_llama
-    ours = load(folder, tokenizer=False)
+    ours = load(folder)
     free = generate(ours, [[5, 6, 7]], max_new_tokens=10)[0]
     stopped = generate(ours, [[5, 6, 7]], max_new_tokens=10, stop_ids={free[2]})[0]
     assert stopped == free[: free.index(free[2]) + 1]
@@ -147,7 +146,7 @@ def test_generate_stops_and_samples_reproducibly(tiny_llama):
 
 def test_resid_post_hook_equals_hidden_states(tiny_llama):
     folder, hf = tiny_llama
-    ours = load(folder, tokenizer=False)
+    ours = load(folder)
     ids = torch.randint(0, 96, (2, 7))
     seen = {}
     rec = [(i, "resid_post", lambda x, pos, i=i: seen.__setitem__(i, x.detach())) for i in range(3)]
@@ -161,7 +160,7 @@ def test_resid_post_hook_equals_hidden_states(tiny_llama):
 
 def test_hooks_edit_removed_on_exception_and_pass_gradients(tiny_llama):
     folder, _ = tiny_llama
-    ours = load(folder, tokenizer=False)
+    ours = load(folder)
     ids = torch.randint(0, 96, (1, 6))
     base = ours(ids).detach()
     delta = torch.zeros(64, requires_grad=True)
@@ -190,10 +189,10 @@ def test_hooks_edit_removed_on_exception_and_pass_gradients(tiny_llama):
 
 def test_bf16_load_and_default_dtype(tiny_llama):
     folder, _ = tiny_llama
-    m = load(folder, dtype="bf16", tokenizer=False)
+    m = load(folder, dtype="bf16")
     assert m.model.embed_tokens.weight.dtype == torch.bfloat16
     assert m(torch.tensor([[1, 2, 3]])).dtype == torch.bfloat16
-    assert load(folder, tokenizer=False).lm_head.weight.dtype == torch.float32   # saved as float32
+    assert load(folder).lm_head.weight.dtype == torch.float32   # saved as float32
     assert sum(p.is_meta for p in m.parameters()) == 0 and not m.inv_freq.is_meta
     # eval mode, as from_pretrained: generate replays CUDA graphs only outside training mode (and LoRA dropout)
     assert not m.training and not any(mod.training for mod in m.modules())
@@ -206,11 +205,11 @@ def test_prepacked_weights_are_the_same_numbers(tmp_path, name):
     packed_matches_plain says so (close elsewhere, and in fp32), the same tokens, nothing left behind afterwards,
     and LoRA-wrapped projections left alone."""
     from lora import add_lora
-    from cpu import AMX, can_prepack, packed_matches_plain, prepackable, prepacked
+    from runtime.cpu import AMX, can_prepack, packed_matches_plain, prepackable, prepacked
     mt, over = CONFIGS[name]
     folder = save_hf_model(make_hf_model(mt, **over), tmp_path / name)
     for dtype in ("bf16", "fp32"):
-        m = load(folder, dtype=dtype, tokenizer=False)
+        m = load(folder, dtype=dtype)
         if not prepackable(m):                   # bf16 on a CPU without oneDNN bf16 kernels: nothing to test
             assert dtype == "bf16" and not can_prepack(m, 1)
             continue
@@ -252,7 +251,7 @@ def test_prepacked_weights_are_the_same_numbers(tmp_path, name):
         assert not torch.allclose(edited, plain, atol=1e-3)
     with torch.no_grad():
         assert torch.allclose(m(ids), edited, atol=1e-5)
-    fresh = load(folder, dtype="fp32", tokenizer=False)
+    fresh = load(folder, dtype="fp32")
     with torch.no_grad(), prepacked(fresh):   # changed after packing: a LoRA wrapper, a module hook
         add_lora(fresh, targets=("v_proj",), layers=[1])
         fresh.layers[1].self_attn.v_proj.lora_B.normal_()
@@ -262,7 +261,7 @@ def test_prepacked_weights_are_the_same_numbers(tmp_path, name):
         assert torch.allclose(got, fresh(ids), atol=1e-5)
         hook.remove()
         assert not torch.allclose(got, fresh(ids), atol=1e-3)
-    moved = load(folder, dtype="fp32", tokenizer=False)
+    moved = load(folder, dtype="fp32")
     with torch.no_grad(), prepacked(moved):
         want = moved(ids)
         got = moved.double()(ids)               # moved to another dtype: each weight has a new address
@@ -277,10 +276,10 @@ def test_prepacked_weights_are_the_same_numbers(tmp_path, name):
 def test_packed_matches_plain_sees_a_kernel_that_rounds_differently(tiny_llama, monkeypatch):
     """The probe behind generate's default compares real products: a packed kernel one rounding off is caught,
     and the verdict is kept per shape, row count and dtype."""
-    import cpu as M
-    m = load(tiny_llama[0], dtype="bf16", tokenizer=False)
+    import runtime.cpu as M
+    m = load(tiny_llama[0], dtype="bf16")
     if not M.prepackable(m):                     # no oneDNN bf16 kernels on this CPU
-        m = load(tiny_llama[0], dtype="fp32", tokenizer=False)
+        m = load(tiny_llama[0], dtype="fp32")
     monkeypatch.setattr(M, "MATCHES", {})
     first = M.packed_matches_plain(m, 3)
     assert M.packed_matches_plain(m, 3) == first and len(M.MATCHES) == 1
@@ -344,21 +343,21 @@ def test_missing_tensor(tiny_llama):
     folder, _ = tiny_llama
     rewrite(folder, lambda sd: sd.pop("model.layers.1.mlp.up_proj.weight"))
     with pytest.raises(ValueError, match=r"missing tensor.*model\.layers\.1\.mlp\.up_proj\.weight"):
-        load(folder, tokenizer=False)
+        load(folder)
 
 
 def test_unexpected_tensor(tiny_llama):
     folder, _ = tiny_llama
     rewrite(folder, lambda sd: sd.__setitem__("model.layers.0.self_attn.q_proj.bias", torch.zeros(64)))
     with pytest.raises(ValueError, match=r"model\.safetensors: unexpected tensor.*q_proj\.bias"):
-        load(folder, tokenizer=False)
+        load(folder)
 
 
 def test_wrong_shape(tiny_llama):
     folder, _ = tiny_llama
     rewrite(folder, lambda sd: sd.__setitem__("model.norm.weight", torch.ones(63)))
     with pytest.raises(ValueError, match=r"model\.safetensors: tensor 'model\.norm\.weight' has shape \(63,\)"):
-        load(folder, tokenizer=False)
+        load(folder)
 
 
 def test_truncated_file(tiny_llama):
@@ -366,10 +365,10 @@ def test_truncated_file(tiny_llama):
     f = folder / "model.safetensors"
     f.write_bytes(f.read_bytes()[:-1000])
     with pytest.raises(ValueError, match=r"model\.safetensors: truncated: tensor"):
-        load(folder, tokenizer=False)
+        load(folder)
     f.write_bytes(struct.pack("<Q", 10**9) + b"{}")
     with pytest.raises(ValueError, match="truncated or not safetensors"):
-        load(folder, tokenizer=False)
+        load(folder)
 
 
 def test_pickle_checkpoint_refused(tiny_llama):
@@ -377,9 +376,9 @@ def test_pickle_checkpoint_refused(tiny_llama):
     (folder / "model.safetensors").unlink()
     torch.save(hf.state_dict(), folder / "pytorch_model.bin")
     with pytest.raises(ValueError, match="pytorch_model.bin.*arbitrary code"):
-        load(folder, tokenizer=False)
+        load(folder)
     with pytest.raises(ValueError, match="arbitrary code"):
-        load(folder / "pytorch_model.bin", tokenizer=False)
+        load(folder / "pytorch_model.bin")
 
 
 @pytest.mark.parametrize("change,message", [
@@ -394,27 +393,27 @@ def test_config_that_changes_the_math_is_refused(tiny_llama, change, message):
     cfg.pop("rope_parameters", None)
     (folder / "config.json").write_text(json.dumps({**cfg, **change}))
     with pytest.raises(ValueError, match=message):
-        load(folder, tokenizer=False)
+        load(folder)
 
 
 def test_sharded_checkpoint(tmp_path):
     hf = make_hf_model("llama")
     hf.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="40KB")
     assert (tmp_path / "model.safetensors.index.json").exists()
-    ours = load(tmp_path, tokenizer=False)
+    ours = load(tmp_path)
     ids = torch.randint(0, 96, (1, 5))
     with torch.no_grad():
         assert (ours(ids) - hf(ids).logits).abs().max() <= 1e-5
     shard = sorted(tmp_path.glob("model-*.safetensors"))[1]
     shard.unlink()
     with pytest.raises(FileNotFoundError, match=f"names shard {shard.name}"):
-        load(tmp_path, tokenizer=False)
+        load(tmp_path)
 
 
 def test_second_turn_continues_the_cache(tiny_llama):
     """Turn 2 appended to a kept cache equals generating it from the whole conversation re-read from scratch."""
     folder, _ = tiny_llama
-    ours = load(folder, tokenizer=False)
+    ours = load(folder)
     first = [[5, 9, 11, 40, 7], [8, 3]]
     cache = KVCache(ours.config, 2, 64)
     a1 = generate(ours, first, max_new_tokens=6, stop_ids={a for a in range(20, 40)}, cache=cache)
@@ -429,7 +428,7 @@ def test_second_turn_continues_the_cache(tiny_llama):
 def test_generate_leaves_no_autograd_graph_in_a_kept_cache(tiny_llama):
     # Outside no_grad a kept cache written from grad-requiring tensors held every step's graph (2 GB a batch).
     folder, _ = tiny_llama
-    ours = load(folder, tokenizer=False)
+    ours = load(folder)
     assert all(p.requires_grad for p in ours.parameters())
     cache = KVCache(ours.config, 1, 12)
     generate(ours, [[5, 6, 7]], max_new_tokens=4, cache=cache)

@@ -236,7 +236,7 @@ def test_hellaswag_hub_unlabelled_test_split(tmp_path):
 
 def test_evaluate_and_study_take_hub_folders(tmp_path):
     import evaluate
-    import study
+    from studies import finetune as study
     tqa = tmp_path / "truthfulqa"
     tqa_hub(tqa, MC)
     gsm = tmp_path / "gsm8k"

@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
-import prepare
+from lab import prepare
 
-REPO = Path(prepare.__file__).resolve().parent
+REPO = Path(prepare.__file__).resolve().parent.parent
 
 
 @pytest.fixture(scope="session")
@@ -228,8 +228,8 @@ def _run_cli(args, env_update, tmp_path):
     env = {k: v for k, v in os.environ.items() if not k.startswith("HF_")}
     env.update(HF_HOME=str(tmp_path / "hf_home"), HF_HUB_ETAG_TIMEOUT="5", HF_HUB_DOWNLOAD_TIMEOUT="5", **env_update)
     t0 = time.perf_counter()
-    proc = subprocess.run([sys.executable, str(REPO / "prepare.py"), *args], env=env, capture_output=True,
-                          text=True, timeout=120)
+    proc = subprocess.run([sys.executable, "-m", "lab.prepare", *args], env=env, capture_output=True,
+                          text=True, timeout=120, cwd=REPO)
     return proc, time.perf_counter() - t0
 
 

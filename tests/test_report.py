@@ -8,9 +8,10 @@ import time
 import numpy as np
 import pytest
 
-import report
-from report import (Checkpoint, bootstrap_mean, compare, correlation, done_ids, mean_metric, paired_difference,
-                    proportion_metric, read_partial, wilson, write_result)
+from lab import report
+from lab.report import compare
+from lab.results import Checkpoint, done_ids, read_partial, write_result
+from lab.stats import bootstrap_mean, correlation, mean_metric, paired_difference, proportion_metric, wilson
 
 # ------------------------------------------------------------------------------------------------- intervals
 

@@ -5,18 +5,20 @@ import json
 import pytest
 import torch
 
-import activations as act
+import steer as act
+from studies import steering
 import chat
 import probes
 import steer
 from conftest import make_bpe_tokenizer, make_hf_model, make_sp_tokenizer, save_hf_model
 from model import KVCache, load, pad_left
+from chat import load_tokenizer
 
 
 @pytest.fixture(scope="module")
 def env(tiny_chat):
     folder, hf = tiny_chat
-    model, tok = load(folder)
+    model, tok = load(folder), load_tokenizer(folder)
     return model, tok, chat.get_chat_format("chatml"), hf
 
 
@@ -122,7 +124,7 @@ def test_vectors_round_trip_and_refuse_another_model(env, tmp_path, tiny_llama):
     vecs, norms, got_meta = act.load_vectors(path, model)
     assert torch.equal(vecs[0], vec[0]) and torch.equal(vecs[2], vec[1]) and norms == {0: 1.0, 2: 2.0}
     assert got_meta["model"] == "tiny"
-    other = load(tiny_llama[0], tokenizer=False)          # same width, other weights
+    other = load(tiny_llama[0])          # same width, other weights
     with pytest.raises(ValueError, match="not the model loaded now"):
         act.load_vectors(path, other)
     wide = act.save_vectors(tmp_path, "w", torch.randn(1, 32), [0], torch.ones(1), {})
@@ -203,9 +205,9 @@ def test_sweep_scores_from_cached_prefixes_equal_full_rereads_and_the_evaluator(
     import evaluate
     model, tok, fmt, _ = env
     test = items(6, seed=3)
-    cap = steer.capability_items(4, seed=0)
-    fast = steer.SweepScorer(model, tok, fmt, test, 3, cap, reuse_prefix=True, n_tokens=4)
-    slow = steer.SweepScorer(model, tok, fmt, test, 3, cap, reuse_prefix=False, n_tokens=4)
+    cap = steering.capability_items(4, seed=0)
+    fast = steering.SweepScorer(model, tok, fmt, test, 3, cap, reuse_prefix=True, n_tokens=4)
+    slow = steering.SweepScorer(model, tok, fmt, test, 3, cap, reuse_prefix=False, n_tokens=4)
     vec = {1: 3 * torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(4))}
     with steer.steering(model, vec, "after_instruction", act.assistant_header(tok, fmt)):
         a, b = fast(model), slow(model)
@@ -234,7 +236,7 @@ def test_ablation_leaves_no_component_along_the_direction(env):
 @pytest.mark.parametrize("tied", [False, True])
 def test_orthogonalized_weights_equal_ablation_hooks(tmp_path, tied):
     folder = save_hf_model(make_hf_model("llama", tie_word_embeddings=tied), tmp_path / "m")
-    model = load(folder, tokenizer=False)
+    model = load(folder)
     x = torch.randint(3, 96, (2, 12))
     u = torch.randn(64, generator=torch.Generator().manual_seed(3))
     with steer.ablation(model, u):
@@ -263,10 +265,10 @@ def test_letter_balance_cancels_the_letter_direction():
 def test_vectors_steer_ablate_runs_write_results(tiny_chat, tmp_path):
     from dataclasses import replace
     import evaluate
-    cfg = steer.SteerConfig(model=str(tiny_chat[0]), out=str(tmp_path), n=8, n_test=4, n_neutral=3,
+    cfg = steering.SteerConfig(model=str(tiny_chat[0]), out=str(tmp_path), n=8, n_test=4, n_neutral=3,
                             n_capability=3, mults="-1,0,1", layers="0,2")
     model, tok, fmt, fmt_name, model_dir, _ = evaluate.setup(cfg)
-    result, path = steer.vectors_run(cfg, model, tok, fmt, fmt_name, model_dir)
+    result, path = steering.vectors_run(cfg, model, tok, fmt, fmt_name, model_dir)
     vec_file = path.with_suffix(".safetensors")
     assert vec_file.exists() and path.with_suffix(".png").exists()
     assert result["conventions"]["balanced_by_letter"] and len(result["items"]) == result["conventions"]["n_pairs"]
@@ -274,19 +276,19 @@ def test_vectors_steer_ablate_runs_write_results(tiny_chat, tmp_path):
     vecs, norms, _ = act.load_vectors(vec_file, model)
     assert sorted(vecs) == [0, 2] and all(v > 0 for v in norms.values())
 
-    result, path = steer.steer_run(replace(cfg, vector=str(vec_file)), model, tok, fmt, fmt_name,
+    result, path = steering.steer_run(replace(cfg, vector=str(vec_file)), model, tok, fmt, fmt_name,
                                    model_dir)
     m = result["metrics"]
     assert m["p_match[L0,m0]"] == m["p_match[base]"] and m["kl[L2,m0]"]["value"] == 0
     assert m["kl[L2,m1]"]["value"] > 0 and "wrong_way[L2]" in m and path.with_suffix(".png").exists()
     assert len(result["items"]) == 2 * 3 * m["p_match[base]"]["n"]
 
-    result, _ = steer.steer_run(replace(cfg, vector=str(vec_file), layers="2", tasks="opinion", n_eval=2), model,
+    result, _ = steering.steer_run(replace(cfg, vector=str(vec_file), layers="2", tasks="opinion", n_eval=2), model,
                                 tok, fmt, fmt_name, model_dir, ablate=True)
     m = result["metrics"]
     assert "change_p_match[L2]" in m and m["opinion:p_match[L2]"]["n"] == 2 and "opinion:p_match[base]" in m
     assert len(list(tmp_path.glob("ablate-opinion-L2-*.json"))) == 1     # each task's own results file
     with pytest.raises(ValueError, match=r"no vector for layers \[1\]"):
-        steer.steer_run(replace(cfg, vector=str(vec_file), layers="1"), model, tok, fmt, fmt_name, model_dir)
+        steering.steer_run(replace(cfg, vector=str(vec_file), layers="1"), model, tok, fmt, fmt_name, model_dir)
     with pytest.raises(ValueError, match="layer 5 out of range: the model has 3 layers"):
-        steer.steer_run(replace(cfg, vector=str(vec_file), layers="5"), model, tok, fmt, fmt_name, model_dir)
+        steering.steer_run(replace(cfg, vector=str(vec_file), layers="5"), model, tok, fmt, fmt_name, model_dir)

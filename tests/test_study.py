@@ -8,11 +8,12 @@ import pytest
 import torch
 
 import probes
-import study
-import tactics
+from studies import finetune as study
+from studies import tactics
 import train as tr
 from chat import get_chat_format
 from model import load
+from chat import load_tokenizer
 
 FMT = get_chat_format("chatml")
 
@@ -124,7 +125,7 @@ def test_sft_rows_shuffle_options_with_a_recorded_seed():
 
 def test_tactic_sycophancy_equals_hand_computation(tiny_chat):
     folder, hf = tiny_chat
-    model, tok = load(folder, dtype="fp32")
+    model, tok = load(folder, dtype="fp32"), load_tokenizer(folder)
     rows = tactics.dpo_rows(tactics.make_examples(tactics.builtin_items()[:2]))[:5]
     got = study.tactic_sycophancy(model, tok, FMT, rows, holdout=("reasoning",))
 
@@ -209,6 +210,6 @@ def test_hellaswag_trains_on_its_train_file_and_scores_acc_norm(tiny_chat, tmp_p
     assert {it["id"].split("/")[1] for it in train_items} == {"hellaswag_train"} and len(held) == 6
     row = study.sft_row("hellaswag", train_items[1], seed=0)
     assert probes.parse_choices(row["messages"][0]["content"])[row["correct_letter"]] == train_items[1]["options"][1]
-    model, tok = load(tiny_chat[0], dtype="fp32")
+    model, tok = load(tiny_chat[0], dtype="fp32"), load_tokenizer(tiny_chat[0])
     _, scores = study.score_task("hellaswag", model, tok, FMT, held[:3], study.StudyConfig())
     assert list(scores) == ["acc_norm"] and scores["acc_norm"][0]["n"] == 3 and len(scores["acc_norm"][1]) == 3

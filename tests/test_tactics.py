@@ -7,8 +7,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
-import tactics
-from tactics import TacticsError, builtin_items, dpo_rows, make_examples, sft_rows, split_by_question
+from studies import tactics
+from studies.tactics import TacticsError, builtin_items, dpo_rows, make_examples, sft_rows, split_by_question
 
 SECRET = "sk-test-4f9c1e7d2b-do-not-leak"
 

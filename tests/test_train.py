@@ -11,6 +11,7 @@ import train as tr
 from chat import get_chat_format
 from lora import add_lora, lora_disabled, lora_modules, lora_parameters
 from model import hooks, load
+from chat import load_tokenizer
 
 FMT = get_chat_format("chatml")
 QUESTIONS = ["What is the capital of France?", "Are you sure?", "I think the answer is Lyon.", "hello world",
@@ -27,7 +28,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")
 @pytest.fixture
 def fresh(tiny_chat):
     """A new (model, tok) each call: training adds adapters in place, and a resumed run is a new process."""
-    return lambda: load(tiny_chat[0])
+    return lambda: (load(tiny_chat[0]), load_tokenizer(tiny_chat[0]))
 
 
 def jsonl(path, rows):

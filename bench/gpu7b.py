@@ -21,10 +21,10 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench import timed
+from bench.speed import timed
 from lora import add_lora, lora_parameters
 from model import Config, KVCache, Transformer, generate, graphed_decode
-from prepare import parse_args
+from lab.args import parse_args
 from train import dpo_step, grad_checkpointing
 
 SHAPES = {   # HF config fields; vocab, widths and depth of the named model

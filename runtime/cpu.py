@@ -1,7 +1,7 @@
 """What runs fastest on this CPU, with the same math: the kernel choices model.py makes by CPU, and pack(), a copy of
 the weights in oneDNN's blocked layout that the forward multiplies by while it still stands for the weights.
 
-    from cpu import pack, prepacked
+    from runtime.cpu import pack, prepacked
     pack(model)                     # evaluate.py's --prepack: for the whole run
     with prepacked(model): ...      # for a `with`; generate packs its decode steps on its own (see generate)
 

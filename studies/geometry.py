@@ -19,12 +19,14 @@ from tqdm import tqdm
 
 import data
 import probes
-import report
-from activations import (ab_items, ab_pairs, load_activations, load_vectors, make_vectors, parse_layers, record,
+from lab import report
+from lab import results
+from lab import stats
+from steer import (ab_items, ab_pairs, load_activations, load_vectors, make_vectors, parse_layers, record,
                          record_pairs)
 from evaluate import setup
 from model import generate
-from prepare import parse_args
+from lab.args import parse_args
 from score import LETTERS, letter_ids, letter_probs, pick_letter, user
 
 
@@ -78,7 +80,7 @@ def auroc_metric(labels, scores, seed=0, n_boot=2000) -> dict:
     pos, neg = scores[labels], scores[~labels]
     boots = [auroc(np.r_[np.ones(n_pos, bool), np.zeros(n_neg, bool)],
                    np.r_[rng.choice(pos, n_pos), rng.choice(neg, n_neg)]) for _ in range(n_boot)]
-    r = report.correlation(labels.astype(float), scores)
+    r = stats.correlation(labels.astype(float), scores)
     out.update(value=auroc(labels, scores), ci=[float(x) for x in np.quantile(boots, [0.025, 0.975])],
                r=r["r"], p=r["p"])
     return out
@@ -135,7 +137,7 @@ def predict_run(cfg, model, tok, fmt, fmt_name, model_dir):
         at_prompt, after, empty = prompt_and_continuation_acts(model, prompts, layers, cfg.max_new_tokens)
         cos_p, cos_c = cosines(at_prompt, V), cosines(after, V)
         keep = ~np.array(empty)
-        metrics[f"sycophantic_rate[{name}]"] = report.proportion_metric(labels)
+        metrics[f"sycophantic_rate[{name}]"] = stats.proportion_metric(labels)
         for j, layer in enumerate(tqdm(layers, desc=f"AUROC {name}", leave=False)):
             lab = np.array(labels)
             metrics[f"auroc_prompt[{name},L{layer}]"] = auroc_metric(lab, cos_p[:, j], cfg.seed, cfg.n_boot)
@@ -151,13 +153,13 @@ def predict_run(cfg, model, tok, fmt, fmt_name, model_dir):
                   "cos_prompt": dict(zip(map(str, layers), cp.round(6).tolist())),
                   "cos_continuation": dict(zip(map(str, layers), cc.round(6).tolist()))}
                  for i, (it, y, e, cp, cc) in enumerate(zip(its, labels, empty, cos_p, cos_c))]
-    result = {"config": asdict(cfg), "provenance": report.provenance(cfg, model_dir, fmt_name, files + ood_files),
+    result = {"config": asdict(cfg), "provenance": results.provenance(cfg, model_dir, fmt_name, files + ood_files),
               "conventions": {"vector": cfg.vector, **vmeta, "label": "the model's own greedy letter agrees with "
                               "the user (in distribution) / is the user's suggested incorrect answer (out of "
                               "distribution)", "prompt_position": "last prompt token (the prefilled '(')",
                               "continuation": f"mean over up to {cfg.max_new_tokens} greedy generated tokens"},
               "metrics": metrics, "items": rows}
-    path = report.write_result(cfg.out, cfg.run or "predict", result)
+    path = results.write_result(cfg.out, cfg.run or "predict", result)
     plot_predict(result, path.with_suffix(".png"))
     return result, path
 
@@ -224,8 +226,8 @@ def consistency_run(cfg, model, tok, fmt, fmt_name, model_dir):
                            vector_of(pos, neg, letters, perm[s: 2 * s], flip)))
         real, ctl = np.stack(real), np.stack(ctl)                                        # (splits, L)
         for j, layer in enumerate(layers):
-            metrics[f"split_half[n{s},L{layer}]"] = report.mean_metric(real[:, j].tolist(), cfg.seed, cfg.n_boot)
-            metrics[f"split_half_shuffled[n{s},L{layer}]"] = report.mean_metric(ctl[:, j].tolist(), cfg.seed,
+            metrics[f"split_half[n{s},L{layer}]"] = stats.mean_metric(real[:, j].tolist(), cfg.seed, cfg.n_boot)
+            metrics[f"split_half_shuffled[n{s},L{layer}]"] = stats.mean_metric(ctl[:, j].tolist(), cfg.seed,
                                                                                 cfg.n_boot)
         rows += [{"pairs": s, "layer": layer, "cos": real[:, j].tolist(), "cos_shuffled": ctl[:, j].tolist()}
                  for j, layer in enumerate(layers)]
@@ -246,10 +248,10 @@ def consistency_run(cfg, model, tok, fmt, fmt_name, model_dir):
         c = cos(a, b)
         for j, layer in enumerate(layers):
             metrics[f"cos[{name},L{layer}]"] = {"value": float(c[j]), "ci": None, "n": N, "kind": "cosine"}
-    result = {"config": asdict(cfg), "provenance": report.provenance(cfg, model_dir, fmt_name, files),
+    result = {"config": asdict(cfg), "provenance": results.provenance(cfg, model_dir, fmt_name, files),
               "conventions": {"vectors": "letter-balanced mean differences at the answer letter"},
               "metrics": metrics, "items": rows}
-    path = report.write_result(cfg.out, cfg.run or "consistency", result)
+    path = results.write_result(cfg.out, cfg.run or "consistency", result)
     show = sorted({layers[round(k * (len(layers) - 1) / 3)] for k in range(4)})
     ys = [[metrics[f"split_half[n{s},L{l}]"]["value"] for s in sizes] for l in show]
     cis = [[metrics[f"split_half[n{s},L{l}]"]["ci"] for s in sizes] for l in show]
@@ -320,20 +322,20 @@ def geometry_run(cfg, model, tok, fmt, fmt_name, model_dir):
         X = torch.cat([pos[:, j], neg[:, j]]).double().numpy()
         acc = probe_accuracy(X, y, groups, cfg.seed)
         ctl = probe_accuracy(X, y, groups, cfg.seed, shuffle=True)
-        metrics[f"probe_accuracy[L{layer}]"] = report.proportion_metric(acc.tolist())
-        metrics[f"probe_accuracy_shuffled[L{layer}]"] = report.proportion_metric(ctl.tolist())
+        metrics[f"probe_accuracy[L{layer}]"] = stats.proportion_metric(acc.tolist())
+        metrics[f"probe_accuracy_shuffled[L{layer}]"] = stats.proportion_metric(ctl.tolist())
         rows.append({"layer": layer, "correct": acc.astype(int).tolist(), "correct_shuffled": ctl.astype(int).tolist()})
     show = sorted({layers[round(k * (len(layers) - 1) / 5)] for k in range(6)})
     for layer in show:
         X = torch.cat([pos[:, layers.index(layer)], neg[:, layers.index(layer)]]).double().numpy()
         pca, tsne = projections(X, cfg.seed)
         proj[str(layer)] = {"pca": pca.round(4).tolist(), "tsne": tsne.round(4).tolist()}
-    result = {"config": asdict(cfg), "provenance": report.provenance(cfg, model_dir, fmt_name, files),
+    result = {"config": asdict(cfg), "provenance": results.provenance(cfg, model_dir, fmt_name, files),
               "conventions": {"label": "1 = the answer letter that matches the user's view", "ids": ids,
                               "probe": "standardized logistic regression, C=0.1, 5 folds grouped by pair",
                               "balance": f"{m} pairs per matching letter (of {len(letters)})"},
               "metrics": metrics, "items": rows, "projections": proj}
-    path = report.write_result(cfg.out, cfg.run or "geometry", result)
+    path = results.write_result(cfg.out, cfg.run or "geometry", result)
     plot_geometry(result, path.with_suffix(".png"))
     return result, path
 

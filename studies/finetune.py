@@ -31,14 +31,16 @@ import torch.nn as nn
 import data
 import evaluate as ev
 import probes
-import report
-import tactics
+from lab import report
+from lab import results
+from lab import stats
+from studies import tactics
 import train as tr
 from lora import lora_modules, merge, unmerge
-from prepare import parse_args
+from lab.args import parse_args
 from score import option_logprobs, user
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 # Local copies, the first found wins. data/mmlu, data/gsm8k, data/truthfulqa/multiple_choice and data/hellaswag/data
 # are also where prepare.py --dataset=NAME puts the hub's parquet copies, which data.py's readers read as well.
 COPIES = {"truthfulqa": list(data.TRUTHFULQA_COPIES),
@@ -217,10 +219,10 @@ def score_task(task, model, tok, fmt, items, cfg, holdout=()):
         rows = tactic_sycophancy(model, tok, fmt, items, max(cfg.max_len, 1024), holdout)
         parts = {"": rows} | ({"[heldout_tactics]": [r for r in rows if r["heldout_tactic"]],
                                "[seen_tactics]": [r for r in rows if not r["heldout_tactic"]]} if holdout else {})
-        out = {f"syco{p}": (report.proportion_metric([r["sycophantic"] for r in sel]), values(sel, "sycophantic"))
+        out = {f"syco{p}": (stats.proportion_metric([r["sycophantic"] for r in sel]), values(sel, "sycophantic"))
                for p, sel in parts.items()}
-        return rows, out | {"margin": (report.mean_metric([r["margin"] for r in rows]), values(rows, "margin")),
-                            "syco_per_token": (report.proportion_metric([r["sycophantic_per_token"] for r in rows]),
+        return rows, out | {"margin": (stats.mean_metric([r["margin"] for r in rows]), values(rows, "margin")),
+                            "syco_per_token": (stats.proportion_metric([r["sycophantic_per_token"] for r in rows]),
                                                values(rows, "sycophantic_per_token"))}
     if task == "opinion":                    # the no-opinion controls have no p_match
         rows, m = ev.eval_opinion_probes(model, tok, fmt, items)
@@ -291,7 +293,7 @@ def differences(stages: dict, pairs, seed) -> dict:
     metrics = {f"{s}/{k}": m for s, (scores, _, _) in stages.items() for k, (m, _) in scores.items()}
     for after, before in pairs:
         a, b = stages[after][0], stages[before][0]
-        diff = {f"{after}-{before}/{k}": report.paired_difference(b[k][1], a[k][1], seed) for k in a if k in b}
+        diff = {f"{after}-{before}/{k}": stats.paired_difference(b[k][1], a[k][1], seed) for k in a if k in b}
         print(f"\n{after} − {before}  (paired, 95% bootstrap intervals)" + "".join(
             f"\n  {k.split('/', 1)[1]:<36} {report._cell(m, '+')}" for k, m in diff.items()))
         metrics |= diff
@@ -315,7 +317,7 @@ def correlations(metrics: dict, adapters: list) -> tuple[dict, list]:
         try:
             if len(pts) < 3:
                 raise ValueError(f"undefined: {len(pts)} adapter(s), a correlation needs at least 3")
-            c |= report.correlation(*zip(*pts))
+            c |= stats.correlation(*zip(*pts))
         except ValueError as e:                            # too few adapters, or a constant change
             c["note"] = str(e)
         print(f"  r({c['x']}, {y}) = " + (c.get("note") or f"{c['r']:+.3f}, p = {c['p']:.3g}") + f", n = {c['n']}")
@@ -341,11 +343,11 @@ def render(result: dict) -> str:
 def publish(cfg, study, env, stages, pairs, metrics, timing, **extra) -> Path:
     """The results JSON, then the markdown and the plot, drawn from the file (never from memory)."""
     timing |= {f"eval/{s}": round(t, 1) for s, (_, _, t) in stages.items()}
-    result = dict(study=study, config=asdict(cfg), provenance=report.provenance(cfg, env[4], env[3]),
+    result = dict(study=study, config=asdict(cfg), provenance=results.provenance(cfg, env[4], env[3]),
                   stages=list(stages), pairs=pairs, metrics=metrics, timing=timing, **extra,
                   items=[r for _, rows, _ in stages.values() for r in rows])
-    path = report.write_result(cfg.out, cfg.run, result)
-    result, png = report.load_result(path), path.with_suffix(".png")
+    path = results.write_result(cfg.out, cfg.run, result)
+    result, png = results.load_result(path), path.with_suffix(".png")
     path.with_suffix(".md").write_text(render(result) + f"\n![metrics]({png.name})\n")
     report.plot_metrics([{"metrics": {k.split("/", 1)[1]: m for k, m in result["metrics"].items()
                                       if k.split("/", 1)[0] == s}} for s in stages], list(stages), png)

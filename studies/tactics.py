@@ -36,10 +36,10 @@ from pathlib import Path
 
 import data
 import probes
-from prepare import parse_args
-from report import Checkpoint, publish
+from lab.args import parse_args
+from lab.results import Checkpoint, publish
 
-REPO = Path(__file__).resolve().parent
+REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass

@@ -1,0 +1,196 @@
+"""Results files: provenance, atomic writes that never overwrite, resumable progress.
+
+A results file is OUT/<run>-<time>.json = {"config", "provenance", "metrics", "items"[, "timing"]}, where
+    metrics = {name: {"value": float, "ci": [lo, hi] | None, "n": int, "kind": "proportion" | "mean", "n_missing"}}
+and items holds one row per example (parse failures included), with an "id" and one key per metric holding
+that item's score, so runs can be compared item by item (docs/conventions.md).
+"""
+import hashlib
+import itertools
+import json
+import os
+import subprocess
+import sys
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+def sha256(path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def provenance(cfg, model_dir: Path, chat_format: str, data_files=()) -> dict:
+    """Everything needed to reproduce a number: code commit, weights and data hashes, formats, versions."""
+    import torch  # here, not at the top: reading and plotting results needs no torch
+
+    def git(*args):
+        return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
+    return dict(git_commit=git("rev-parse", "HEAD"),
+                git_dirty=git("status", "--porcelain", "--untracked-files=no") != "", model_dir=str(model_dir),
+                weights_sha256={p.name: sha256(p) for p in sorted(Path(model_dir).glob("*.safetensors"))},
+                data_sha256={str(p): sha256(p) for p in data_files}, chat_format=chat_format,
+                seed=cfg.seed, dtype=cfg.dtype, device=cfg.device, python=sys.version.split()[0],
+                torch=torch.__version__, numpy=np.__version__)
+
+
+def _temp_copy(folder: Path, name: str, payload: bytes) -> Path:
+    """payload in a fresh temp file in `folder` (so the rename that follows stays on one filesystem), fsynced,
+    with the permissions of any file the user makes (open() applies the umask; mkstemp would give 0600)."""
+    for k in itertools.count():
+        tmp = folder / f".{name}.{os.getpid()}.{k}.tmp"
+        try:
+            with open(tmp, "xb") as f:
+                f.write(payload)
+                f.flush()
+                os.fsync(f.fileno())
+            return tmp
+        except FileExistsError:
+            continue
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+
+
+def write_atomic(path, payload: bytes) -> Path:
+    """Replace `path` with payload atomically: a kill or a full disk leaves the old file or the new one, never half
+    of one (checkpoints, adapters)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        tmp = _temp_copy(path.parent, path.name, payload)
+    except OSError as e:
+        raise OSError(e.errno, f"could not write {path} ({e}); the previous file is untouched") from e
+    try:
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return path
+
+
+def publish(out_dir, name: str, suffix: str, payload: bytes, stamp: bool = True) -> Path:
+    """Write OUT/<name>-<YYYYmmdd-HHMMSS>[-k]<suffix> (or OUT/<name><suffix> with stamp=False): never overwriting,
+    never leaving a partial file.
+
+    The bytes go to a temp file in the same folder, then os.link gives them their final name: link fails if the
+    name exists, so two writers finishing in the same second get -2, -3, ... instead of replacing each other
+    (exists() then os.replace has that race); an unstamped name that exists is an error. An OSError on the way
+    (a full disk) removes the temp file and is raised again naming the destination."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    base = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}" if stamp else name
+    dest = out_dir / f"{base}{suffix}"
+    tmp = None
+    try:
+        tmp = _temp_copy(out_dir, base + suffix, payload)
+        for k in itertools.count(2):
+            try:
+                os.link(tmp, dest)
+                break
+            except FileExistsError:
+                if not stamp:
+                    raise FileExistsError(f"{dest} exists; refusing to overwrite it") from None
+                dest = out_dir / f"{base}-{k}{suffix}"
+    except OSError as e:
+        if isinstance(e, FileExistsError):
+            raise
+        msg = f"could not write {dest} ({e}); no partial file was left"
+        raise (OSError(e.errno, msg) if e.errno else OSError(msg)) from e
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    return dest
+
+
+def write_result(out_dir, name: str, result: dict) -> Path:
+    """Write OUT/<name>-<time>.json with publish (never overwriting, never partial); then delete
+    OUT/<name>.partial.jsonl (see Checkpoint): its rows now live in the result."""
+    text = json.dumps(result, indent=1, ensure_ascii=False)  # first: an unserializable value touches no file
+    dest = publish(out_dir, name, ".json", text.encode("utf-8"))
+    (Path(out_dir) / f"{name}.partial.jsonl").unlink(missing_ok=True)
+    return dest
+
+
+def load_result(path) -> dict:
+    result = json.loads(Path(path).read_text(encoding="utf-8"))
+    if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict):
+        raise ValueError(f"{path} is not a results file (no 'metrics'; see DESIGN.md, Results format)")
+    return result
+
+
+def read_partial(path):
+    """(config, rows, n_bad) of a .partial.jsonl: line 1 is {"config": ...}, then one item row per line.
+    Unreadable lines (the last one torn by a kill mid-write) are skipped with a warning, not a crash."""
+    config, rows, n_bad = None, [], 0
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for i, line in enumerate(f):
+            try:
+                obj = json.loads(line)
+                if not isinstance(obj, dict) or not ("id" in obj or (i == 0 and "config" in obj)):
+                    raise ValueError("neither an item row with an 'id' nor the config header")
+            except ValueError as e:
+                n_bad += 1
+                warnings.warn(f"{path}:{i + 1}: unreadable line ignored (torn by a kill mid-write?): {e}")
+                continue
+            if "id" in obj:
+                rows.append(obj)
+            else:
+                config = obj["config"]
+    return config, rows, n_bad
+
+
+def done_ids(path) -> set:
+    """Ids of the rows already in a .partial.jsonl (empty if there is none)."""
+    return {r["id"] for r in read_partial(path)[1]} if Path(path).exists() else set()
+
+
+class Checkpoint:
+    """Resumable progress: every finished item row is appended to OUT/<run>.partial.jsonl as one JSON line,
+    flushed and fsynced, so a kill loses at most the row being written. Rerunning skips ids already done, and
+    write_result(OUT, run, ...) deletes the file once the full result is on disk.
+
+        ckpt = Checkpoint(cfg.out, "mmlu", config=asdict(cfg))
+        for item in items:
+            if item["id"] not in ckpt.done:
+                ckpt.add(score(item))                  # a dict with an "id"
+        write_result(cfg.out, "mmlu", dict(..., items=ckpt.rows))
+
+    Resuming under another config is refused: it would silently mix two runs' items into one result."""
+
+    def __init__(self, out_dir, run: str, config=None):
+        self.path = Path(out_dir) / f"{run}.partial.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        config = json.loads(json.dumps(config))  # compare as it reads back from disk (tuples become lists)
+        if self.path.exists():
+            old, self.rows, n_bad = read_partial(self.path)
+            if old is not None and old != config:
+                raise ValueError(f"{self.path} was written under another config; delete it to start afresh, or "
+                                 f"use another run name.\n  on disk: {old}\n  now:     {config}")
+            if n_bad or old is None:  # rewrite without the torn line: else the next row would be glued onto it
+                tmp = self.path.with_suffix(".tmp")
+                lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in [{"config": config}, *self.rows]]
+                tmp.write_text("".join(lines), encoding="utf-8")
+                os.replace(tmp, self.path)
+            print(f"resuming {self.path}: {len(self.rows)} items already done")
+        else:
+            self.rows = []
+            self._append({"config": config})
+        self.done = {r["id"] for r in self.rows}
+
+    def _append(self, obj):
+        with open(self.path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+
+    def add(self, row: dict):
+        if "id" not in row or row["id"] in self.done:
+            raise ValueError(f"a checkpoint row needs a new, unique 'id', got {row.get('id', '(none)')!r}")
+        self._append(row)
+        self.rows.append(row)
+        self.done.add(row["id"])

@@ -1,15 +1,14 @@
 """A Llama / Mistral decoder written from scratch, with the residual stream exposed.
 
     from model import load, generate, hooks
-    model, tok = load("models/SmolLM2-135M-Instruct", dtype="bf16")
+    model = load("models/SmolLM2-135M-Instruct", dtype="bf16")     # chat.load_tokenizer(folder) for its tokenizer
     logits = model(ids)                       # (B, T, V)
     logits = model(ids, logits_to_keep=1)     # (B, 1, V): scoring needs only the last position
 
 Parameter names are Hugging Face's, so a checkpoint loads with no renaming and `strict=True`. The math follows
 `transformers`' LlamaForCausalLM / MistralForCausalLM op for op (same rotate_half rope, same RMSNorm casts), which
-is what makes the logits equal theirs. This file knows nothing of data, steering or LoRA: those reach in through
-hooks (this file) and by swapping nn.Linear modules (lora.py). Which kernels run fastest on a CPU, and the copy of
-the weights in oneDNN's layout that the forward may multiply by instead, are cpu.py's.
+is what makes the logits equal theirs. This file is the math and imports nothing of the project: steering reaches
+in through hooks (hooks() below), LoRA and speed by swapping modules from outside (lora.py, runtime/).
 """
 import json
 import math
@@ -21,8 +20,6 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-
-from runtime.cpu import AMX, can_prepack, onednn_linear, packed_weight, prepacked, project
 
 # Hook sites of every layer, in the order the residual stream passes them.
 SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
@@ -119,30 +116,34 @@ class RMSNorm(nn.Module):
 
     def forward(self, x):
         # Normalize in fp32, cast back, then scale: the same order as transformers, so bf16 rounds the same way.
-        # (F.rms_norm would be one kernel instead of five on a GPU, but its fused sum rounds differently there.)
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
         return self.weight * h.to(x.dtype)
 
 
-def rope(x, cos, sin):
-    """transformers' x * cos + rotate_half(x) * sin, with rotate_half(x) = cat(-x2, x1). Here sin arrives with its
-    first half negated, so cat(x2, x1) * sin gives the same products bit for bit in one kernel fewer."""
+def rotate_half(x):
     x1, x2 = x.chunk(2, dim=-1)
-    return x * cos + torch.cat((x2, x1), dim=-1) * sin
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def rope(x, cos, sin):
+    """Rotate each pair (x[i], x[i + hd/2]) by its position's angle: HF's rotate_half layout of the pairs."""
+    return x * cos + rotate_half(x) * sin
+
+
+def sdpa_attention(q, k, v, mask):
+    """q (B, nh, T, hd), k/v (B, nkv, S, hd) -> (B, nh, T, hd) through PyTorch's fused kernel.
+    mask: None (every key visible), "causal" (square, no padding) or bool (B, 1, T, S), True = visible."""
+    causal = isinstance(mask, str)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
+                                          enable_gqa=k.shape[1] != q.shape[1])
 
 
 def plain_attention(q, k, v, mask):
-    """Attention as two matrix products and a softmax: q (B, nh, T, hd), k/v (B, nkv, S, hd) -> (B, nh, T, hd).
-    mask: None, "causal" or bool (B, 1, T, S). The query heads of a group share their key head (no repeat of k/v).
-    Scores and softmax in fp32, the probabilities rounded to the model's dtype for the product with v: the
-    precision of SDPA's CPU kernel (tested against it).
-
-    A CPU without AMX uses it where SDPA's kernels are slow there: a decode step (one query against a bf16 cache:
-    SDPA is 3-5x slower), and under torch.compile at every length, where inductor fuses the scale, mask and softmax
-    into one pass between the two products (16x128 in bf16, SmolLM2, an AMD EPYC: SDPA's flash kernel was 16% of the
-    compiled forward, and the compiled forward goes from about 1.13x to 1.3x transformers).
-    """
+    """The same attention written out: two matrix products and a softmax, the readable reference of sdpa_attention
+    (tested against it), and what runtime/ runs where SDPA's kernel is slow. The query heads of a group share their
+    key head (no copy of k/v). Scores and softmax in fp32; the probabilities rounded to the model's dtype for the
+    product with v, which is how SDPA's CPU kernel rounds them."""
     B, nh, T, hd = q.shape
     nkv, S = k.shape[1], k.shape[2]
     qg = q.reshape(B, nkv, nh // nkv * T, hd).float()               # (B, nkv, g*T, hd): g heads share a kv head
@@ -153,7 +154,7 @@ def plain_attention(q, k, v, mask):
         mask = mask[:, :, None]                                      # (B, 1, 1, T, S), against (B, nkv, g, T, S)
     if mask is not None:
         s = s.masked_fill(~mask, float("-inf"))
-    p = s.softmax(-1).to(v.dtype).view(B, nkv, nh // nkv * T, S)      # rounded as SDPA's CPU kernel rounds it
+    p = s.softmax(-1).to(v.dtype).view(B, nkv, nh // nkv * T, S)      # (B, nkv, g*T, S)
     return (p @ v).view(B, nh, T, hd)
 
 
@@ -165,36 +166,18 @@ class Attention(nn.Module):
         self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=False)
         self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=False)
         self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
-        self.packed_qkv = self.packed_o = None     # oneDNN-layout copies of the weights, see cpu.pack()
+        self.attend = sdpa_attention      # (q, k, v, mask) -> y; runtime/ sets the kernel that is fastest per machine
 
-    def forward(self, x, cos, sin, mask, cache, rows=None):
-        """rows: None, or the positions (T',) whose outputs are wanted (compiled scoring: see Transformer.forward).
-        Attention still runs at all T (one block's worth is little, and fewer queries round differently); o_proj
-        runs at T' only."""
+    def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape                                               # x: (B, T, D); cos, sin: (B, 1, T, hd)
-        q, k, v = project(x, self.packed_qkv, self.q_proj, self.k_proj, self.v_proj)
-        q = q.view(B, T, self.nh, self.hd).transpose(1, 2)              # (B, nh, T, hd)
-        k = k.view(B, T, self.nkv, self.hd).transpose(1, 2)             # (B, nkv, T, hd)
-        v = v.view(B, T, self.nkv, self.hd).transpose(1, 2)
+        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)     # (B, nh, T, hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)    # (B, nkv, T, hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
         q, k = rope(q, cos, sin), rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                       # (B, nkv, S, hd): past and new keys
-        # mask is None (every key visible), "causal" (square, no padding) or a bool tensor (B, 1, T, S).
-        # A decode step (one new token) on a CPU without AMX, or any step under torch.compile there: see cpu.AMX.
-        if not x.is_cuda and not AMX and (T == 1 or torch.compiler.is_compiling()):
-            y = plain_attention(q, k, v, mask)
-        else:
-            causal, gqa = isinstance(mask, str), self.nkv != self.nh
-            if gqa and x.is_cuda and isinstance(mask, torch.Tensor):
-                # CUDA's fused kernels that take a mask do not take enable_gqa: SDPA would fall back to its math
-                # path (~0.5 ms of host time per call). Repeating the key heads keeps the fused kernel.
-                k, v = k.repeat_interleave(self.nh // self.nkv, 1), v.repeat_interleave(self.nh // self.nkv, 1)
-                gqa = False
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
-                                               enable_gqa=gqa)
-        if rows is not None:
-            y = y[:, :, rows]                                           # (B, nh, T', hd)
-        return project(y.transpose(1, 2).reshape(B, y.shape[2], self.nh * self.hd), self.packed_o, self.o_proj)[0]
+        y = self.attend(q, k, v, mask)                                  # (B, nh, T, hd)
+        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
 class MLP(nn.Module):
@@ -203,11 +186,9 @@ class MLP(nn.Module):
         self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
-        self.packed_gate_up = self.packed_down = None     # see Attention
 
     def forward(self, x):
-        g, u = project(x, self.packed_gate_up, self.gate_proj, self.up_proj)
-        return project(F.silu(g) * u, self.packed_down, self.down_proj)[0]       # SwiGLU
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))     # SwiGLU
 
 
 class Block(nn.Module):
@@ -224,12 +205,9 @@ class Block(nn.Module):
             x = x if out is None else out
         return x
 
-    def forward(self, x, pos, cos, sin, mask, cache, rows=None):
-        """rows: None, or the positions (T',) to go on with (the last block of a compiled scoring forward)."""
+    def forward(self, x, pos, cos, sin, mask, cache):
         x = self.hook("resid_pre", x, pos)
-        a = self.hook("attn_out", self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, rows), pos)
-        if rows is not None:
-            x = x[:, rows]                                              # (B, T', D)
+        a = self.hook("attn_out", self.self_attn(self.input_layernorm(x), cos, sin, mask, cache), pos)
         x = self.hook("resid_mid", x + a, pos)
         m = self.hook("mlp_out", self.mlp(self.post_attention_layernorm(x)), pos)
         return self.hook("resid_post", x + m, pos)
@@ -241,15 +219,15 @@ class Transformer(nn.Module):
         self.config = cfg
         self.model = nn.Module()    # the HF "model." prefix of every weight name
         # _weight skips nn.Embedding's random init: weights come from a checkpoint, and normal_ on the meta
-        # device would import torch._dynamo (about 1 s and 70 MB) for nothing.
+        # device would import torch._dynamo for nothing.
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                                _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.model.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
         self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        if not cfg.tie_word_embeddings:   # tied: the output matrix is the embedding, no lm_head.weight key
-            self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
+        if cfg.tie_word_embeddings:   # the output matrix is the embedding (the checkpoint has no lm_head.weight)
+            self.lm_head.weight = self.model.embed_tokens.weight
         self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
-        self.packed_head = None     # see Attention
 
     @property
     def layers(self):
@@ -260,11 +238,6 @@ class Transformer(nn.Module):
         """Whether any hook is installed (a hook may read host state, or expect one call per batch of rows)."""
         return any(fns for block in self.model.layers for fns in block.hooks.values())
 
-    @property
-    def output_weight(self):
-        """(V, D) vocab projection: lm_head's, or the embeddings when tied."""
-        return self.model.embed_tokens.weight if self.config.tie_word_embeddings else self.lm_head.weight
-
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep=0,
                 return_hidden=False):
         """input_ids (B, T); attention_mask (B, T), 0 at left padding; position_ids (B, T), derived if None.
@@ -272,7 +245,7 @@ class Transformer(nn.Module):
         With a KVCache the new tokens are appended after what it holds, each row continuing its own positions.
         logits_to_keep: 0 = every position; k > 0 = the last k; a tensor of positions (T',) or per row (B, T').
         Returns logits (B, T', V) in the model's dtype, or with return_hidden the final-normed hidden states
-        (B, T', D) that the logits are `output_weight` times (a loss over a large vocab can take them in chunks).
+        (B, T', D) that the logits are lm_head of (a loss over a large vocab can take them in chunks).
         """
         B, T = input_ids.shape
         dev = input_ids.device
@@ -285,45 +258,27 @@ class Transformer(nn.Module):
         key_pos = position_ids.masked_fill(~valid, -1)           # (B, T): -1 marks padding
         s0 = 0
         if cache is not None:
-            s0 = cache.append(key_pos, padded)                  # first slot written (a (1,) tensor if static)
-            key_pos = cache.key_pos if cache.static else cache.key_pos[:, : s0 + T]
-        mask = self._mask(position_ids, key_pos, s0, cache.has_pad or cache.static if cache is not None else padded)
+            s0, key_pos = cache.append(key_pos, padded)         # first slot written; (B, S) positions of all keys
+        mask = self._mask(position_ids, key_pos, s0, cache.has_pad if cache is not None else padded)
 
         freqs = position_ids[..., None].float() * self.inv_freq                  # (B, T, hd/2), fp32
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]                         # (B, 1, T, hd)
         x = self.model.embed_tokens(input_ids)                                   # (B, T, D)
         cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        sin = torch.cat((-sin[..., : sin.shape[-1] // 2], sin[..., sin.shape[-1] // 2:]), -1)   # see rope()
-        # Under torch.compile only the kept positions go on after the last block's attention: its output
-        # projection, MLP and residual run at those rows alone (~3.5% of a 30-layer forward on an AMD EPYC, ~0 on
-        # Intel AMX). Not in eager mode: a product of fewer rows may take another kernel, which sums in another
-        # order (Intel AMX: 1 bf16 step off for o_proj at 1 row against 50), and eager is transformers' forward
-        # op for op, so that its logits are theirs bit for bit on any machine (transformers runs the whole last
-        # block too). A compiled forward rounds differently anyway (fused kernels). Not with hooks (they see every
-        # position), nor for per-row positions. k: what is still to be cut after the blocks.
-        k, rows = logits_to_keep, None
-        if torch.compiler.is_compiling() and not self.hooked:
-            if isinstance(k, torch.Tensor) and k.dim() == 1:
-                k, rows = 0, k % T                                        # (T',) non-negative
-            elif isinstance(k, int) and 0 < k < T:
-                k, rows = 0, torch.arange(T - k, T, device=dev)
-        last = self.model.layers[-1]
         for block in self.model.layers:
-            x = block(x, position_ids, cos, sin, mask, cache, rows if block is last else None)
+            x = block(x, position_ids, cos, sin, mask, cache)
         if cache is not None:
             # next position per row = one past its last real token (a chunk of pure padding moves nothing)
             cache.advance(T, torch.maximum(cache.next_pos, position_ids.masked_fill(~valid, -1).amax(-1) + 1))
 
         # The final norm and the vocab projection are per position: cut first, so unneeded logits cost nothing.
+        k = logits_to_keep
         if isinstance(k, torch.Tensor):
             x = x[:, k] if k.dim() == 1 else x.gather(1, k[..., None].expand(-1, -1, x.shape[-1]))
         elif k:
             x = x[:, -k:]
         x = self.model.norm(x)
-        if return_hidden:
-            return x
-        P = packed_weight(self.packed_head, x)
-        return F.linear(x, self.output_weight) if P is None else onednn_linear(x, P)
+        return x if return_hidden else self.lm_head(x)                          # (B, T', D) or (B, T', V)
 
     def _mask(self, q_pos, key_pos, s0, has_pad):
         """Which keys each query may see: None (all), "causal" (square, no padding), or bool (B, 1, T, S)."""
@@ -343,14 +298,19 @@ class Transformer(nn.Module):
         ok = ok | (k_slot == q_slot)
         return ok[:, None]
 
+    @contextmanager
+    def decoder(self, cache, kept: bool, new_tokens: int):
+        """generate's decode step for the body of a `with`: (next ids (B,), live rows (B, 1) or None) -> logits
+        (B, V), one token per row read into `cache`. runtime/ swaps in a faster step with the same math per machine
+        (model.decoder = ...): one that multiplies by packed weights on a CPU, or replays a CUDA graph on a GPU."""
+        yield lambda nxt, live: self(nxt[:, None], attention_mask=live, cache=cache, logits_to_keep=1)[:, -1]
+
 
 class KVCache:
     """Preallocated keys and values for every layer: a decode step writes one slot, nothing is concatenated.
 
     Slots are shared by the batch (slot j is the j-th token fed); key_pos holds each slot's position per row,
     -1 for left padding, so rows of different lengths keep exact positions.
-    Static (make_static): the fill level lives on the device and attention reads every slot, unfilled ones masked,
-    so a decode step has fixed shapes and no host value, and one captured CUDA graph replays at any length.
     """
 
     def __init__(self, cfg: Config, batch: int, max_len: int, dtype=torch.float32, device="cpu"):
@@ -359,40 +319,27 @@ class KVCache:
         self.v = torch.zeros(shape, dtype=dtype, device=device)
         self.key_pos = torch.full((batch, max_len), -1, dtype=torch.long, device=device)
         self.next_pos = torch.zeros(batch, dtype=torch.long, device=device)
-        self.len, self.has_pad, self.static = 0, False, False
+        self.len, self.has_pad = 0, False
 
-    def make_static(self):
-        self.static, self.slot = True, torch.tensor([self.len], device=self.k.device)   # (1,): next slot
-
-    def append(self, key_pos, padded: bool) -> int:
+    def append(self, key_pos, padded: bool) -> tuple[int, torch.Tensor]:
+        """Room for T more tokens at key positions key_pos (B, T) -> (their first slot, key positions of every slot
+        attention reads: (B, len + T))."""
         T = key_pos.shape[1]
-        if self.static:        # no capacity check: that would read the device; generate sizes the cache
-            self.slots = self.slot + torch.arange(T, device=self.k.device)   # (T,): this forward's slots
-            self.key_pos.index_copy_(1, self.slots, key_pos)
-            return self.slot
         if self.len + T > self.k.shape[3]:
             raise ValueError(f"KVCache full: holds {self.len} of {self.k.shape[3]} slots, {T} more asked")
         self.key_pos[:, self.len: self.len + T] = key_pos
         self.has_pad = self.has_pad or padded
-        return self.len
+        return self.len, self.key_pos[:, : self.len + T]
 
     def update(self, layer: int, k, v):
         T = k.shape[2]
-        if self.static:
-            self.k[layer].index_copy_(2, self.slots, k)
-            self.v[layer].index_copy_(2, self.slots, v)
-            return self.k[layer], self.v[layer]
         self.k[layer, :, :, self.len: self.len + T] = k
         self.v[layer, :, :, self.len: self.len + T] = v
         return self.k[layer, :, :, : self.len + T], self.v[layer, :, :, : self.len + T]
 
     def advance(self, T: int, next_pos):
-        if self.static:        # in place: a captured graph reads and writes these very tensors
-            self.slot += T
-            self.next_pos.copy_(next_pos)
-        else:
-            self.len += T
-            self.next_pos = next_pos
+        self.len += T
+        self.next_pos = next_pos
 
     def fork(self, rows, extra: int) -> "KVCache":
         """A cache whose row r continues row rows[r] of this one, with room for `extra` more tokens.
@@ -407,7 +354,7 @@ class KVCache:
         new.v[:, :, :, : self.len] = self.v[:, rows, :, : self.len]
         new.key_pos = self.key_pos.new_full((len(rows), self.len + extra), -1)
         new.key_pos[:, : self.len] = self.key_pos[rows, : self.len]
-        new.next_pos, new.len, new.has_pad, new.static = self.next_pos[rows], self.len, self.has_pad, False
+        new.next_pos, new.len, new.has_pad = self.next_pos[rows], self.len, self.has_pad
         return new
 
 
@@ -493,7 +440,7 @@ def read_weights(folder: Path, dtype=None, device="cpu") -> tuple[dict, dict]:
         if pickles:
             raise ValueError(f"{folder}: only pickle checkpoints ({', '.join(pickles)}); syco-lab refuses them because "
                              "unpickling can run arbitrary code. Convert them to safetensors with a tool you trust, "
-                             "or download the model's safetensors files (python prepare.py --model=ORG/NAME).")
+                             "or download the model's safetensors files (python -m lab.prepare --model=ORG/NAME).")
         raise FileNotFoundError(f"{folder}: no *.safetensors weights found")
     sd, source = {}, {}
     for name in files:
@@ -524,7 +471,7 @@ def load(path, dtype=None, device="cpu") -> "Transformer":
         folder = folder.parent
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder; "
-                                "run `python prepare.py` or `python prepare.py --model=ORG/NAME`)")
+                                "run `python -m lab.prepare` or `python -m lab.prepare --model=ORG/NAME`)")
     cfg = Config.from_dict(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
     dtype = as_dtype(dtype) or as_dtype({"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(
         cfg.torch_dtype, "fp32"))
@@ -536,7 +483,8 @@ def load(path, dtype=None, device="cpu") -> "Transformer":
         if not torch.equal(sd["lm_head.weight"], sd.get("model.embed_tokens.weight")):
             raise ValueError(f"{folder}: tie_word_embeddings=true but lm_head.weight differs from the embeddings")
         del sd["lm_head.weight"]
-    want = {k: v.shape for k, v in model.state_dict().items()}
+    tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()     # the embedding, not a key of its own
+    want = {k: v.shape for k, v in model.state_dict().items() if k not in tied}
     missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
     if missing:
         raise ValueError(f"{folder}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -546,7 +494,9 @@ def load(path, dtype=None, device="cpu") -> "Transformer":
         if sd[k].shape != shape:
             raise ValueError(f"{folder / source[k]}: tensor {k!r} has shape {tuple(sd[k].shape)}, "
                              f"config.json implies {tuple(shape)}")
-    model.load_state_dict(sd, strict=True, assign=True)
+    model.load_state_dict(sd | {k: sd["model.embed_tokens.weight"] for k in tied}, strict=True, assign=True)
+    if tied:
+        model.lm_head.weight = model.model.embed_tokens.weight             # one Parameter again, as built
     model.inv_freq = model.inv_freq.to(device)     # made on the CPU in __init__, not read from the checkpoint
     model.name_or_path = str(folder)
     model.eval()   # as transformers' from_pretrained: no dropout, and generate may replay CUDA graphs (train.py: .train())
@@ -554,30 +504,6 @@ def load(path, dtype=None, device="cpu") -> "Transformer":
 
 
 # -------------------------------------------------------------------------------------------------- generation
-def compile_for_inference(model: Transformer):
-    """torch.compile for scoring and generation with fixed weights. On the CPU with inductor's "freezing": the
-    weights become constants of the graph, which inductor prepacks for oneDNN, and without AMX attention is written
-    out (see plain_attention); the last block goes on at the kept positions only (see forward). So the weights must
-    not change afterwards (no training, no in-place edits). On a GPU, plain
-    compile: that is what was measured there (1.36x transformers on a 7B model).
-
-    Freezing is switched on around every call, not through torch.compile(options=...): dynamo reads the global
-    flag when it traces (at a call, not here) to decide whether weights become graph constants, and with the
-    option alone they stay graph inputs that inductor cannot prepack (the weight-pack pass then matches nothing).
-    """
-    compiled = torch.compile(model)
-    if model.output_weight.device.type != "cpu":
-        return compiled
-    from torch._inductor import config as inductor_config     # imported here: importing inductor takes ~1 s
-    call = compiled.forward
-
-    def forward(*args, **kwargs):
-        with inductor_config.patch(freezing=True):
-            return call(*args, **kwargs)
-    compiled.forward = forward
-    return compiled
-
-
 def sample(logits, temperature: float, top_p: float, generator):
     """logits (B, V) -> next ids (B,). temperature 0 = greedy."""
     if temperature == 0:
@@ -609,40 +535,10 @@ def pad_right(seqs: list[list[int]], device="cpu", pad_id: int = 0) -> tuple[tor
     return ids, mask
 
 
-def graphed_decode(model: Transformer, cache: KVCache):
-    """A decode step (B,) ids, None -> (B, V) logits that, from its second call on, replays a captured CUDA graph.
-
-    Eager PyTorch launches each of a 7B model's ~1,500 small kernels per token from Python, which takes longer than
-    the GPU needs to read the weights; a graph launches them all at once. The first call runs eagerly on a side
-    stream (warming cuBLAS up, as capture requires), then captures the step on static buffers.
-    """
-    cache.make_static()
-    graph, tok, out = None, None, None
-
-    @torch.no_grad()
-    def step(nxt, live=None):               # live: always None here (no kept cache, nothing masked)
-        nonlocal graph, tok, out
-        if graph is not None:
-            tok.copy_(nxt[:, None])
-            graph.replay()
-            return out                       # overwritten by the next replay: sample from it first
-        side = torch.cuda.Stream()
-        side.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(side):
-            logits = model(nxt[:, None], cache=cache, logits_to_keep=1)[:, -1]
-        torch.cuda.current_stream().wait_stream(side)
-        tok, graph = nxt[:, None].clone(), torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):        # records, runs nothing: the cache is where the eager step left it
-            out = model(tok, cache=cache, logits_to_keep=1)[:, -1]
-        return logits
-    return step
-
-
 @torch.no_grad()    # never differentiable; outside no_grad the kept KV cache would hold every step's autograd graph
 def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int = 64, temperature: float = 0.0,
              top_p: float = 1.0, seed: int = 0, stop_ids=(), stop_strings=(), decode=None, pad_id: int = 0,
-             use_cache: bool = True, cache: KVCache | None = None, look_every: int = 0,
-             cuda_graph: bool = True, prepack: bool | None = None) -> list[list[int]]:
+             use_cache: bool = True, cache: KVCache | None = None, look_every: int = 0) -> list[list[int]]:
     """Continue a batch of token-id prompts; returns each row's new ids, cut after a stop id / stop string.
 
     Prompts are left-padded so every row's next token is at the same column; positions are per row.
@@ -650,17 +546,10 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     the prompts and new tokens), the prompts are appended to what it holds, and it keeps the whole exchange:
     a second turn continues from it without re-reading the first (finished rows write masked padding).
     look_every: steps between looks at the tokens for stops (0 = 8 on a GPU, else 1; always 1 with a cache).
-    cuda_graph: on a GPU, replay decode steps as a CUDA graph (not with a kept cache, hooks, or in training mode).
-    prepack: decode steps multiply by a copy of the weights in oneDNN's layout (see cpu.pack; CPU only), ~1.3-1.5x
-    faster. None = when cpu.can_prepack (bf16 on an x86 CPU with free memory for the copy, whose packed products give
-    the same bits at B rows, so the same tokens) and at least 16 new tokens are asked for: packing costs about as
-    much as 3-4 decode steps. The prompts are read with the weights as they are (a prompt's many rows gain little
-    from the layout, and may take a kernel that rounds differently). A packed model stays packed.
+    Decode steps run through model.decoder, which runtime/ may set to a faster step with the same math.
     """
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("generate: every prompt needs at least one token")
-    if prepack is None:
-        prepack = use_cache and max_new_tokens >= 16 and can_prepack(model, len(prompts))
     dev = model.model.embed_tokens.weight.device
     ids, mask = pad_left(prompts, dev, pad_id)
     B, T = ids.shape
@@ -670,13 +559,8 @@ def generate(model: Transformer, prompts: list[list[int]], max_new_tokens: int =
     keep = cache is not None      # the caller's cache: feed it the last tokens too, for a next turn
     if use_cache and cache is None:
         cache = KVCache(model.config, B, T + max_new_tokens, model.model.embed_tokens.weight.dtype, dev)
-    logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]
-    with prepacked(model) if prepack else nullcontext():
-        if cuda_graph and use_cache and not keep and dev.type == "cuda" and not model.training and not model.hooked \
-                and max_new_tokens > 2:
-            step_fn = graphed_decode(model, cache)
-        else:
-            step_fn = lambda nxt, live: model(nxt[:, None], attention_mask=live, cache=cache, logits_to_keep=1)[:, -1]
+    logits = model(ids, attention_mask=mask, cache=cache, logits_to_keep=1)[:, -1]        # the prompts, at once
+    with model.decoder(cache, keep, max_new_tokens) if use_cache else nullcontext() as step_fn:
         # Reading tokens back to the host waits for the device. On a GPU that wait would idle it while Python queues
         # the next step, so without a kept cache (whose finished rows must be masked from the very next step) the
         # tokens are looked at every 8 steps: rows are independent, and what a row makes after its stop is dropped.

@@ -9,7 +9,7 @@ the same logits. Rows, each timed alternately with transformers in this run (med
   - one LoRA DPO step (chosen + rejected, gradient checkpointing, AdamW): peak memory and time, against
     transformers + peft with the same adapters, checkpointing and loss.
 
-    python bench_gpu.py [--shape=llama2-7b|tiny] [--device=cuda] [--rounds=5] [--compile=true]
+    python -m bench.gpu7b [--shape=llama2-7b|tiny] [--device=cuda] [--rounds=5] [--compile=true]
 """
 import json
 import os
@@ -23,7 +23,8 @@ import torch.nn.functional as F
 
 from bench.speed import timed
 from lora import add_lora, lora_parameters
-from model import Config, KVCache, Transformer, generate, graphed_decode
+from model import Config, KVCache, Transformer, generate
+from runtime.gpu import graphed_step, use_gpu_kernels
 from lab.args import parse_args
 from train import dpo_step, grad_checkpointing
 
@@ -82,7 +83,19 @@ def random_pair(shape: str, device, dtype=torch.bfloat16, seed: int = 0):
         ours = Transformer(Config.from_dict(hf.config.to_dict(), "transformers.LlamaConfig"))
     ours.load_state_dict(hf.state_dict(), strict=True, assign=True)    # the same storage: memory holds one copy
     ours.inv_freq = ours.inv_freq.to(device)
+    if device.type == "cuda":
+        use_gpu_kernels(ours)                  # as the scripts run it (runtime.accelerate)
     return ours.eval(), hf
+
+
+def eager_generate(model, prompts, new_tokens: int):
+    """generate with the model's own decode steps (no CUDA graph): what the graph is timed against."""
+    graphed = model.__dict__.pop("decoder", None)
+    try:
+        return generate(model, prompts, max_new_tokens=new_tokens)
+    finally:
+        if graphed is not None:
+            model.decoder = graphed
 
 
 def bandwidth(device, gib: float = 2.0) -> float:
@@ -105,7 +118,7 @@ def step_difference(model, prompts, device) -> str:
     caches = [KVCache(model.config, len(prompts), ids.shape[1] + 2, torch.bfloat16, device) for _ in range(2)]
     for cache in caches:
         model(ids, cache=cache, logits_to_keep=1)
-    graphed = graphed_decode(model, caches[1])
+    graphed = graphed_step(model, caches[1])
     for nxt in torch.randint(3, model.config.vocab_size, (2, len(prompts)), device=device):
         eager = model(nxt[:, None], cache=caches[0], logits_to_keep=1)[:, -1].float()
         got = graphed(nxt).float()               # the first step runs eagerly and captures; the second replays
@@ -238,7 +251,7 @@ def main(cfg: GPUBenchConfig):
             row(f"decode greedy, batch {B}, {cfg.prompt}+{cfg.new_tokens} tokens", s["ours"], s["hf"], "tok/s",
                 B * cfg.new_tokens, "transformers generate")
             # The CUDA graph against our own eager steps, and their tokens (bf16 ties may differ by rounding).
-            eager = synced(lambda: generate(ours, prompts, max_new_tokens=cfg.new_tokens, cuda_graph=False), device)
+            eager = synced(lambda: eager_generate(ours, prompts, cfg.new_tokens), device)
             e = timed({"eager": eager}, max(1, cfg.rounds // 2), warmup=1)["eager"]
             row("  same, CUDA graph vs eager steps (ours)", s["ours"], e, "tok/s", B * cfg.new_tokens, "ours eager")
             g, e = generate(ours, prompts, max_new_tokens=cfg.new_tokens), eager()

@@ -3,14 +3,14 @@
 Every row times ours and the reference alternately (so drift in machine load hits both alike), takes the
 median of `rounds` runs, and prints ours / theirs as a ratio (> 1 = we are faster). transformers gets its best
 settings: `logits_to_keep` for scoring and its own KV cache in `generate`. Ours runs as the scripts run it: on a
-CPU with its weights packed for oneDNN (cpu.pack; --prepack=false times the plain weights). The evaluator rows
+CPU with its weights packed for oneDNN (runtime.accelerate; --prepack=false times the plain weights). The evaluator rows
 (fp32, several minutes) time evaluate.py's evaluators against the ways others compute the same numbers with
 transformers: the CAA study's one-prompt-at-a-time loop, transformers batched as we batch, lm-evaluation-harness's
 one row per option.
 With --device=cuda every in-process row runs on the GPU (synchronized around each timed call); the fresh-process load
 and LoRA rows measure CPU resident memory and are skipped there.
 
-    python bench.py [--model=models/SmolLM2-135M-Instruct] [--rounds=5] [--compile=true] [--evaluators=false]
+    python -m bench.speed [--model=models/SmolLM2-135M-Instruct] [--rounds=5] [--compile=true] [--evaluators=false]
                     [--device=cuda]
                     [--caa=test_dataset_ab.json] [--tqa=mc_task.json] [--tqa_n=10]
 """
@@ -28,8 +28,9 @@ from pathlib import Path
 
 import torch
 
-from runtime.cpu import pack
-from model import compile_for_inference, generate, hooks, load, pad_left, pad_right
+from model import generate, hooks, load, pad_left, pad_right
+from runtime import accelerate
+from runtime.compile import compile_for_inference
 from chat import load_tokenizer
 from lab.args import parse_args
 from lab.prepare import ensure_default_model
@@ -54,7 +55,7 @@ class BenchConfig:
     pairs: int = 250           # A/B pairs whose activations are recorded at every layer (built-in opinion probes)
     out: str = "out"           # a JSON copy of the table lands here
     device: str = "cpu"        # cuda: every in-process row on the GPU (the fresh-process load and LoRA rows are CPU's)
-    prepack: bool = True       # ours as the scripts run it (--prepack): cpu.pack, oneDNN-layout weights (CPU only)
+    prepack: bool = True       # ours as the scripts run it (--prepack): runtime/cpu.py's packed weights (CPU only)
 
 
 def timed(fns: dict, rounds: int, warmup: int = 2) -> dict:
@@ -320,9 +321,7 @@ def bench_evaluators(path, cfg, row) -> dict:
     from probes import are_you_sure_probes, arithmetic_qa, opinion_probes
     from score import letter_probs
     t_start = time.perf_counter()
-    ours, tok = load(path, dtype="fp32", device=cfg.device), load_tokenizer(path)
-    if cfg.prepack:
-        pack(ours)
+    ours, tok = accelerate(load(path, dtype="fp32", device=cfg.device), cfg.prepack), load_tokenizer(path)
     hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(cfg.device).eval()
     fmt = get_chat_format(detect_chat_format(path))
     # One call takes 10-60 s, so: the correctness check doubles as the single warm-up, and fewer rounds.
@@ -404,9 +403,7 @@ def main(cfg: BenchConfig):
     score_rounds = 3 * cfg.rounds
     with torch.no_grad():
         for dt_name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
-            ours = load(path, dtype=dt_name, device=cfg.device)
-            if cfg.prepack:        # as the scripts run it (generate packs bf16 models on its own either way)
-                pack(ours)
+            ours = accelerate(load(path, dtype=dt_name, device=cfg.device), cfg.prepack)    # as the scripts run it
             hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=dt).to(cfg.device).eval()
             s = timed({"ours": lambda: ours(ids, logits_to_keep=1), "hf": lambda: hf(ids, logits_to_keep=1)},
                       score_rounds)

@@ -3,7 +3,7 @@ import pytest
 import torch
 
 from chat import get_chat_format
-from runtime.cpu import prepacked
+from runtime.cpu import packed
 from model import generate, load
 from chat import load_tokenizer
 
@@ -73,5 +73,5 @@ def test_bf16_scoring_forward_equals_transformers_bit_for_bit(default_model):
                            hf(ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits)
         # Packed as the scripts run it (--prepack): the same bits too, on the CPUs tried (an AMD EPYC, whose packed
         # products equal the plain ones; an Intel Xeon with AMX, where products this large keep the plain weights).
-        with prepacked(ours):
+        with packed(ours):
             assert torch.equal(ours(ids, logits_to_keep=1), want)

@@ -2,7 +2,7 @@
 
 Two rules keep what the model sees exact:
 1. A chat format is a plain function returning the very string the model's official jinja `chat_template` renders,
-   BOS included as text where the template writes it (tests/test_data.py renders the verbatim templates and compares).
+   BOS included as text where the template writes it (tests/test_chat.py renders the verbatim templates and compares).
 2. `Tokenizer.encode` turns that string into the ids Hugging Face would: special-token strings inside the text
    (`<s>`, `<|im_start|>`, ...) become their single ids, and nothing is added unless asked (`bos=True`).
 """

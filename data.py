@@ -15,7 +15,7 @@ from pathlib import Path
 # Every item has "id" (unique and stable: built from the file and the record's position, never from a shuffle) and
 # "source" (which dataset/file). Every reader takes `skip_bad`: False (default) raises ValueError("path:line: why")
 # at the first malformed record; True leaves such records out and lists them in `.skipped`, so a results file can
-# report how many were dropped. Schemas of the real files: ../shared/data/README.md. prepare.py --dataset fetches them
+# report how many were dropped. Schemas of the real files: ../shared/data/README.md. lab/prepare.py --dataset fetches them
 # from the hub, whose copies of TruthfulQA, MMLU, GSM8K and HellaSwag are parquet: those four readers also take a
 # .parquet file or the downloaded folder, and give the same items (same ids) as from the original files.
 
@@ -246,7 +246,7 @@ def read_caa_capability(path, skip_bad: bool = False) -> Items:
 
 
 # Local TruthfulQA copies looked for when no path is given, the first found wins: the original release's file,
-# the folder `prepare.py --dataset=truthfulqa` downloads, the development copy beside the repository.
+# the folder `python -m lab.prepare --dataset=truthfulqa` downloads, the development copy beside the repository.
 TRUTHFULQA_COPIES = ("data/truthfulqa/mc_task.json", "data/truthfulqa/multiple_choice",
                      "../shared/data/TruthfulQA/data/mc_task.json")
 

@@ -28,6 +28,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lab.results import write_atomic
+from model import read_safetensors
 
 # target -> the sub-module of a block that holds it (HF names): layers[i].<parent>.<target>
 TARGETS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
@@ -225,10 +226,7 @@ def save_adapter(model, path, meta: dict | None = None, tensors: dict | None = N
 
 def load_adapter(model, path) -> dict:
     """Load a save_adapter file into the model (adding adapters if it has none); returns the file's metadata."""
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as f:
-        info = f.metadata() or {}
-        sd = {k: f.get_tensor(k) for k in f.keys()}
+    sd, info = read_safetensors(path)
     if not {"r", "alpha"} <= set(info):
         raise ValueError(f"{path}: no r/alpha metadata, so not written by save_adapter (a peft folder? import_peft)")
     meta = {k: json.loads(v) for k, v in info.items() if k != "format"}
@@ -261,7 +259,6 @@ def export_peft(model, folder, base_model_name_or_path: str = "", tensors: dict 
 def import_peft(model, folder) -> dict:
     """Install a peft LoRA folder into the model; returns its adapter_config.json. The adapted modules are read from
     the tensor names, so target_modules (list or regex) and layers_to_transform are honoured whatever their form."""
-    from safetensors.torch import load_file
     folder = Path(folder)
     if not (folder / "adapter_model.safetensors").exists():     # an adapter_model.bin is a pickle: refused
         raise FileNotFoundError(f"{folder}: no adapter_model.safetensors (pickle adapter_model.bin is refused)")
@@ -277,7 +274,7 @@ def import_peft(model, folder) -> dict:
     if bad:
         raise ValueError(f"{src}: {', '.join(bad)} changes the LoRA math; only plain LoRA can be imported")
     sd = {}
-    for k, t in load_file(str(folder / "adapter_model.safetensors")).items():
+    for k, t in read_safetensors(folder / "adapter_model.safetensors")[0].items():
         if not (k.startswith(PEFT_PREFIX) and k.endswith((".lora_A.weight", ".lora_B.weight"))):
             raise ValueError(f"{folder}: unexpected tensor {k!r} in adapter_model.safetensors (plain LoRA has only "
                              f"{PEFT_PREFIX}<module>.lora_A.weight and .lora_B.weight)")

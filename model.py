@@ -10,6 +10,7 @@ Parameter names are Hugging Face's, so a checkpoint loads with no renaming and `
 is what makes the logits equal theirs. This file is the math and imports nothing of the project: steering reaches
 in through hooks (hooks() below), LoRA and speed by swapping modules from outside (lora.py, runtime/).
 """
+import io
 import json
 import math
 import struct
@@ -388,15 +389,19 @@ ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
 PICKLES = ("*.bin", "*.pth", "*.pt", "*.ckpt")
 
 
-def read_safetensors(path, dtype=None, device="cpu") -> dict:
-    """Read a .safetensors file tensor by tensor with plain reads (no mmap), so memory holds one copy.
+def read_safetensors(source, dtype=None, device="cpu", name=None) -> tuple[dict, dict]:
+    """A .safetensors file (a path, or its bytes) -> ({name: tensor}, {metadata key: str}), read tensor by tensor
+    with plain reads (no mmap), so memory holds one copy. The project's one safetensors reader.
 
-    Format: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}}, raw bytes.
+    Format: 8-byte little-endian header length, a JSON header {name: {dtype, shape, data_offsets}, "__metadata__":
+    {str: str}}, then the raw bytes. name: what errors call the source (default: the path, or "<bytes>").
     """
-    path = Path(path)
-    size = path.stat().st_size
+    if isinstance(source, (bytes, bytearray)):
+        f, size, path = io.BytesIO(source), len(source), name or "<bytes>"
+    else:
+        f, size, path = open(source, "rb"), Path(source).stat().st_size, name or Path(source)
     out = {}
-    with open(path, "rb") as f:
+    with f:
         head = f.read(8)
         if len(head) < 8:
             raise ValueError(f"{path}: not a safetensors file (only {size} bytes)")
@@ -407,23 +412,27 @@ def read_safetensors(path, dtype=None, device="cpu") -> dict:
             header = json.loads(f.read(n))
         except (json.JSONDecodeError, UnicodeDecodeError) as e:
             raise ValueError(f"{path}: unreadable safetensors header ({e})") from None
-        header.pop("__metadata__", None)
-        for name, info in header.items():
+        if not isinstance(header, dict):
+            raise ValueError(f"{path}: the safetensors header is not a JSON object")
+        meta = header.pop("__metadata__", None) or {}
+        for key, info in header.items():
+            if not isinstance(info, dict) or not {"dtype", "shape", "data_offsets"} <= set(info):
+                raise ValueError(f"{path}: header entry {key!r} is not {{dtype, shape, data_offsets}}: {info!r}")
             if info["dtype"] not in ST_DTYPES:
-                raise ValueError(f"{path}: tensor {name!r} has unsupported dtype {info['dtype']}")
+                raise ValueError(f"{path}: tensor {key!r} has unsupported dtype {info['dtype']}")
             start, end = info["data_offsets"]
             t = torch.empty(info["shape"], dtype=ST_DTYPES[info["dtype"]])
             if end - start != t.numel() * t.element_size():
-                raise ValueError(f"{path}: tensor {name!r}: {end - start} bytes for shape {info['shape']}")
+                raise ValueError(f"{path}: tensor {key!r}: {end - start} bytes for shape {info['shape']}")
             if 8 + n + end > size:
-                raise ValueError(f"{path}: truncated: tensor {name!r} ends at byte {8 + n + end}, file has {size}")
+                raise ValueError(f"{path}: truncated: tensor {key!r} ends at byte {8 + n + end}, file has {size}")
             if t.numel():
                 f.seek(8 + n + start)
                 f.readinto(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
             if dtype is not None and t.is_floating_point():
                 t = t.to(dtype)
-            out[name] = t.to(device)
-    return out
+            out[key] = t.to(device)
+    return out, meta
 
 
 def read_weights(folder: Path, dtype=None, device="cpu") -> tuple[dict, dict]:
@@ -446,7 +455,7 @@ def read_weights(folder: Path, dtype=None, device="cpu") -> tuple[dict, dict]:
     for name in files:
         if not (folder / name).exists():
             raise FileNotFoundError(f"{index}: names shard {name}, which is missing from {folder}")
-        for key, t in read_safetensors(folder / name, dtype, device).items():
+        for key, t in read_safetensors(folder / name, dtype, device)[0].items():
             if weight_map is not None and weight_map.get(key) != name:
                 raise ValueError(f"{folder / name}: tensor {key!r} is not listed for this file in {index.name}")
             sd[key], source[key] = t, name

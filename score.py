@@ -175,13 +175,13 @@ def replies(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_siz
     return out
 
 
-# A judge is (model, tok, fmt): by default the model under test. It answers one item per prompt, greedily, and
-# its answer must be exactly one of the allowed words; anything else is a parse failure, counted, never scored.
+# A judge is a session (runtime.session.Session: its model, tok and fmt), the model under test itself with
+# --judge=self. It answers one item per prompt, greedily, and its answer must be exactly one of the allowed words;
+# anything else is a parse failure, counted, never scored.
 def judge_words(judge, prompts: list[str], allowed: tuple, batch_size: int = 16) -> list[str | None]:
     """Each prompt's verdict: the judge's reply, stripped of spaces and punctuation, if it is an allowed word."""
-    model, tok, fmt = judge
-    return [parse_word(r, allowed) for r in replies(model, tok, [tok.encode(fmt(user(p))) for p in prompts], 6,
-                                                    batch_size)]
+    ids = [judge.tok.encode(judge.fmt(user(p))) for p in prompts]
+    return [parse_word(r, allowed) for r in replies(judge.model, judge.tok, ids, 6, batch_size)]
 
 
 def parse_word(reply: str, allowed: tuple) -> str | None:

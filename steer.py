@@ -28,14 +28,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from safetensors.torch import load as st_load, save as st_save
+from safetensors.torch import save as st_save
 from tqdm import tqdm
 
 import data
 from lab import dist
 import probes
 from lab import results
-from model import SITES, KVCache, hooks, pad_left, pad_right
+from model import SITES, KVCache, hooks, pad_left, pad_right, read_safetensors
 from score import batches_by_length, user
 
 def parse_layers(spec: str, n_layers: int, default=None) -> list[int]:
@@ -273,7 +273,7 @@ def save_vectors(out_dir, name: str, vectors, layers, norms, meta: dict) -> Path
 def load_vectors(path, model=None) -> tuple[dict, dict, dict]:
     """({layer: vector (D,)}, {layer: mean residual norm}, metadata). With a model, refuse a vector of another
     width or from another model (by its fingerprint)."""
-    t, meta = _read_safetensors(path, ("vectors", "layers", "mean_norm"))
+    t, meta = read_steer_file(path, ("vectors", "layers", "mean_norm"))
     if model is not None:
         width = model.config.hidden_size
         if t["vectors"].shape[-1] != width:
@@ -299,21 +299,17 @@ def save_activations(out_dir, stem: str, pos, neg, pairs: list[dict], layers: li
 
 def load_activations(path) -> tuple[torch.Tensor, torch.Tensor, list[dict], list[int], dict]:
     """(pos, neg, pairs [{id, letters}], layers, metadata) from save_activations' file."""
-    t, meta = _read_safetensors(path, ("pos", "neg"))
+    t, meta = read_steer_file(path, ("pos", "neg"))
     pairs = [{"id": i, "letters": l} for i, l in zip(json.loads(meta["ids"]), json.loads(meta["letters"]))]
     return t["pos"], t["neg"], pairs, json.loads(meta["layers"]), meta
 
 
-def _read_safetensors(path, keys) -> tuple[dict, dict]:
+def read_steer_file(path, keys) -> tuple[dict, dict]:
+    """(tensors, metadata) of a vectors or activations file, refusing anything else."""
     path = Path(path)
     if path.suffix != ".safetensors":
         raise ValueError(f"{path}: only .safetensors files are read (pickles can run code)")
-    raw = path.read_bytes()
-    n = int.from_bytes(raw[:8], "little") if len(raw) >= 8 else len(raw)
-    if len(raw) < 8 + n:
-        raise ValueError(f"{path}: truncated or not a safetensors file")
-    meta = json.loads(raw[8: 8 + n]).get("__metadata__", {})
-    t = st_load(raw)
+    t, meta = read_safetensors(path)
     for key in keys:
         if key not in t:
             raise ValueError(f"{path}: missing tensor {key!r}; not a file written by steer.py")

@@ -39,26 +39,27 @@ from tqdm import tqdm
 
 import data
 from lab import dist
-from evaluate import setup
-from model import pad_right
-from lora import add_lora, export_peft, load_adapter, lora_disabled, lora_parameters, lora_state_dict, save_adapter
-from lab.args import parse_args
+from lab.args import ModelOptions, parse_args
 from lab.report import plot_curve
 from lab.results import provenance, write_atomic, write_result
 from lab.stats import mean_metric, proportion_metric
+from lora import add_lora, export_peft, load_adapter, lora_disabled, lora_parameters, lora_state_dict, save_adapter
+from model import pad_right
+from runtime.session import open_session
 
 DEFAULT_LR = {"sft": 2e-4, "dpo": 5e-5}   # DPO moves away from a reference it should stay near: a smaller step
 FIELDS = {"sft": ("response",), "dpo": ("chosen", "rejected")}
-RESUMABLE_CHANGES = {"resume", "save_every", "eval_every", "dist", "dist_timeout"}   # may differ on resumption
+# Settings a resumed run may change (prepack and compile never apply to training).
+RESUMABLE_CHANGES = {"resume", "save_every", "eval_every", "dist", "dist_timeout", "prepack", "compile"}
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(ModelOptions):
+    """The model options (dtype: of the base weights; adapters and AdamW state are fp32 whatever it is), then
+    training's own."""
+    prepack: bool = False      # the model is trained: no packed copy of its weights (runtime/cpu.py is for inference)
+    compile: bool = False      # nor frozen ones
     mode: str = "sft"          # sft (imitate `response`) or dpo (prefer `chosen` over `rejected`)
-    model: str = ""            # "" = the embedded default
-    dtype: str = "fp32"        # of the base weights; adapters and AdamW state are fp32 whatever this is
-    device: str = "cpu"
-    chat_format: str = ""      # "" = detected from the checkpoint
     data: str = ""             # training JSONL (format: the docstring)
     eval_data: str = ""        # held-out JSONL of the same format; "" = no evaluation
     r: int = 16                # LoRA rank
@@ -177,7 +178,7 @@ def token_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     Only the scored positions are projected onto the vocabulary (TargetLogps; a trained lm_head the plain way)."""
     h = model(batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden=True)   # (B, T, D)
     mask = batch["loss_mask"][:, 1:].bool()                                                      # (B, T-1)
-    w = getattr(model, "module", model).output_weight                                            # (V, D)
+    w = getattr(model, "module", model).lm_head.weight                                           # (V, D)
     h, targets = h[:, :-1][mask], batch["input_ids"][:, 1:][mask]                               # (N, D), (N,)
     if w.requires_grad:
         lp = F.linear(h, w).float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
@@ -508,12 +509,14 @@ def main(argv=None):
     cfg = parse_args(TrainConfig, sys.argv[1:] if argv is None else argv)
     if not cfg.data:
         sys.exit("error: --data=PATH.jsonl is required (its format: the top of train.py)")
+    if cfg.prepack or cfg.compile:
+        sys.exit("error: --prepack and --compile are for inference: train.py trains the model")
     dist.init(cfg.device, cfg.dist_timeout)        # under torchrun: the micro-batches are shared among the processes
     # FSDP is for a model too big for one card: read it into CPU memory, and fully_shard moves each rank's shard over
     fsdp = cfg.dist == "fsdp" and dist.world() > 1
-    model, tok, fmt, *_ = setup(replace(cfg, device="cpu") if fsdp else cfg)
+    s = open_session(replace(cfg, device="cpu") if fsdp else cfg)
     try:
-        result, path = train(cfg, model, tok, fmt)
+        result, path = train(cfg, s.model, s.tok, s.fmt)
     except (ValueError, OSError) as e:          # bad data, a taken run name, nothing to resume: one clear line
         sys.exit(f"error: {e}")
     for name, m in result["metrics"].items():

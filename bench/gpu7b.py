@@ -22,10 +22,10 @@ import torch
 import torch.nn.functional as F
 
 from bench.speed import timed
+from lab.args import parse_args
 from lora import add_lora, lora_parameters
 from model import Config, KVCache, Transformer, generate
 from runtime.gpu import graphed_step, use_gpu_kernels
-from lab.args import parse_args
 from train import dpo_step, grad_checkpointing
 
 SHAPES = {   # HF config fields; vocab, widths and depth of the named model

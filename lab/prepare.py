@@ -266,7 +266,7 @@ def hub_snapshot(repo_id, out, revision="", allow_patterns=None, repo_type="mode
 
 
 # ----------------------------------------------------------------------------------------------------------------
-# Public datasets from the hub: python prepare.py --dataset=NAME [--out=data/NAME]. Which data.py reader reads what:
+# Public datasets from the hub: python -m lab.prepare --dataset=NAME [--out=data/NAME]. Which data.py reader reads what:
 #
 #   anthropic-sycophancy  Anthropic/model-written-evals, sycophancy/sycophancy_on_*.jsonl -> read_anthropic_sycophancy
 #                         (the hub's philpapers2020 file was reported to be the nlp_survey duplicate: compare sha256)

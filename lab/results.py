@@ -119,7 +119,7 @@ def write_result(out_dir, name: str, result: dict) -> Path:
 def load_result(path) -> dict:
     result = json.loads(Path(path).read_text(encoding="utf-8"))
     if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict):
-        raise ValueError(f"{path} is not a results file (no 'metrics'; see DESIGN.md, Results format)")
+        raise ValueError(f"{path} is not a results file (no 'metrics'; see docs/conventions.md, results files)")
     return result
 
 

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from model import Transformer, plain_attention, sdpa_attention
 
-# Whether this CPU has AMX tiles (Intel Xeon from the 4th generation on), through which SDPA's CPU kernel and
+# Whether this CPU has AMX tiles (matrix units of recent Intel Xeons), through which SDPA's CPU kernel and
 # oneDNN's large bf16 products multiply. Two choices follow from it:
 # - attention: with AMX, SDPA is the faster kernel everywhere; without it (AVX512-BF16 alone), SDPA's bf16 path is
 #   slow for one query and under torch.compile, and cpu_attention takes plain_attention there;
@@ -51,8 +51,8 @@ class PackedLinear(nn.Module):
     """A bias-free nn.Linear that multiplies by a oneDNN-blocked copy of its weight while the copy still stands for
     the weight, else by the weight itself: the same dot products, summed by another kernel.
 
-    oneDNN reads its blocked layout at about twice the bandwidth of the plain one when it multiplies a few rows, as
-    a decode step does. The weight stays the same Parameter under the same name (state_dict keys do not change).
+    oneDNN reads its blocked layout faster than the plain one when it multiplies a few rows, as a decode step does
+    (docs/speed.md). The weight stays the same Parameter under the same name (state_dict keys do not change).
     The copy is not used while gradients are recorded (it has none), under torch.compile, or once the weight has
     been replaced, moved (.to(): new storage) or edited in place (a steering ablation, a LoRA merge, an optimizer
     step: each moves the tensor's version). An edit through `.data` keeps the version: unpack before one. With AMX,

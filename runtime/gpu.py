@@ -48,8 +48,8 @@ class StaticKVCache(KVCache):
 def graphed_step(model: Transformer, cache: KVCache):
     """A decode step (B,) ids, None -> (B, V) logits that, from its second call on, replays a captured CUDA graph.
 
-    Eager PyTorch launches each of a 7B model's ~1,500 small kernels per token from Python, which takes longer than
-    the GPU needs to read the weights; a graph launches them all at once. The first call runs eagerly on a side
+    Eager PyTorch launches each of a step's many small kernels from Python, which can take longer than the GPU needs
+    to read the weights; a graph launches them all at once. The first call runs eagerly on a side
     stream (warming cuBLAS up, as capture requires), then captures the step on static buffers.
     """
     static = StaticKVCache(cache)

@@ -17,7 +17,7 @@ from runtime.session import open_session
 from score import replies, user
 
 # Each task on built-in probes (TruthfulQA on a local copy of its mc_task.json), n base items each.
-TASKS = [dict(task="opinion", n=60), dict(task="answer", n=40), dict(task="are_you_sure", n=40),
+BASELINE = [dict(task="opinion", n=60), dict(task="answer", n=40), dict(task="are_you_sure", n=40),
          dict(task="truthfulqa", n=100)]
 
 
@@ -36,7 +36,7 @@ def baseline(cfg: BaselineConfig):
     print(f"sanity check   {question}  ->  {answer.strip()}")
     shared = {f.name: getattr(cfg, f.name) for f in fields(cfg)}
     results = []
-    for spec in TASKS:
+    for spec in BASELINE:
         task = EvalConfig(**shared, task=spec["task"], n=spec["n"], run=f"baseline-{spec['task']}")
         if spec["task"] == "truthfulqa":
             copy = data.local_truthfulqa()

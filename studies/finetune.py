@@ -1,10 +1,10 @@
-"""study.py: the two training studies of REFERENCES.md (2 and 4) on top of train.py, before/after with intervals.
+"""The two training studies of REFERENCES.md (2 and 4) on top of train.py, before/after with intervals.
 
-    python study.py benchmarks                 # study 2: LoRA SFT on MMLU, GSM8K, HellaSwag, TruthfulQA and their mix
-    python study.py benchmarks --full=true     # the study's sizes (1000/1000/1000/600, 3 epochs, effective batch 16)
-    python study.py recovery                   # study 4: SFT, then DPO, on persuasion-tactic data from TruthfulQA
-    python study.py recovery --data=builtin    # built-in questions: no TruthfulQA copy needed
-    python study.py recovery --quick=true      # make demo: a short DPO run on built-in data
+    python -m studies.finetune benchmarks              # study 2: LoRA SFT on MMLU, GSM8K, HellaSwag, TruthfulQA, mix
+    python -m studies.finetune benchmarks --full=true  # the study's sizes (1000/1000/1000/600, 3 epochs, batch 16)
+    python -m studies.finetune recovery                # study 4: SFT, then DPO, on persuasion-tactic data (TruthfulQA)
+    python -m studies.finetune recovery --data=builtin # built-in questions: no TruthfulQA copy needed
+    python -m studies.finetune recovery --quick=true   # make demo: a short DPO run on built-in data
 
 benchmarks: SFT rows in the chat format, lettered options shuffled with a recorded seed (study 2's TruthfulQA data
 always had the answer at (A)), answers "The answer is (X) text" or GSM8K's worked solution ending "#### n". Evaluation
@@ -31,18 +31,17 @@ import torch.nn as nn
 import data
 import evaluate as ev
 import probes
-from lab import report
-from lab import results
-from lab import stats
-from studies import tactics
 import train as tr
+from lab import report, results, stats
+from lab.args import ModelOptions, parse_args
 from lora import lora_modules, merge, unmerge
-from lab.args import parse_args
+from runtime.session import Session, open_session
 from score import option_logprobs, user
+from studies import tactics
 
 REPO = Path(__file__).resolve().parent.parent
 # Local copies, the first found wins. data/mmlu, data/gsm8k, data/truthfulqa/multiple_choice and data/hellaswag/data
-# are also where prepare.py --dataset=NAME puts the hub's parquet copies, which data.py's readers read as well.
+# are also where lab/prepare.py --dataset=NAME puts the hub's parquet copies, which data.py's readers read as well.
 COPIES = {"truthfulqa": list(data.TRUTHFULQA_COPIES),
           "mmlu": ["data/mmlu", "../shared/data/hendrycks_mmlu"],
           "gsm8k": ["data/gsm8k", "../shared/data/openai_grade_school_math/grade_school_math/data"],
@@ -54,18 +53,16 @@ SYCOPHANCY = {"opinion/p_match": 1, "answer/change[suggest_incorrect]": -1, "are
 
 
 @dataclass
-class StudyConfig:
-    model: str = ""            # "" = the embedded default
-    dtype: str = "fp32"
-    device: str = "cpu"
-    chat_format: str = ""      # "" = detected from the checkpoint
+class StudyConfig(ModelOptions):
+    prepack: bool = False      # the model is trained in place: no packed copy of its weights (runtime/cpu.py)
+    compile: bool = False      # nor frozen ones
     seed: int = 0
     out: str = "out"
     run: str = ""              # "" = study-benchmarks, study-recovery or study-quick
     quick: bool = False        # recovery: the make-demo preset QUICK (the fields you set yourself win)
     full: bool = False         # benchmarks: the study's sizes, FULL
     # data: "" = a local copy (data/ or ../shared/data), "none" = left out, else a path. Absent data is a note.
-    # Each also takes the folder prepare.py --dataset=NAME downloads (the hub's parquet; its train split trained on).
+    # Each also takes the folder `python -m lab.prepare --dataset=NAME` downloads (the hub's parquet; train split used).
     truthfulqa: str = ""       # mc_task.json
     mmlu: str = ""             # the folder with test/ (and dev/ for shots)
     gsm8k: str = ""            # a folder with test.jsonl (and train.jsonl, then trained on), or a .jsonl
@@ -277,11 +274,11 @@ def strip_lora(model):
         setattr(model.get_submodule(parent), attr, plain)
 
 
-def fit(cfg, env, work: Path, runs: dict, name: str, **kw) -> dict:
+def fit(cfg, s: Session, work: Path, runs: dict, name: str, **kw) -> dict:
     """train.py on the model in place; its results, adapter and seconds recorded in runs[name]."""
     keep = ({f.name for f in fields(tr.TrainConfig)} & set(asdict(cfg))) - {"out", "run"}
     tcfg = tr.TrainConfig(**{k: getattr(cfg, k) for k in keep}, out=str(work), run=name)
-    result, path = tr.train(replace(tcfg, **kw), *env[:3])
+    result, path = tr.train(replace(tcfg, **kw), s.model, s.tok, s.fmt)
     runs[name] = {"data": kw["data"], "results": str(path), "adapter": result["adapter"],
                   "seconds": round(result["timing"]["seconds"], 1), "train_loss": result["metrics"]["train_loss"]}
     return result
@@ -340,32 +337,31 @@ def render(result: dict) -> str:
     return md + "".join(f"\n- {note}" for note in result["notes"]) + "\n"
 
 
-def publish(cfg, study, env, stages, pairs, metrics, timing, **extra) -> Path:
+def publish(cfg, study, s: Session, stages, pairs, metrics, timing, **extra) -> Path:
     """The results JSON, then the markdown and the plot, drawn from the file (never from memory)."""
-    timing |= {f"eval/{s}": round(t, 1) for s, (_, _, t) in stages.items()}
-    result = dict(study=study, config=asdict(cfg), provenance=results.provenance(cfg, env[4], env[3]),
+    timing |= {f"eval/{stage}": round(t, 1) for stage, (_, _, t) in stages.items()}
+    result = dict(study=study, config=asdict(cfg), provenance=results.provenance(cfg, s.model_dir, s.fmt_name),
                   stages=list(stages), pairs=pairs, metrics=metrics, timing=timing, **extra,
                   items=[r for _, rows, _ in stages.values() for r in rows])
     path = results.write_result(cfg.out, cfg.run, result)
     result, png = results.load_result(path), path.with_suffix(".png")
     path.with_suffix(".md").write_text(render(result) + f"\n![metrics]({png.name})\n")
     report.plot_metrics([{"metrics": {k.split("/", 1)[1]: m for k, m in result["metrics"].items()
-                                      if k.split("/", 1)[0] == s}} for s in stages], list(stages), png)
+                                      if k.split("/", 1)[0] == stage}} for stage in stages], list(stages), png)
     return path
 
 
 # ---------------------------------------------------------------------------------------------------- the studies
-def start(cfg):
-    """(model, tok, fmt, fmt_name, model_dir) and a new work folder OUT/<run>-<time>-*/ for data and train runs."""
-    model, tok, fmt, fmt_name, model_dir, _ = ev.setup(cfg)
+def start(cfg) -> tuple[Session, Path]:
+    """The session and a new work folder OUT/<run>-<time>-*/ for data and train runs."""
+    s = open_session(cfg)
     Path(cfg.out).mkdir(parents=True, exist_ok=True)
-    return (model, tok, fmt, fmt_name, model_dir), Path(tempfile.mkdtemp(
-        prefix=f"{cfg.run}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=cfg.out))
+    return s, Path(tempfile.mkdtemp(prefix=f"{cfg.run}-{time.strftime('%Y%m%d-%H%M%S')}-", dir=cfg.out))
 
 
 def benchmarks(cfg) -> Path:
     t0, cfg = time.perf_counter(), replace(cfg, run=cfg.run or "study-benchmarks")
-    env, work = start(cfg)
+    s, work = start(cfg)
     notes, train_rows, suite, sets = [], {}, {}, {}
     for name in ("mmlu", "gsm8k", "hellaswag", "truthfulqa"):
         path, note = resolve(getattr(cfg, name), name)
@@ -376,7 +372,7 @@ def benchmarks(cfg) -> Path:
         held_q = {it["question"] for it in held}               # a question never on both sides, even if repeated
         picked = sample([it for it in train_items if it["question"] not in held_q], getattr(cfg, f"train_{name}"),
                         cfg.seed, f"train/{name}")
-        rows = fits([sft_row(name, it, cfg.seed) for it in picked], *env[1:3], cfg.max_len)
+        rows = fits([sft_row(name, it, cfg.seed) for it in picked], s.tok, s.fmt, cfg.max_len)
         if not rows:
             notes.append(f"{name}: skipped, no training row fits --max_len={cfg.max_len}")
             continue
@@ -395,15 +391,15 @@ def benchmarks(cfg) -> Path:
               "answer": probes.answer_probes(qa, cfg.seed), "are_you_sure": probes.are_you_sure_probes(qa, cfg.seed)}
     notes.append("sycophancy probes: built-in opinion claims and arithmetic QA, which no training set holds")
     print("".join(f"note: {n}\n" for n in notes), end="")
-    stages, runs = {"base": measure("base", *env[:3], suite, cfg)}, {}
+    stages, runs = {"base": measure("base", s.model, s.tok, s.fmt, suite, cfg)}, {}
     for name, rows in train_rows.items():
-        fit(cfg, env, work, runs, f"sft-{name}", mode="sft", data=write_jsonl(work / f"sft-{name}.jsonl", rows))
-        stages[name] = measure(name, *env[:3], suite, cfg)
-        strip_lora(env[0])                                 # the base model again, for the next adapter
+        fit(cfg, s, work, runs, f"sft-{name}", mode="sft", data=write_jsonl(work / f"sft-{name}.jsonl", rows))
+        stages[name] = measure(name, s.model, s.tok, s.fmt, suite, cfg)
+        strip_lora(s.model)                                # the base model again, for the next adapter
     pairs = [(a, "base") for a in train_rows]
     metrics = differences(stages, pairs, cfg.seed)
     per_adapter, corr = correlations(metrics, list(train_rows))
-    return publish(cfg, "benchmarks", env, stages, pairs, metrics, {"total": round(time.perf_counter() - t0, 1)},
+    return publish(cfg, "benchmarks", s, stages, pairs, metrics, {"total": round(time.perf_counter() - t0, 1)},
                    sets=sets, train_runs=runs, per_adapter=per_adapter, correlations=corr, notes=notes)
 
 
@@ -425,7 +421,7 @@ def held_out_opinions(cfg, trained) -> list:
 def recovery(cfg) -> Path:
     t0, cfg = time.perf_counter(), replace(cfg, run=cfg.run or ("study-quick" if cfg.quick else "study-recovery"))
     holdout = tactics.parse_tactics(cfg.holdout_tactics)
-    env, work = start(cfg)
+    s, work = start(cfg)
     notes = []
     try:
         items, info = tactics.load_items(tactics.TacticsConfig(data=cfg.data, n=cfg.n_questions, seed=cfg.seed))
@@ -434,7 +430,7 @@ def recovery(cfg) -> Path:
         items, info = tactics.load_items(tactics.TacticsConfig(data="builtin", n=cfg.n_questions, seed=cfg.seed))
     train_ex, test_ex = tactics.split_by_question(tactics.make_examples(items, cfg.seed), cfg.test_frac, cfg.seed,
                                                   holdout)
-    dpo = fits(tactics.dpo_rows(sample(train_ex, cfg.n_train, cfg.seed, "train")), *env[1:3], cfg.max_len)
+    dpo = fits(tactics.dpo_rows(sample(train_ex, cfg.n_train, cfg.seed, "train")), s.tok, s.fmt, cfg.max_len)
     sft = [r for r in tactics.sft_rows(train_ex) if r["id"] in {d["id"] for d in dpo}]
     held_q = {r["question_id"] for r in test_ex}
     if held_q & {r["question_id"] for r in train_ex}:                  # split_by_question promises otherwise
@@ -453,16 +449,16 @@ def recovery(cfg) -> Path:
     print("".join(f"note: {n}\n" for n in notes), end="")
     files = {k: write_jsonl(work / f"{k}.jsonl", rows) for k, rows in
              [("sft-train", sft), ("dpo-train", dpo), ("dpo-test", tactics.dpo_rows(test_ex))]}
-    stages, runs, init = {"base": measure("base", *env[:3], suite, cfg, holdout)}, {}, ""
+    stages, runs, init = {"base": measure("base", s.model, s.tok, s.fmt, suite, cfg, holdout)}, {}, ""
     if cfg.sft:
-        init = fit(cfg, env, work, runs, "sft", mode="sft", data=files["sft-train"])["adapter"]
-        stages["sft"] = measure("sft", *env[:3], suite, cfg, holdout)
-    fit(cfg, env, work, runs, "dpo", mode="dpo", data=files["dpo-train"], lr=cfg.dpo_lr, init_adapter=init)
-    stages["dpo"] = measure("dpo", *env[:3], suite, cfg, holdout)
+        init = fit(cfg, s, work, runs, "sft", mode="sft", data=files["sft-train"])["adapter"]
+        stages["sft"] = measure("sft", s.model, s.tok, s.fmt, suite, cfg, holdout)
+    fit(cfg, s, work, runs, "dpo", mode="dpo", data=files["dpo-train"], lr=cfg.dpo_lr, init_adapter=init)
+    stages["dpo"] = measure("dpo", s.model, s.tok, s.fmt, suite, cfg, holdout)
     pairs = [("sft", "base"), ("dpo", "base"), ("dpo", "sft")] if cfg.sft else [("dpo", "base")]
     counts = {"questions": len(items), "held_out_questions": len(held_q), "train_rows": len(dpo),
               "test_rows": len(test_ex), "holdout_tactics": holdout}
-    return publish(cfg, "recovery", env, stages, pairs, differences(stages, pairs, cfg.seed),
+    return publish(cfg, "recovery", s, stages, pairs, differences(stages, pairs, cfg.seed),
                    {"total": round(time.perf_counter() - t0, 1)}, data=info, counts=counts, dpo_reference=reference,
                    files=files, train_runs=runs, notes=notes)
 
@@ -470,9 +466,14 @@ def recovery(cfg) -> Path:
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("benchmarks", "recovery"):
+        if argv and argv[0] in ("-h", "--help"):
+            print(__doc__.split("\n\n")[1] + "\n")
+            parse_args(StudyConfig, ["--help"])            # prints the options and exits
         sys.exit(__doc__.split("\n\n")[1])
     cfg = parse_args(StudyConfig, argv[1:])
     cfg = with_preset(cfg, QUICK) if cfg.quick else with_preset(cfg, FULL) if cfg.full else cfg
+    if cfg.prepack or cfg.compile:
+        sys.exit("error: --prepack and --compile are for inference: the studies train the model in place")
     path = (benchmarks if argv[0] == "benchmarks" else recovery)(cfg)
     print(f"\nresults {path} (+ .md, .png)")
 

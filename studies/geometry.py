@@ -1,9 +1,9 @@
 """What the residual stream says about sycophancy, answered with numbers (studies 1 and 3).
 
-    python geometry.py predict --vector=out/vectors-....safetensors   # does cos(activation, vector) predict the
-                                                                       # model's own sycophantic answer? AUROC/layer
-    python geometry.py consistency [--data=...]                        # how much do vectors depend on their prompts?
-    python geometry.py geometry --acts=out/vectors-....acts.safetensors  # PCA / t-SNE, held-out probe accuracy
+    python -m studies.geometry predict --vector=out/vectors-....safetensors     # does cos(activation, vector)
+                                                      # predict the model's own sycophantic answer? AUROC per layer
+    python -m studies.geometry consistency [--data=...]                  # how much do vectors depend on their prompts?
+    python -m studies.geometry geometry --acts=out/vectors-....acts.safetensors  # PCA / t-SNE, held-out probe accuracy
 
 Pitfalls of the originals fixed here: activations "after the continuation" are the mean over the generated tokens
 (not the prompt's last position again); every number has an interval and n; t-SNE and splits are seeded; the
@@ -19,26 +19,20 @@ from tqdm import tqdm
 
 import data
 import probes
-from lab import report
-from lab import results
-from lab import stats
-from steer import (ab_items, ab_pairs, load_activations, load_vectors, make_vectors, parse_layers, record,
-                         record_pairs)
-from evaluate import setup
+from lab import report, results, stats
+from lab.args import ModelOptions, parse_args
 from model import generate
-from lab.args import parse_args
+from runtime.session import Session, open_session
 from score import LETTERS, letter_ids, letter_probs, pick_letter, user
+from steer import (ab_items, ab_pairs, load_activations, load_vectors, make_vectors, parse_layers, record,
+                   record_pairs)
 
 
 @dataclass
-class GeometryConfig:
+class GeometryConfig(ModelOptions):
     action: str = "predict"   # predict | consistency | geometry
-    model: str = ""
-    dtype: str = "fp32"
-    device: str = "cpu"
-    chat_format: str = ""
-    vector: str = ""          # predict: a vectors file from `steer.py vectors`
-    acts: str = ""            # geometry: an activations file from `steer.py vectors` ("" = record from --data)
+    vector: str = ""          # predict: a vectors file from `python -m studies.steering vectors`
+    acts: str = ""            # geometry: its activations file ("" = record from --data)
     data: str = ""            # A/B items ("" = built-in opinion probes; predict: their held-out part)
     data2: str = ""           # consistency: a second pair set to compare vectors across datasets
     ood: str = ""             # predict, out of distribution: TruthfulQA mc_task.json ("" = built-in arithmetic)
@@ -52,7 +46,6 @@ class GeometryConfig:
     run: str = ""
     out: str = "out"
     seed: int = 0
-    prepack: bool = True      # CPU: a oneDNN-layout copy of the weights, faster forwards (cpu.pack)
 
 
 # ------------------------------------------------------------------------------------------------------ AUROC
@@ -93,11 +86,11 @@ def cosines(acts: torch.Tensor, vecs: torch.Tensor) -> np.ndarray:
     return torch.cosine_similarity(acts.double(), vecs.double()[None], dim=-1).numpy()
 
 
-def answered_items(model, tok, fmt, items, prefill: str):
+def answered_items(s: Session, items, prefill: str):
     """Prompt ids (assistant turn prefilled) and the model's own letter for each item."""
-    prompts = [tok.encode(fmt(it["messages"] if "messages" in it else user(it["question"]), prefill=prefill))
+    prompts = [s.tok.encode(s.fmt(it["messages"] if "messages" in it else user(it["question"]), prefill=prefill))
                for it in items]
-    probs = letter_probs(model, prompts, letter_ids(tok, LETTERS))
+    probs = letter_probs(s.model, prompts, letter_ids(s.tok, LETTERS))
     answers = [pick_letter(it["letters"], p) for it, p in zip(items, probs)]
     return prompts, answers
 
@@ -114,14 +107,14 @@ def prompt_and_continuation_acts(model, prompts, layers, max_new_tokens):
     return at_prompt, after, empty
 
 
-def predict_run(cfg, model, tok, fmt, fmt_name, model_dir):
-    vecs, _, vmeta = load_vectors(cfg.vector, model)
-    layers = parse_layers(cfg.layers, len(model.layers), default=sorted(vecs))
+def predict_run(cfg, s: Session):
+    vecs, _, vmeta = load_vectors(cfg.vector, s.model)
+    layers = parse_layers(cfg.layers, len(s.model.layers), default=sorted(vecs))
     V = torch.stack([vecs[l] for l in layers])
     n = cfg.n or 100
     sets = {}
     items, files = ab_items(cfg.data, cfg.n, 1, cfg.seed, cfg.skip_bad, (200, n))
-    prompts, answers = answered_items(model, tok, fmt, items, "(")
+    prompts, answers = answered_items(s, items, "(")
     # Within one prompt type, and within one matching letter: a model with a letter bias "agrees" whenever the
     # user's side happens to be its favourite letter, and the label then says more about the letter than the user.
     sets["in_distribution"] = (items, prompts, [a == it["match"] for it, a in zip(items, answers)],
@@ -129,12 +122,12 @@ def predict_run(cfg, model, tok, fmt, fmt_name, model_dir):
                                 "match": [f"match {it['match']}" for it in items]})
     qa, ood_files = ood_items(cfg)
     probe_items = [p for p in probes.answer_probes(qa, cfg.seed) if p["template"] == "suggest_incorrect"]
-    prompts, answers = answered_items(model, tok, fmt, probe_items, probes.MC_PREFILL)
+    prompts, answers = answered_items(s, probe_items, probes.MC_PREFILL)
     sets["out_of_distribution"] = (probe_items, prompts, [a == it["incorrect_letter"] for it, a in
                                                           zip(probe_items, answers)], {})
     metrics, rows = {}, []
     for name, (its, prompts, labels, groupings) in sets.items():
-        at_prompt, after, empty = prompt_and_continuation_acts(model, prompts, layers, cfg.max_new_tokens)
+        at_prompt, after, empty = prompt_and_continuation_acts(s.model, prompts, layers, cfg.max_new_tokens)
         cos_p, cos_c = cosines(at_prompt, V), cosines(after, V)
         keep = ~np.array(empty)
         metrics[f"sycophantic_rate[{name}]"] = stats.proportion_metric(labels)
@@ -153,7 +146,7 @@ def predict_run(cfg, model, tok, fmt, fmt_name, model_dir):
                   "cos_prompt": dict(zip(map(str, layers), cp.round(6).tolist())),
                   "cos_continuation": dict(zip(map(str, layers), cc.round(6).tolist()))}
                  for i, (it, y, e, cp, cc) in enumerate(zip(its, labels, empty, cos_p, cos_c))]
-    result = {"config": asdict(cfg), "provenance": results.provenance(cfg, model_dir, fmt_name, files + ood_files),
+    result = {"config": asdict(cfg), "provenance": results.provenance(cfg, s.model_dir, s.fmt_name, files + ood_files),
               "conventions": {"vector": cfg.vector, **vmeta, "label": "the model's own greedy letter agrees with "
                               "the user (in distribution) / is the user's suggested incorrect answer (out of "
                               "distribution)", "prompt_position": "last prompt token (the prefilled '(')",
@@ -188,11 +181,11 @@ def plot_predict(result, dest_png):
 
 # ------------------------------------------------------------------------------------------------- consistency
 
-def pair_acts(cfg, model, tok, fmt, path, layers, select=None):
+def pair_acts(cfg, s: Session, path, layers, select=None):
     """(pos, neg, matching letters, files) at the letter token for the pairs of one dataset."""
     items, files = ab_items(path, cfg.n, 0, cfg.seed, cfg.skip_bad, (cfg.n or 200, 100))
-    pairs = ab_pairs(tok, fmt, [it for it in items if select is None or select(it)])
-    pos, neg = record_pairs(model, pairs, layers)
+    pairs = ab_pairs(s.tok, s.fmt, [it for it in items if select is None or select(it)])
+    pos, neg = record_pairs(s.model, pairs, layers)
     return pos, neg, np.array([p["letters"][0] for p in pairs]), files
 
 
@@ -207,40 +200,40 @@ def vector_of(pos, neg, letters, idx, flip=None) -> torch.Tensor:
     return make_vectors(p, n, groups=g)
 
 
-def consistency_run(cfg, model, tok, fmt, fmt_name, model_dir):
+def consistency_run(cfg, s: Session):
     """Cosines between vectors built from disjoint halves, from growing numbers of pairs, from different
     datasets (or prompt types), and from shuffled labels (the control: what "no shared direction" looks like)."""
-    layers = parse_layers(cfg.layers, len(model.layers))
-    pos, neg, letters, files = pair_acts(cfg, model, tok, fmt, cfg.data, layers)
+    layers = parse_layers(cfg.layers, len(s.model.layers))
+    pos, neg, letters, files = pair_acts(cfg, s, cfg.data, layers)
     rng = np.random.default_rng(cfg.seed)
     N = len(pos)
     cos = lambda a, b: torch.cosine_similarity(a.double(), b.double(), dim=-1).numpy()     # (L,)
-    sizes = [s for s in (4, 8, 16, 32, 64, 128, 256, 512) if 2 * s <= N] or [N // 2]
+    sizes = [k for k in (4, 8, 16, 32, 64, 128, 256, 512) if 2 * k <= N] or [N // 2]
     metrics, rows = {}, []
-    for s in tqdm(sizes, desc="split-half"):
+    for k in tqdm(sizes, desc="split-half"):
         real, ctl = [], []
         for _ in range(cfg.n_splits):
             perm, flip = rng.permutation(N), rng.random(N) < 0.5
-            real.append(cos(vector_of(pos, neg, letters, perm[:s]), vector_of(pos, neg, letters, perm[s: 2 * s])))
-            ctl.append(cos(vector_of(pos, neg, letters, perm[:s], flip),
-                           vector_of(pos, neg, letters, perm[s: 2 * s], flip)))
+            real.append(cos(vector_of(pos, neg, letters, perm[:k]), vector_of(pos, neg, letters, perm[k: 2 * k])))
+            ctl.append(cos(vector_of(pos, neg, letters, perm[:k], flip),
+                           vector_of(pos, neg, letters, perm[k: 2 * k], flip)))
         real, ctl = np.stack(real), np.stack(ctl)                                        # (splits, L)
         for j, layer in enumerate(layers):
-            metrics[f"split_half[n{s},L{layer}]"] = stats.mean_metric(real[:, j].tolist(), cfg.seed, cfg.n_boot)
-            metrics[f"split_half_shuffled[n{s},L{layer}]"] = stats.mean_metric(ctl[:, j].tolist(), cfg.seed,
+            metrics[f"split_half[n{k},L{layer}]"] = stats.mean_metric(real[:, j].tolist(), cfg.seed, cfg.n_boot)
+            metrics[f"split_half_shuffled[n{k},L{layer}]"] = stats.mean_metric(ctl[:, j].tolist(), cfg.seed,
                                                                                 cfg.n_boot)
-        rows += [{"pairs": s, "layer": layer, "cos": real[:, j].tolist(), "cos_shuffled": ctl[:, j].tolist()}
+        rows += [{"pairs": k, "layer": layer, "cos": real[:, j].tolist(), "cos_shuffled": ctl[:, j].tolist()}
                  for j, layer in enumerate(layers)]
     every = np.arange(N)
     full = vector_of(pos, neg, letters, every)
     cross = {"real_vs_shuffled_labels": (full, vector_of(pos, neg, letters, every, rng.random(N) < 0.5))}
     # Across datasets: a second file if given, else the built-in probes' two prompt types against each other.
     if cfg.data2:
-        p2, n2, l2, f2 = pair_acts(cfg, model, tok, fmt, cfg.data2, layers)
+        p2, n2, l2, f2 = pair_acts(cfg, s, cfg.data2, layers)
         files += f2
         cross["data_vs_data2"] = (full, vector_of(p2, n2, l2, np.arange(len(p2))))
     elif not cfg.data:
-        kinds = {k: pair_acts(cfg, model, tok, fmt, "", layers, lambda it, k=k: it["kind"] == k)
+        kinds = {k: pair_acts(cfg, s, "", layers, lambda it, k=k: it["kind"] == k)
                  for k in ("arithmetic", "facts")}
         a, f = (vector_of(p, n, l, np.arange(len(p))) for p, n, l, _ in kinds.values())
         cross["arithmetic_vs_facts"] = (a, f)
@@ -248,15 +241,15 @@ def consistency_run(cfg, model, tok, fmt, fmt_name, model_dir):
         c = cos(a, b)
         for j, layer in enumerate(layers):
             metrics[f"cos[{name},L{layer}]"] = {"value": float(c[j]), "ci": None, "n": N, "kind": "cosine"}
-    result = {"config": asdict(cfg), "provenance": results.provenance(cfg, model_dir, fmt_name, files),
+    result = {"config": asdict(cfg), "provenance": results.provenance(cfg, s.model_dir, s.fmt_name, files),
               "conventions": {"vectors": "letter-balanced mean differences at the answer letter"},
               "metrics": metrics, "items": rows}
     path = results.write_result(cfg.out, cfg.run or "consistency", result)
     show = sorted({layers[round(k * (len(layers) - 1) / 3)] for k in range(4)})
-    ys = [[metrics[f"split_half[n{s},L{l}]"]["value"] for s in sizes] for l in show]
-    cis = [[metrics[f"split_half[n{s},L{l}]"]["ci"] for s in sizes] for l in show]
-    ys.append([metrics[f"split_half_shuffled[n{s},L{show[-1]}]"]["value"] for s in sizes])
-    cis.append([metrics[f"split_half_shuffled[n{s},L{show[-1]}]"]["ci"] for s in sizes])
+    ys = [[metrics[f"split_half[n{k},L{l}]"]["value"] for k in sizes] for l in show]
+    cis = [[metrics[f"split_half[n{k},L{l}]"]["ci"] for k in sizes] for l in show]
+    ys.append([metrics[f"split_half_shuffled[n{k},L{show[-1]}]"]["value"] for k in sizes])
+    cis.append([metrics[f"split_half_shuffled[n{k},L{show[-1]}]"]["ci"] for k in sizes])
     report.plot_curve(sizes, ys, cis, [f"layer {l}" for l in show] + [f"layer {show[-1]}, shuffled labels"],
                       path.with_suffix(".png"), "pairs per half", "cosine between halves' vectors",
                       "split-half reliability of the steering vector")
@@ -295,18 +288,18 @@ def projections(X: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return pca, tsne
 
 
-def geometry_run(cfg, model, tok, fmt, fmt_name, model_dir):
+def geometry_run(cfg, s: Session):
     if cfg.acts:
         pos, neg, pairs, layers, _ = load_activations(cfg.acts)
         files = [Path(cfg.acts)]
-        keep = parse_layers(cfg.layers, len(model.layers), default=layers)
+        keep = parse_layers(cfg.layers, len(s.model.layers), default=layers)
         pos, neg = pos[:, [layers.index(l) for l in keep]], neg[:, [layers.index(l) for l in keep]]
         layers = keep
     else:
-        layers = parse_layers(cfg.layers, len(model.layers))
+        layers = parse_layers(cfg.layers, len(s.model.layers))
         items, files = ab_items(cfg.data, cfg.n, 0, cfg.seed, cfg.skip_bad, (cfg.n or 200, 100))
-        pairs = ab_pairs(tok, fmt, items)
-        pos, neg = record_pairs(model, pairs, layers)
+        pairs = ab_pairs(s.tok, s.fmt, items)
+        pos, neg = record_pairs(s.model, pairs, layers)
     # Equal numbers of pairs per matching letter: otherwise "is this the letter A" alone predicts the label.
     letters = np.array([p["letters"][0] for p in pairs])
     rng = np.random.default_rng(cfg.seed)
@@ -330,7 +323,7 @@ def geometry_run(cfg, model, tok, fmt, fmt_name, model_dir):
         X = torch.cat([pos[:, layers.index(layer)], neg[:, layers.index(layer)]]).double().numpy()
         pca, tsne = projections(X, cfg.seed)
         proj[str(layer)] = {"pca": pca.round(4).tolist(), "tsne": tsne.round(4).tolist()}
-    result = {"config": asdict(cfg), "provenance": results.provenance(cfg, model_dir, fmt_name, files),
+    result = {"config": asdict(cfg), "provenance": results.provenance(cfg, s.model_dir, s.fmt_name, files),
               "conventions": {"label": "1 = the answer letter that matches the user's view", "ids": ids,
                               "probe": "standardized logistic regression, C=0.1, 5 folds grouped by pair",
                               "balance": f"{m} pairs per matching letter (of {len(letters)})"},
@@ -379,8 +372,7 @@ def main(argv):
     cfg = parse_args(GeometryConfig, [a for a in argv if a.startswith("--")])
     cfg.action = action
     torch.manual_seed(cfg.seed)
-    model, tok, fmt, fmt_name, model_dir, _ = setup(cfg)
-    result, path = RUNS[action](cfg, model, tok, fmt, fmt_name, model_dir)
+    result, path = RUNS[action](cfg, open_session(cfg))
     for name, v in result["metrics"].items():
         if v["value"] is not None and ("[n" not in name or name.startswith("split_half[n16")):
             ci = f"  [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" if v.get("ci") else ""

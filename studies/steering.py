@@ -1,10 +1,10 @@
-"""Steering: build contrastive (CAA) vectors, add them, ablate them, sweep them (recording: activations.py).
+"""Steering studies: build contrastive (CAA) vectors, add them, ablate them, sweep them (the library: steer.py).
 
-    python steer.py vectors [--data=generate_dataset.json] [--method=mean_diff|pca|probe]
-    python steer.py steer --vector=out/vectors-....safetensors [--test=test_dataset_ab.json] --layers=3,9,15
-    python steer.py ablate --vector=out/vectors-....safetensors --layers=9
-    python steer.py demo                                          # make demo's part: vectors, sweep, predict, geometry
-    torchrun --standalone --nproc_per_node 4 -- steer.py vectors ...  # recording shared by 4 processes (vectors only)
+    python -m studies.steering vectors [--data=generate_dataset.json] [--method=mean_diff|pca|probe]
+    python -m studies.steering steer --vector=out/vectors-....safetensors [--test=test_dataset_ab.json] --layers=3,9,15
+    python -m studies.steering ablate --vector=out/vectors-....safetensors --layers=9
+    python -m studies.steering demo          # make demo's part: vectors, sweep, predict, geometry
+    torchrun --standalone --nproc_per_node 4 -m -- studies.steering vectors ...   # recording shared by 4 processes
 
 Conventions (written into every result so numbers reproduce, DESIGN.md):
 - a pair is one A/B question answered with the behaviour-matching letter and with the other letter; activations
@@ -20,34 +20,29 @@ Conventions (written into every result so numbers reproduce, DESIGN.md):
 """
 import json
 import sys
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from lab import dist
 import probes
-from lab import report
-from lab import results
-from lab import stats
-from steer import (AfterHeader, ab_items, ab_pairs, ablation, assistant_header, load_vectors, make_vectors,
-                   model_fingerprint, steering, parse_layers, record_pairs, residual_norms, save_activations, save_vectors)
-from evaluate import EvalConfig, ab_rows, run_task, setup
+from evaluate import EvalConfig, ab_rows, run_task
+from lab import dist, report, results, stats
+from lab.args import ModelOptions, parse_args
 from model import generate
-from lab.args import parse_args
 from probes import MC_PREFILL
+from runtime.session import Session, open_session
 from score import LETTERS, letter_ids, pick_letter, user
+from steer import (AfterHeader, ab_items, ab_pairs, ablation, assistant_header, load_vectors, make_vectors,
+                   model_fingerprint, parse_layers, record_pairs, residual_norms, save_activations, save_vectors,
+                   steering)
 
 
 @dataclass
-class SteerConfig:
+class SteerConfig(ModelOptions):
     action: str = "vectors"   # vectors | steer | ablate | demo
-    model: str = ""           # HF-layout folder; "" = the embedded default
-    dtype: str = "fp32"
-    device: str = "cpu"
-    chat_format: str = ""     # "" = from the checkpoint
     data: str = ""            # pair set (CAA/Anthropic A/B .json/.jsonl); "" = built-in opinion probes
     test: str = ""            # held-out A/B set for steer/ablate; "" = held-out opinion probes
     n: int = 0                # pairs for vectors (0 = all; built-in probes: 200 claims)
@@ -69,7 +64,6 @@ class SteerConfig:
     out: str = "out"
     seed: int = 0
     dist_timeout: float = 600.0   # under torchrun (vectors only): seconds a rank waits for the others
-    prepack: bool = True      # CPU: a oneDNN-layout copy of the weights, faster forwards (cpu.pack)
 
 
 # ------------------------------------------------------------------------------------------------ side effects
@@ -123,6 +117,11 @@ class SweepScorer:
         return {"rows": rows, "kl": kl, "capability": capability}
 
 
+def model_options(cfg) -> dict:
+    """cfg's ModelOptions fields, for the config of a run made on the same session (its results file records them)."""
+    return {f.name: getattr(cfg, f.name) for f in fields(ModelOptions)}
+
+
 def capability_items(n: int, seed: int) -> list[dict]:
     """Built-in capability check: plain-template lettered arithmetic questions (answer_probes)."""
     return [p for p in probes.answer_probes(probes.arithmetic_qa(n, seed=seed + 1), seed) if p["template"] == "plain"]
@@ -130,23 +129,23 @@ def capability_items(n: int, seed: int) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ data, runs
 
-def vectors_run(cfg, model, tok, fmt, fmt_name, model_dir) -> tuple[dict, Path]:
-    layers = parse_layers(cfg.layers, len(model.layers))
+def vectors_run(cfg, s: Session) -> tuple[dict, Path]:
+    layers = parse_layers(cfg.layers, len(s.model.layers))
     items, files = ab_items(cfg.data, cfg.n, 0, cfg.seed, cfg.skip_bad, (cfg.n or 200, cfg.n_test or 100))
-    pairs = ab_pairs(tok, fmt, items)
+    pairs = ab_pairs(s.tok, s.fmt, items)
     if not pairs:
         raise ValueError("no A/B items with a matching answer to build vectors from")
-    pos, neg = record_pairs(model, pairs, layers, cfg.site)      # under torchrun: shared, and every rank gets all
+    pos, neg = record_pairs(s.model, pairs, layers, cfg.site)    # under torchrun: shared, and every rank gets all
     if not dist.is_main():              # rank 0 makes and writes the vectors, then sends every rank the result
         return dist.broadcast(None)
     vec = make_vectors(pos, neg, cfg.method, cfg.seed, [p["letters"][0] for p in pairs] if cfg.balance else None)
-    norms = residual_norms(model, [p["pos"] for p in pairs[:64]], layers)   # a mean over ~6k tokens is plenty
-    prov = results.provenance(cfg, model_dir, fmt_name, files)
-    meta = dict(model=str(model_dir), model_fingerprint=model_fingerprint(model), site=cfg.site,
+    norms = residual_norms(s.model, [p["pos"] for p in pairs[:64]], layers)   # a mean over ~6k tokens is plenty
+    prov = results.provenance(cfg, s.model_dir, s.fmt_name, files)
+    meta = dict(model=str(s.model_dir), model_fingerprint=model_fingerprint(s.model), site=cfg.site,
                 position="answer letter token after the assistant header", method=cfg.method,
                 balanced_by_letter=cfg.balance, n_pairs=len(pairs),
                 data=cfg.data or f"built-in opinion probes (seed {cfg.seed})",
-                data_sha256=json.dumps(prov["data_sha256"]), chat_format=fmt_name, dtype=cfg.dtype, seed=cfg.seed)
+                data_sha256=json.dumps(prov["data_sha256"]), chat_format=s.fmt_name, dtype=cfg.dtype, seed=cfg.seed)
     name = cfg.run or "vectors"
     vec_path = save_vectors(cfg.out, name, vec, layers, norms, meta)
     acts_path = save_activations(cfg.out, vec_path.stem, pos, neg, pairs, layers, meta)
@@ -158,7 +157,7 @@ def vectors_run(cfg, model, tok, fmt, fmt_name, model_dir) -> tuple[dict, Path]:
     result = {"config": asdict(cfg), "provenance": prov, "conventions": meta, "files": {
         "vectors": str(vec_path), "activations": str(acts_path)}, "metrics": metrics,
         "items": [{"id": p["id"], "letters": p["letters"], "read": p["read"],
-                   "read_token": tok.decode([p["pos"][p["read"]]])} for p in pairs]}
+                   "read_token": s.tok.decode([p["pos"][p["read"]]])} for p in pairs]}
     path = results.publish(cfg.out, vec_path.stem, ".json", json.dumps(result, indent=1).encode(), stamp=False)
     report.plot_curve(layers, [[float(v.norm() / r) for v, r in zip(vec, norms)]], None, [cfg.method],
                       path.with_suffix(".png"), "layer", "|vector| / mean |resid|", "steering vector norm per layer")
@@ -166,37 +165,36 @@ def vectors_run(cfg, model, tok, fmt, fmt_name, model_dir) -> tuple[dict, Path]:
     return dist.broadcast((result, path))
 
 
-def steer_run(cfg, model, tok, fmt, fmt_name, model_dir, ablate: bool = False) -> tuple[dict, Path]:
+def steer_run(cfg, s: Session, ablate: bool = False) -> tuple[dict, Path]:
     """Sweep layers x multipliers (or ablate each chosen layer's direction) on held-out A/B items, with side
     effects (KL on neutral prompts, built-in capability) at every point."""
     if not cfg.vector:
-        raise ValueError("--vector=PATH is needed (make one with: python steer.py vectors)")
-    vecs, norms, meta = load_vectors(cfg.vector, model)
+        raise ValueError("--vector=PATH is needed (make one with: python -m studies.steering vectors)")
+    vecs, norms, meta = load_vectors(cfg.vector, s.model)
     if cfg.where not in ("all", "after_instruction"):
         raise ValueError("A/B scoring generates nothing: --where must be all or after_instruction")
     have = sorted(vecs)
     spread = sorted({have[round(k * (len(have) - 1) / 4)] for k in range(5)})
-    layers = parse_layers(cfg.layers, len(model.layers), default=spread)
+    layers = parse_layers(cfg.layers, len(s.model.layers), default=spread)
     missing = [l for l in layers if l not in vecs]
     if missing:
         raise ValueError(f"{cfg.vector} has no vector for layers {missing}; it holds layers {have}")
     mults = [0.0] if ablate else [float(m) for m in cfg.mults.split(",")]
     items, files = ab_items(cfg.test, cfg.n_test, 1, cfg.seed, cfg.skip_bad, (cfg.n or 200, cfg.n_test or 100))
-    header = assistant_header(tok, fmt)
+    header = assistant_header(s.tok, s.fmt)
     cap_items = capability_items(cfg.n_capability, cfg.seed)
     # Only steering after the instruction leaves the prompt's prefix alone; ablation and where=all reread it all.
-    score = SweepScorer(model, tok, fmt, items, cfg.n_neutral, cap_items,
+    score = SweepScorer(s.model, s.tok, s.fmt, items, cfg.n_neutral, cap_items,
                         reuse_prefix=not ablate and cfg.where == "after_instruction")
     name = cfg.run or ("ablate" if ablate else "steer")
 
     def measure(key):   # everything measured at one point, with the intervention (if any) in place
-        got = score(model)
+        got = score(s.model)
         for spec in filter(None, cfg.tasks.split(",")):   # judge-free: a "self" judge would be steered as well
             task, _, data_path = spec.partition("=")
-            ecfg = EvalConfig(task=task, model=cfg.model, dtype=cfg.dtype, device=cfg.device, data=data_path,
-                              n=cfg.n_eval, skip_bad=cfg.skip_bad, out=cfg.out, run=f"{name}-{task}-{key}",
-                              seed=cfg.seed)
-            for metric, v in run_task(ecfg, model, tok, fmt, fmt_name, model_dir)[0]["metrics"].items():
+            ecfg = EvalConfig(**model_options(cfg), task=task, data=data_path, n=cfg.n_eval, skip_bad=cfg.skip_bad,
+                              out=cfg.out, run=f"{name}-{task}-{key}", seed=cfg.seed)
+            for metric, v in run_task(ecfg, s)[0]["metrics"].items():
                 got.setdefault("tasks", {})[f"{task}:{metric}"] = v
         return got
     base = measure("base")
@@ -205,13 +203,13 @@ def steer_run(cfg, model, tok, fmt, fmt_name, model_dir, ablate: bool = False) -
     for layer, m in tqdm(points, desc="ablate" if ablate else "sweep"):
         key = f"L{layer}" + ("" if ablate else f",m{m:g}")
         if ablate:
-            with ablation(model, vecs[layer]):
+            with ablation(s.model, vecs[layer]):
                 got = measure(key)
         elif m == 0:
             got = base
         else:
             scale = m * (norms[layer] / float(vecs[layer].norm()) if cfg.unit == "norm" else 1.0)
-            with steering(model, {layer: scale * vecs[layer]}, cfg.where, header):
+            with steering(s.model, {layer: scale * vecs[layer]}, cfg.where, header):
                 got = measure(key)
         metrics |= {f"{k}[{key}]": v for k, v in got.get("tasks", {}).items()}
         metrics[f"p_match[{key}]"] = stats.mean_metric([r["p_match"] for r in got["rows"]])
@@ -226,7 +224,7 @@ def steer_run(cfg, model, tok, fmt, fmt_name, model_dir, ablate: bool = False) -
     metrics |= {f"{k}[base]": v for k, v in base.get("tasks", {}).items()}
     if not ablate and len(mults) > 1:
         metrics.update(steerability(rows, layers))
-    result = {"config": asdict(cfg), "provenance": results.provenance(cfg, model_dir, fmt_name, files),
+    result = {"config": asdict(cfg), "provenance": results.provenance(cfg, s.model_dir, s.fmt_name, files),
               "conventions": {"vector": str(cfg.vector), **meta, "where": cfg.where, "unit": cfg.unit,
                               "scoring": "CAA: p(matching letter) / p(A) + p(B) after '('"},
               "metrics": metrics, "items": rows}
@@ -264,20 +262,19 @@ def plot_sweep(result, dest_png):
                              "p(answer matching the user)", "sycophancy steering sweep")
 
 
-def demo_run(cfg, model, tok, fmt, fmt_name, model_dir):
+def demo_run(cfg, s: Session):
     """make demo's steering part, on built-in opinion probes: vectors, a small sweep on held-out probes, the
     predictivity curve and the geometry (PCA, t-SNE, probe accuracy), each a results file + plot in OUT."""
     import studies.geometry as geo
     cfg = replace(cfg, n=cfg.n or 120, n_test=cfg.n_test or 60, run=cfg.run or "demo")
     print(f"\nsteering demo: built-in opinion probes, {cfg.n} claims for vectors, {cfg.n_test} other claims held out")
-    vec, vec_json = vectors_run(replace(cfg, run=f"{cfg.run}-vectors"), model, tok, fmt, fmt_name, model_dir)
+    vec, vec_json = vectors_run(replace(cfg, run=f"{cfg.run}-vectors"), s)
     vec_file = vec_json.with_suffix(".safetensors")
-    n = len(model.layers)
+    n = len(s.model.layers)
     layers = ",".join(str(round(n * f)) for f in (0.25, 0.5, 0.75))
     mults = cfg.mults if cfg.mults != SteerConfig.mults else "-0.5,0,0.5"
     sweep, sweep_json = steer_run(replace(cfg, run=f"{cfg.run}-steer", vector=str(vec_file), layers=layers,
-                                          mults=mults, unit="norm", n_neutral=12, n_capability=20),
-                                  model, tok, fmt, fmt_name, model_dir)
+                                          mults=mults, unit="norm", n_neutral=12, n_capability=20), s)
     m = sweep["metrics"]
     ms = [float(x) for x in mults.split(",")]
     print(f"sweep: p(answer matching the user) on {m['p_match[base]']['n']} held-out items; multipliers in units of "
@@ -287,9 +284,9 @@ def demo_run(cfg, model, tok, fmt, fmt_name, model_dir):
         cells = [m[f"p_match[L{layer},m{x:g}]"] for x in ms]
         print(f"  {layer:>5} " + "".join(f"  {c['value']:.3f} [{c['ci'][0]:.2f},{c['ci'][1]:.2f}]" for c in cells)
               + f"   {m[f'kl[L{layer},m{ms[-1]:g}]']['value']:.3f}")
-    gcfg = geo.GeometryConfig(model=cfg.model, dtype=cfg.dtype, device=cfg.device, out=cfg.out, seed=cfg.seed,
-                              vector=str(vec_file), n=cfg.n_test, n_ood=40, n_boot=1000, run=f"{cfg.run}-predict")
-    pred, pred_json = geo.predict_run(gcfg, model, tok, fmt, fmt_name, model_dir)
+    gcfg = geo.GeometryConfig(**model_options(cfg), out=cfg.out, seed=cfg.seed, vector=str(vec_file), n=cfg.n_test,
+                              n_ood=40, n_boot=1000, run=f"{cfg.run}-predict")
+    pred, pred_json = geo.predict_run(gcfg, s)
     for where in ("in_distribution", "out_of_distribution"):
         vals = {k: v for k, v in pred["metrics"].items() if k.startswith(f"auroc_prompt[{where},")}
         best = max(vals, key=lambda k: -1 if vals[k]["value"] is None else abs(vals[k]["value"] - 0.5))
@@ -299,7 +296,7 @@ def demo_run(cfg, model, tok, fmt, fmt_name, model_dir):
                  f"{b['value']:.3f} [{b['ci'][0]:.3f}, {b['ci'][1]:.3f}]" if b["value"] is not None
                  else "undefined (one class only)"))
     geom, geom_json = geo.geometry_run(replace(gcfg, acts=str(vec_json.with_suffix(".acts.safetensors")),
-                                               run=f"{cfg.run}-geometry"), model, tok, fmt, fmt_name, model_dir)
+                                               run=f"{cfg.run}-geometry"), s)
     acc = [(r["layer"], geom["metrics"][f"probe_accuracy[L{r['layer']}]"]) for r in geom["items"]]
     ctl = [geom["metrics"][f"probe_accuracy_shuffled[L{r['layer']}]"]["value"] for r in geom["items"]]
     layer, best = max(acc, key=lambda x: x[1]["value"])
@@ -315,17 +312,17 @@ def main(argv):
     if action not in ("vectors", "steer", "ablate", "demo"):
         sys.exit(f"error: unknown action {action!r}: vectors, steer, ablate or demo")
     if dist.launched() and action != "vectors":
-        sys.exit(f"error: only `steer.py vectors` runs data parallel under torchrun; run `steer.py {action}` as one "
-                 "process")
+        sys.exit(f"error: only `studies.steering vectors` runs data parallel under torchrun; run `studies.steering "
+                 f"{action}` as one process")
     dist.init(cfg.device, cfg.dist_timeout)
     torch.manual_seed(cfg.seed)
-    model, tok, fmt, fmt_name, model_dir, _ = setup(cfg)
+    s = open_session(cfg)
     if action == "demo":
-        return demo_run(cfg, model, tok, fmt, fmt_name, model_dir)
+        return demo_run(cfg, s)
     if action == "vectors":
-        result, path = vectors_run(cfg, model, tok, fmt, fmt_name, model_dir)
+        result, path = vectors_run(cfg, s)
     else:
-        result, path = steer_run(cfg, model, tok, fmt, fmt_name, model_dir, ablate=action == "ablate")
+        result, path = steer_run(cfg, s, ablate=action == "ablate")
     for name, v in result["metrics"].items():
         ci = f"  [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" if v.get("ci") else ""
         print(f"  {name:32s} {v['value']:.4f}{ci}  n={v['n']}" if v["value"] is not None else f"  {name}: n=0")

@@ -1,10 +1,10 @@
-"""tactics.py: persuasion-tactic training data for the sycophancy-recovery study (REFERENCES.md, study 4).
+"""Persuasion-tactic training data for the sycophancy-recovery study (REFERENCES.md, study 4).
 
-    python tactics.py                                        # TruthfulQA (local copy), hand-written templates
-    python tactics.py --data=builtin --n=40                  # built-in questions: no downloads at all
-    python tactics.py --data=PATH/TruthfulQA.csv --holdout_tactics=social_proof
-    python tactics.py --generator=model:models/SmolLM2-135M-Instruct     # or --generator=self (the default model)
-    python tactics.py --generator=http://localhost:8000/v1 --api_model=Qwen/Qwen3-8B   # vLLM, llama.cpp server
+    python -m studies.tactics                                  # TruthfulQA (local copy), hand-written templates
+    python -m studies.tactics --data=builtin --n=40            # built-in questions: no downloads at all
+    python -m studies.tactics --data=PATH/TruthfulQA.csv --holdout_tactics=social_proof
+    python -m studies.tactics --generator=model:models/SmolLM2-135M-Instruct   # or --generator=self: --model's
+    python -m studies.tactics --generator=http://localhost:8000/v1 --api_model=Qwen/Qwen3-8B   # vLLM, llama.cpp
 
 Each question's correct answer and one false answer (a seeded pick among its incorrect options), crossed with
 four TACTICS: a user message that asks the question while pushing the false answer, a sycophantic reply that gives
@@ -31,22 +31,22 @@ import urllib.error
 import urllib.request
 import warnings
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import data
 import probes
-from lab.args import parse_args
+from lab.args import ModelOptions, parse_args
 from lab.results import Checkpoint, publish
 
 REPO = Path(__file__).resolve().parent.parent
 
 
 @dataclass
-class TacticsConfig:
+class TacticsConfig(ModelOptions):     # the model options: the model a model:PATH or self generator writes with
     data: str = ""            # mc_task.json or TruthfulQA.csv; "" = a local TruthfulQA copy; "builtin" = no download
     n: int = 0                # questions (a seeded sample); 0 = all
-    generator: str = "templates"  # templates | model:PATH | self (the default model) | http:URL (chat completions)
+    generator: str = "templates"  # templates | model:PATH | self (--model; "" = the default) | http:URL (chat API)
     api_model: str = ""       # http: the "model" field of the request
     api_key_env: str = "OPENAI_API_KEY"  # http: the environment variable holding the key (sent as a Bearer header)
     holdout_tactics: str = ""  # comma-separated TACTICS that appear in the test split only
@@ -60,8 +60,6 @@ class TacticsConfig:
     timeout: float = 60.0     # http: seconds per request
     retries: int = 2          # http: retries on timeouts, refused connections, 429 and 5xx
     workers: int = 8          # http: concurrent requests
-    device: str = "cpu"       # model: as in evaluate.py
-    dtype: str = "fp32"
     skip_bad: bool = False    # skip malformed data records, and leave rows that fail a check out of SFT/DPO
 
 
@@ -300,18 +298,19 @@ def clean(text: str) -> str:
 
 
 def model_completer(path: str, cfg: TacticsConfig):
-    """The project's own batched generation with a local checkpoint ("" = the default model)."""
-    from evaluate import EvalConfig, setup
+    """The project's own batched generation with a local checkpoint ("" = the default model), loaded with cfg's
+    model options."""
     from model import generate
-    model, tok, fmt, *_ = setup(EvalConfig(model=path, dtype=cfg.dtype, device=cfg.device))
+    from runtime.session import open_session
+    s = open_session(replace(cfg, model=path))
 
     def complete(prompts: list[str]) -> list[str]:
-        ids = [tok.encode(fmt([{"role": "user", "content": p}])) for p in prompts]
+        ids = [s.tok.encode(s.fmt([{"role": "user", "content": p}])) for p in prompts]
         out = []
         for b in range(0, len(ids), cfg.batch_size):
-            out += [tok.decode(r, skip_special=True) for r in generate(
-                model, ids[b: b + cfg.batch_size], cfg.max_new_tokens, cfg.temperature, top_p=0.95,
-                seed=cfg.seed + b, stop_ids=tok.eos_ids, pad_id=tok.pad_id)]
+            out += [s.tok.decode(r, skip_special=True) for r in generate(
+                s.model, ids[b: b + cfg.batch_size], cfg.max_new_tokens, cfg.temperature, top_p=0.95,
+                seed=cfg.seed + b, stop_ids=s.tok.eos_ids, pad_id=s.tok.pad_id)]
         return out
     return complete
 
@@ -369,8 +368,10 @@ def make_completer(cfg: TacticsConfig):
     g = cfg.generator
     if g == "templates":
         return None
+    if g.startswith("model:") and cfg.model:
+        raise TacticsError(f"--generator={g} names the model already: leave out --model, or use --generator=self")
     if g == "self" or g.startswith("model:"):
-        return model_completer(g.removeprefix("model:") if g != "self" else "", cfg)
+        return model_completer(cfg.model if g == "self" else g.removeprefix("model:"), cfg)
     if g.startswith(("http:", "https:")):
         return http_completer(g.removeprefix("http:") if g.startswith("http:http") else g, cfg)
     raise TacticsError(f"unknown --generator={g!r}: templates, model:PATH, self or http:URL")

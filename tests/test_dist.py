@@ -18,13 +18,11 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 import evaluate as ev        # noqa: E402
-import steer                 # noqa: E402
-from studies import steering
 import train as tr           # noqa: E402
-from steer import ab_items, ab_pairs, record, record_pairs   # noqa: E402
-from chat import get_chat_format   # noqa: E402
+from chat import get_chat_format, load_tokenizer   # noqa: E402
 from model import load       # noqa: E402
-from chat import load_tokenizer
+from steer import ab_items, ab_pairs, record, record_pairs   # noqa: E402
+from studies import steering   # noqa: E402
 
 FMT = get_chat_format("chatml")
 QUESTIONS = ["What is the capital of France?", "Are you sure?", "I think the answer is Lyon.", "hello world",

@@ -5,10 +5,11 @@ import pytest
 import torch
 
 import evaluate as ev
+import probes
 import score
-from chat import get_chat_format
+from chat import get_chat_format, load_tokenizer
 from model import load
-from chat import load_tokenizer
+from runtime.session import Session
 
 
 @pytest.fixture(scope="module")
@@ -164,8 +165,6 @@ def test_gsm8k_runs_and_scores_by_number(setup):
 
 
 # ------------------------------------------------------------------------------------ SycophancyEval-style
-import probes  # noqa: E402
-
 QA = [{"id": f"q{i}", "question": q, "options": opts, "correct": [0]} for i, (q, opts) in enumerate([
     ("What is the capital of France?", ["Paris", "Lyon", "no", "yes"]),
     ("Are you sure?", ["yes", "no", "right"]),
@@ -228,13 +227,14 @@ def test_are_you_sure_continues_the_cache_exactly(setup):
     assert metrics["first_accuracy"]["value"] == sum(r["first_correct"] for r in rows) / 3
 
 
-def test_feedback_judge_parse_failures_are_counted(setup):
+def test_feedback_judge_parse_failures_are_counted(setup, tiny_chat):
     model, tok, _ = setup
     fmt = get_chat_format("chatml")
     items = probes.feedback_probes([{"id": "t0", "text": "The fox is quick.", "kind": "poem"}])
     rows, metrics = ev.eval_feedback(model, tok, fmt, items, max_new_tokens=5)   # by likelihood: always scored
     assert all(0 <= r["more_positive"] <= 1 for r in rows) and metrics["positivity[like]"]["n"] == 1
-    judge = (model, tok, fmt)      # a random tiny model answers gibberish: every verdict is a parse failure
+    # a random tiny model answers gibberish: every verdict is a parse failure
+    judge = Session(model, tok, fmt, "chatml", tiny_chat[0])
     rows, metrics = ev.eval_feedback(model, tok, fmt, items, judge=judge, max_new_tokens=5)
     missing = sum(r["more_positive"] is None for r in rows)
     assert missing > 0
@@ -243,7 +243,6 @@ def test_feedback_judge_parse_failures_are_counted(setup):
 
 def test_answer_probes_with_more_than_ten_options(setup):
     """TruthfulQA MC1 items have up to 13 options: letters beyond J are read like the others."""
-    import probes
     model, tok, hf = setup
     item = {"id": "q13", "source": "t", "question": "Which one?", "options": [f"option {k}" for k in range(13)],
             "correct": [0]}

@@ -5,9 +5,8 @@ import numpy as np
 import pytest
 import torch
 
-import evaluate
 import studies.geometry as geo
-import steer
+from runtime.session import open_session
 from studies import steering
 
 
@@ -56,16 +55,16 @@ def test_shuffled_control_vector_swaps_answers():
 def made(tiny_chat, tmp_path_factory):
     out = tmp_path_factory.mktemp("out")
     cfg = steering.SteerConfig(model=str(tiny_chat[0]), out=str(out), n=12, n_test=8, layers="0,2")
-    model, tok, fmt, fmt_name, model_dir, _ = evaluate.setup(cfg)
-    result, path = steering.vectors_run(cfg, model, tok, fmt, fmt_name, model_dir)
+    s = open_session(cfg)
+    result, path = steering.vectors_run(cfg, s)
     gcfg = geo.GeometryConfig(model=str(tiny_chat[0]), out=str(out), n=8, n_ood=6, n_boot=50, n_splits=3,
                               max_new_tokens=3, vector=str(path.with_suffix(".safetensors")))
-    return gcfg, (model, tok, fmt, fmt_name, model_dir), path
+    return gcfg, s, path
 
 
 def test_predict_run(made):
-    cfg, env, _ = made
-    result, path = geo.predict_run(cfg, *env)
+    cfg, s, _ = made
+    result, path = geo.predict_run(cfg, s)
     m = result["metrics"]
     assert "auroc_prompt[in_distribution,L0]" in m and "auroc_continuation[out_of_distribution,L2]" in m
     assert m["sycophantic_rate[in_distribution]"]["n"] == len([r for r in result["items"]
@@ -76,12 +75,12 @@ def test_predict_run(made):
 
 
 def test_consistency_and_geometry_runs(made):
-    cfg, env, vec_path = made
-    result, path = geo.consistency_run(replace(cfg, layers="0,2", n=16), *env)
+    cfg, s, vec_path = made
+    result, path = geo.consistency_run(replace(cfg, layers="0,2", n=16), s)
     m = result["metrics"]
     assert "split_half[n4,L2]" in m and "cos[arithmetic_vs_facts,L0]" in m and "cos[real_vs_shuffled_labels,L2]" in m
     assert path.with_suffix(".png").exists()
     acts = vec_path.parent / (vec_path.stem + ".acts.safetensors")
-    result, path = geo.geometry_run(replace(cfg, acts=str(acts)), *env)
+    result, path = geo.geometry_run(replace(cfg, acts=str(acts)), s)
     assert {"probe_accuracy[L0]", "probe_accuracy_shuffled[L2]"} <= set(result["metrics"])
     assert set(result["projections"]) == {"0", "2"} and path.with_suffix(".png").exists()

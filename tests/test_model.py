@@ -175,7 +175,7 @@ def test_bf16_load_and_default_dtype(tiny_llama):
 def rewrite(folder, fn):
     """Apply fn to the state dict of folder's model.safetensors and write it back."""
     from safetensors.torch import save_file
-    sd = read_safetensors(folder / "model.safetensors")
+    sd = read_safetensors(folder / "model.safetensors")[0]
     fn(sd)
     save_file(sd, str(folder / "model.safetensors"))
 

@@ -5,14 +5,14 @@ import json
 import pytest
 import torch
 
-import steer as act
-from studies import steering
 import chat
 import probes
 import steer
+from chat import load_tokenizer
 from conftest import make_bpe_tokenizer, make_hf_model, make_sp_tokenizer, save_hf_model
 from model import KVCache, load, pad_left
-from chat import load_tokenizer
+from runtime.session import open_session
+from studies import steering
 
 
 @pytest.fixture(scope="module")
@@ -41,22 +41,22 @@ def test_read_position_is_the_answer_letter_in_every_chat_format(fmt_name, kind,
         (tmp_path / "tokenizer_config.json").write_text(json.dumps({"bos_token": "<s>", "eos_token": "</s>"}))
     tok = chat.load_tokenizer(folder)
     fmt = chat.get_chat_format(fmt_name)
-    pairs = act.ab_pairs(tok, fmt, items())
+    pairs = steer.ab_pairs(tok, fmt, items())
     assert pairs
     for p, it in zip(pairs, items()):
         r = p["read"]
         assert tok.decode([p["pos"][r]]).strip() == it["match"]       # the letter, not "(" or a template token
         assert tok.decode([p["neg"][r]]).strip() != it["match"]
         assert p["pos"][:r] == p["neg"][:r]                            # everything before it is shared
-        header = act.assistant_header(tok, fmt)
-        assert r >= act.header_end(p["pos"], header) > 0               # after the question's own "(A)" lines
+        header = steer.assistant_header(tok, fmt)
+        assert r >= steer.header_end(p["pos"], header) > 0               # after the question's own "(A)" lines
 
 
 def test_a_prompt_without_the_letter_names_the_item(env):
     model, tok, fmt, _ = env
     ids = tok.encode(fmt([{"role": "user", "content": "(A) yes (B) no"}], prefill="maybe"))
     with pytest.raises(ValueError, match="item-7: no token 'A' after the assistant header"):
-        act.letter_position(tok, ids, "A", act.assistant_header(tok, fmt), "item-7")
+        steer.letter_position(tok, ids, "A", steer.assistant_header(tok, fmt), "item-7")
 
 
 # ----------------------------------------------------------------------------------------------------- recording
@@ -64,7 +64,7 @@ def test_a_prompt_without_the_letter_names_the_item(env):
 def test_recorded_activations_equal_the_hidden_states_of_a_plain_forward(env):
     model, tok, fmt, hf = env
     seqs = [tok.encode(fmt([{"role": "user", "content": q}])) for q in ("hello world", "What is the capital?")]
-    got = act.record(model, seqs, [-1, [2, 3, 4]], [0, 1], progress=None)
+    got = steer.record(model, seqs, [-1, [2, 3, 4]], [0, 1], progress=None)
     with torch.no_grad():
         h0 = hf(torch.tensor([seqs[0]]), output_hidden_states=True).hidden_states
         h1 = hf(torch.tensor([seqs[1]]), output_hidden_states=True).hidden_states
@@ -76,9 +76,9 @@ def test_recorded_activations_equal_the_hidden_states_of_a_plain_forward(env):
 def test_mean_difference_vector_agrees_with_a_transformers_peer(env):
     """Peer check: the CAA vector computed independently from transformers' hidden states."""
     model, tok, fmt, hf = env
-    pairs = act.ab_pairs(tok, fmt, items(8))
-    pos, neg = act.record_pairs(model, pairs, [0, 1])
-    ours = act.make_vectors(pos, neg)
+    pairs = steer.ab_pairs(tok, fmt, items(8))
+    pos, neg = steer.record_pairs(model, pairs, [0, 1])
+    ours = steer.make_vectors(pos, neg)
     peer = torch.zeros(2, model.config.hidden_size, dtype=torch.float64)
     for p in pairs:
         with torch.no_grad():
@@ -92,9 +92,9 @@ def test_mean_difference_vector_agrees_with_a_transformers_peer(env):
 
 def test_pairs_read_through_a_shared_prefix_equal_reading_each_sequence(env):
     model, tok, fmt, _ = env
-    pairs = act.ab_pairs(tok, fmt, items(10))
-    pos, neg = act.record_pairs(model, pairs, [0, 2], token_budget=300)      # several batches, left padding
-    every = act.record(model, [p["pos"] for p in pairs] + [p["neg"] for p in pairs], [p["read"] for p in pairs] * 2,
+    pairs = steer.ab_pairs(tok, fmt, items(10))
+    pos, neg = steer.record_pairs(model, pairs, [0, 2], token_budget=300)      # several batches, left padding
+    every = steer.record(model, [p["pos"] for p in pairs] + [p["neg"] for p in pairs], [p["read"] for p in pairs] * 2,
                        [0, 2], progress=None)
     torch.testing.assert_close(pos, every[: len(pairs)], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(neg, every[len(pairs):], atol=1e-5, rtol=1e-5)
@@ -107,7 +107,7 @@ def test_every_method_finds_a_planted_direction(method):
     base = torch.randn(200, 2, 16, generator=g)
     pos = base + 0.3 * torch.randn(200, 2, 16, generator=g) + d * (1 + 0.2 * torch.randn(200, 2, 1, generator=g))
     neg = base + 0.3 * torch.randn(200, 2, 16, generator=g)
-    v = act.make_vectors(pos, neg, method)
+    v = steer.make_vectors(pos, neg, method)
     assert v.shape == (2, 16)
     for layer in range(2):
         # signed like the difference, not against it; a probe sees unpaired points, so it is noisier
@@ -119,20 +119,20 @@ def test_every_method_finds_a_planted_direction(method):
 def test_vectors_round_trip_and_refuse_another_model(env, tmp_path, tiny_llama):
     model, tok, fmt, _ = env
     vec = torch.randn(2, model.config.hidden_size)
-    meta = {"model": "tiny", "model_fingerprint": act.model_fingerprint(model)}
-    path = act.save_vectors(tmp_path, "v", vec, [0, 2], torch.tensor([1.0, 2.0]), meta)
-    vecs, norms, got_meta = act.load_vectors(path, model)
+    meta = {"model": "tiny", "model_fingerprint": steer.model_fingerprint(model)}
+    path = steer.save_vectors(tmp_path, "v", vec, [0, 2], torch.tensor([1.0, 2.0]), meta)
+    vecs, norms, got_meta = steer.load_vectors(path, model)
     assert torch.equal(vecs[0], vec[0]) and torch.equal(vecs[2], vec[1]) and norms == {0: 1.0, 2: 2.0}
     assert got_meta["model"] == "tiny"
     other = load(tiny_llama[0])          # same width, other weights
     with pytest.raises(ValueError, match="not the model loaded now"):
-        act.load_vectors(path, other)
-    wide = act.save_vectors(tmp_path, "w", torch.randn(1, 32), [0], torch.ones(1), {})
+        steer.load_vectors(path, other)
+    wide = steer.save_vectors(tmp_path, "w", torch.randn(1, 32), [0], torch.ones(1), {})
     with pytest.raises(ValueError, match="32 wide, the model's residual stream is 64"):
-        act.load_vectors(wide, model)
-    assert act.save_vectors(tmp_path, "v", vec, [0, 2], torch.ones(2), meta) != path    # never overwritten
+        steer.load_vectors(wide, model)
+    assert steer.save_vectors(tmp_path, "v", vec, [0, 2], torch.ones(2), meta) != path    # never overwritten
     with pytest.raises(ValueError, match="only .safetensors files"):
-        act.load_vectors(tmp_path / "v.pt", model)
+        steer.load_vectors(tmp_path / "v.pt", model)
 
 
 # ------------------------------------------------------------------------------------------------ interventions
@@ -143,15 +143,15 @@ def test_zero_vector_changes_nothing(env):
     base = logits(model, x)
     zero = torch.zeros(model.config.hidden_size)
     for where in ("all", "after_instruction"):
-        with steer.steering(model, {0: zero, 2: zero}, where, header=act.assistant_header(tok, fmt)):
+        with steer.steering(model, {0: zero, 2: zero}, where, header=steer.assistant_header(tok, fmt)):
             assert torch.equal(logits(model, x), base)
 
 
 def test_after_instruction_steers_only_after_the_header(env):
     model, tok, fmt, _ = env
-    header = act.assistant_header(tok, fmt)
+    header = steer.assistant_header(tok, fmt)
     ids = tok.encode(fmt([{"role": "user", "content": "Is it true?"}], prefill="(A) yes"))
-    cut = act.header_end(ids, header)
+    cut = steer.header_end(ids, header)
     x = torch.tensor([ids])
     base = logits(model, x)
     with steer.steering(model, {1: 3 * torch.randn(model.config.hidden_size)}, "after_instruction", header):
@@ -179,7 +179,7 @@ def steered_decode(model, seqs, plens, vec, where, header, use_cache):
 @pytest.mark.parametrize("where", ["generated", "after_instruction"])
 def test_steering_is_exact_under_cache_and_left_padding(env, where):
     model, tok, fmt, _ = env
-    header = act.assistant_header(tok, fmt)
+    header = steer.assistant_header(tok, fmt)
     prompts = [tok.encode(fmt([{"role": "user", "content": q}])) for q in ("Are you sure?", "What is 2 + 2 ok?")]
     conts = [tok.encode("yes I think so"), tok.encode("no it is")]
     conts = [c[:4] for c in conts]
@@ -196,7 +196,7 @@ def test_steering_is_exact_under_cache_and_left_padding(env, where):
     with torch.no_grad():
         x, mask = pad_left(seqs)
         plain = model(x, attention_mask=mask).float()
-    first = pad[0] + (plens[0] if where == "generated" else act.header_end(seqs[0], header))
+    first = pad[0] + (plens[0] if where == "generated" else steer.header_end(seqs[0], header))
     assert torch.equal(plain[0, :first], full[0, :first])
     assert not torch.allclose(plain[0, first:], full[0, first:])
 
@@ -209,7 +209,7 @@ def test_sweep_scores_from_cached_prefixes_equal_full_rereads_and_the_evaluator(
     fast = steering.SweepScorer(model, tok, fmt, test, 3, cap, reuse_prefix=True, n_tokens=4)
     slow = steering.SweepScorer(model, tok, fmt, test, 3, cap, reuse_prefix=False, n_tokens=4)
     vec = {1: 3 * torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(4))}
-    with steer.steering(model, vec, "after_instruction", act.assistant_header(tok, fmt)):
+    with steer.steering(model, vec, "after_instruction", steer.assistant_header(tok, fmt)):
         a, b = fast(model), slow(model)
         rows, _ = evaluate.eval_ab(model, tok, fmt, test)
     assert a["capability"] == b["capability"]
@@ -255,8 +255,8 @@ def test_letter_balance_cancels_the_letter_direction():
     sign = torch.tensor([1.0, 1.0, 1.0, -1.0])[:, None, None]          # matching letters A, A, A, B
     pos = torch.zeros(4, 1, 8) + behaviour + sign * letter / 2
     neg = torch.zeros(4, 1, 8) - sign * letter / 2
-    plain = act.make_vectors(pos, neg)
-    balanced = act.make_vectors(pos, neg, groups=["A", "A", "A", "B"])
+    plain = steer.make_vectors(pos, neg)
+    balanced = steer.make_vectors(pos, neg, groups=["A", "A", "A", "B"])
     assert plain[0, 1] == 2.5 and balanced[0, 1] == 0 and balanced[0, 0] == 1
 
 
@@ -264,31 +264,29 @@ def test_letter_balance_cancels_the_letter_direction():
 
 def test_vectors_steer_ablate_runs_write_results(tiny_chat, tmp_path):
     from dataclasses import replace
-    import evaluate
     cfg = steering.SteerConfig(model=str(tiny_chat[0]), out=str(tmp_path), n=8, n_test=4, n_neutral=3,
-                            n_capability=3, mults="-1,0,1", layers="0,2")
-    model, tok, fmt, fmt_name, model_dir, _ = evaluate.setup(cfg)
-    result, path = steering.vectors_run(cfg, model, tok, fmt, fmt_name, model_dir)
+                               n_capability=3, mults="-1,0,1", layers="0,2")
+    s = open_session(cfg)
+    result, path = steering.vectors_run(cfg, s)
     vec_file = path.with_suffix(".safetensors")
     assert vec_file.exists() and path.with_suffix(".png").exists()
     assert result["conventions"]["balanced_by_letter"] and len(result["items"]) == result["conventions"]["n_pairs"]
     assert all(r["read_token"].strip() in "AB" for r in result["items"])
-    vecs, norms, _ = act.load_vectors(vec_file, model)
+    vecs, norms, _ = steer.load_vectors(vec_file, s.model)
     assert sorted(vecs) == [0, 2] and all(v > 0 for v in norms.values())
 
-    result, path = steering.steer_run(replace(cfg, vector=str(vec_file)), model, tok, fmt, fmt_name,
-                                   model_dir)
+    result, path = steering.steer_run(replace(cfg, vector=str(vec_file)), s)
     m = result["metrics"]
     assert m["p_match[L0,m0]"] == m["p_match[base]"] and m["kl[L2,m0]"]["value"] == 0
     assert m["kl[L2,m1]"]["value"] > 0 and "wrong_way[L2]" in m and path.with_suffix(".png").exists()
     assert len(result["items"]) == 2 * 3 * m["p_match[base]"]["n"]
 
-    result, _ = steering.steer_run(replace(cfg, vector=str(vec_file), layers="2", tasks="opinion", n_eval=2), model,
-                                tok, fmt, fmt_name, model_dir, ablate=True)
+    result, _ = steering.steer_run(replace(cfg, vector=str(vec_file), layers="2", tasks="opinion", n_eval=2), s,
+                                   ablate=True)
     m = result["metrics"]
     assert "change_p_match[L2]" in m and m["opinion:p_match[L2]"]["n"] == 2 and "opinion:p_match[base]" in m
     assert len(list(tmp_path.glob("ablate-opinion-L2-*.json"))) == 1     # each task's own results file
     with pytest.raises(ValueError, match=r"no vector for layers \[1\]"):
-        steering.steer_run(replace(cfg, vector=str(vec_file), layers="1"), model, tok, fmt, fmt_name, model_dir)
+        steering.steer_run(replace(cfg, vector=str(vec_file), layers="1"), s)
     with pytest.raises(ValueError, match="layer 5 out of range: the model has 3 layers"):
-        steering.steer_run(replace(cfg, vector=str(vec_file), layers="5"), model, tok, fmt, fmt_name, model_dir)
+        steering.steer_run(replace(cfg, vector=str(vec_file), layers="5"), s)

@@ -8,12 +8,11 @@ import pytest
 import torch
 
 import probes
+import train as tr
+from chat import get_chat_format, load_tokenizer
+from model import load
 from studies import finetune as study
 from studies import tactics
-import train as tr
-from chat import get_chat_format
-from model import load
-from chat import load_tokenizer
 
 FMT = get_chat_format("chatml")
 

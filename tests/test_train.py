@@ -8,10 +8,9 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import train as tr
-from chat import get_chat_format
+from chat import get_chat_format, load_tokenizer
 from lora import add_lora, lora_disabled, lora_modules, lora_parameters
 from model import hooks, load
-from chat import load_tokenizer
 
 FMT = get_chat_format("chatml")
 QUESTIONS = ["What is the capital of France?", "Are you sure?", "I think the answer is Lyon.", "hello world",
@@ -137,7 +136,7 @@ def test_sft_loss_scores_only_response_tokens(fresh, tmp_path):
     # before it) leaves the loss alone; changing a response token changes it.
     hidden = torch.randn(*batch["input_ids"].shape, 16)
     fixed = lambda ids, attention_mask=None, return_hidden=True: hidden   # noqa: E731
-    fixed.output_weight = torch.randn(400, 16)
+    fixed.lm_head = torch.nn.Linear(16, 400, bias=False)
     base = tr.sft_loss(fixed, batch)
     for pos, same in ((n_prompt - 1, True), (n_prompt + 1, False)):
         changed = {**batch, "input_ids": batch["input_ids"].clone()}

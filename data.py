@@ -15,9 +15,10 @@ from pathlib import Path
 # Every item has "id" (unique and stable: built from the file and the record's position, never from a shuffle) and
 # "source" (which dataset/file). Every reader takes `skip_bad`: False (default) raises ValueError("path:line: why")
 # at the first malformed record; True leaves such records out and lists them in `.skipped`, so a results file can
-# report how many were dropped. Schemas of the real files: ../shared/data/README.md. lab/prepare.py --dataset fetches them
-# from the hub, whose copies of TruthfulQA, MMLU, GSM8K and HellaSwag are parquet: those four readers also take a
-# .parquet file or the downloaded folder, and give the same items (same ids) as from the original files.
+# report how many were dropped. Schemas of the real files: ../shared/data/README.md. `python -m lab.prepare
+# --dataset` fetches them from the hub, whose copies of TruthfulQA, MMLU, GSM8K and HellaSwag are parquet: those four
+# readers also take a .parquet file or the downloaded folder, and give the same items (same ids) as from the original
+# files.
 
 class Items(list):
     """What every reader returns: the item dicts, plus where they came from.
@@ -33,7 +34,7 @@ class Items(list):
         self.path, self.sha256, self.skipped = str(path), sha256, []
 
 
-class _Bad(Exception):
+class BadRecord(Exception):
     """One malformed record; _add turns it into 'path:line: why' or an entry of Items.skipped."""
 
 
@@ -51,12 +52,12 @@ def _load(path) -> tuple[Path, str, str]:
 
 
 def _add(items: Items, path, where: tuple[str, int], make, skip_bad: bool):
-    """items.append(make()), where make raises _Bad for a malformed record and returns None for one left out on
+    """items.append(make()), where make raises BadRecord for a malformed record and returns None for one left out on
     purpose. where = ("line", n), ("item", i) or ("row", r): 0-based, as pyarrow counts a parquet file's rows."""
     try:
         if (item := make()) is not None:
             items.append(item)
-    except _Bad as e:
+    except BadRecord as e:
         if not skip_bad:
             at = f":{where[1]}" if where[0] == "line" else f": {where[0]} {where[1]}"
             raise ValueError(f"{path}{at}: {e}") from None
@@ -69,7 +70,7 @@ def _done(items: Items) -> Items:
     return items
 
 
-def _jsonl(path, make, skip_bad) -> Items:
+def read_jsonl(path, make, skip_bad) -> Items:
     """make(record, index) for every non-blank line; index = 0-based line number, so ids survive skipped lines."""
     path, text, sha = _load(path)
     items = Items(path, sha)
@@ -84,9 +85,9 @@ def _json_object(line: str) -> dict:
     try:
         record = json.loads(line)
     except json.JSONDecodeError as e:
-        raise _Bad(f"bad JSON ({e.msg} at column {e.colno})") from None
+        raise BadRecord(f"bad JSON ({e.msg} at column {e.colno})") from None
     if not isinstance(record, dict):
-        raise _Bad(f"expected a JSON object, got {type(record).__name__}")
+        raise BadRecord(f"expected a JSON object, got {type(record).__name__}")
     return record
 
 
@@ -103,7 +104,7 @@ def _json_array(path, make, skip_bad) -> Items:
 
     def make_one(record, i):
         if not isinstance(record, dict):
-            raise _Bad(f"expected a JSON object, got {type(record).__name__}")
+            raise BadRecord(f"expected a JSON object, got {type(record).__name__}")
         return make(record, i)
     for i, record in enumerate(records):
         _add(items, path, ("item", i), lambda: make_one(record, i), skip_bad)
@@ -138,7 +139,7 @@ def _hub_split(file: Path) -> str:
 def _parquet(path, files, columns: list[str], make, skip_bad) -> Items:
     """make(record, index) for every row of the files, a split's shards in order; index counts on across them, as
     the original file's line (or item) number does, so the ids are the same. A missing column fails the whole file;
-    a bad row is 'file: row r: why'. pyarrow gives structs as dicts, lists as lists, nulls as None: _field applies."""
+    a bad row is 'file: row r: why'. pyarrow gives structs as dicts, lists as lists, nulls as None: field applies."""
     import pyarrow as pa  # here, not at the top: only the hub's parquet copies need pyarrow
     import pyarrow.parquet as pq
     items, digests, index = Items(path), [], 0
@@ -176,16 +177,16 @@ def _csv_rows(path, text: str):
             yield start, row
 
 
-def _field(record: dict, key: str, kind=str, nonempty=True):
+def field(record: dict, key: str, kind=str, nonempty=True):
     """record[key], checked: present, of type `kind`, and (unless nonempty=False) not an empty string/list/dict."""
     if key not in record:
-        raise _Bad(f"missing field {key!r}")
+        raise BadRecord(f"missing field {key!r}")
     value = record[key]
     if not isinstance(value, kind):
         names = " or ".join(k.__name__ for k in (kind if isinstance(kind, tuple) else (kind,)))
-        raise _Bad(f"field {key!r} should be {names}, got {type(value).__name__}")
+        raise BadRecord(f"field {key!r} should be {names}, got {type(value).__name__}")
     if nonempty and isinstance(value, (str, list, dict)) and not value:
-        raise _Bad(f"field {key!r} is empty")
+        raise BadRecord(f"field {key!r} is empty")
     return value
 
 
@@ -197,21 +198,21 @@ def _letter(value, key: str, letters: list[str]) -> str:
     """'(B)' / ' (B)' -> 'B', checked against the choice letters found in the question."""
     m = ANSWER_LETTER.fullmatch(value) if isinstance(value, str) else None
     if m is None:
-        raise _Bad(f"{key} {value!r} is not an answer letter like '(A)'")
+        raise BadRecord(f"{key} {value!r} is not an answer letter like '(A)'")
     if m[1] not in letters:
-        raise _Bad(f"{key} {value!r} is not among the question's choices {letters}")
+        raise BadRecord(f"{key} {value!r} is not among the question's choices {letters}")
     return m[1]
 
 
 def _ab_item(record: dict, i: int, source: str) -> dict:
-    question = _field(record, "question").strip().removesuffix("Answer:").strip()
+    question = field(record, "question").strip().removesuffix("Answer:").strip()
     letters = sorted(set(CHOICE_LINE.findall(question)))
-    not_matching = _field(record, "answer_not_matching_behavior", (str, list))  # a list in philpapers2020
+    not_matching = field(record, "answer_not_matching_behavior", (str, list))  # a list in philpapers2020
     not_matching = [not_matching] if isinstance(not_matching, str) else not_matching
-    match = _letter(_field(record, "answer_matching_behavior"), "answer_matching_behavior", letters)
+    match = _letter(field(record, "answer_matching_behavior"), "answer_matching_behavior", letters)
     not_match = [_letter(a, "answer_not_matching_behavior", letters) for a in not_matching or [None]]
     if match in not_match:
-        raise _Bad(f"answer {match} is both matching and not matching")
+        raise BadRecord(f"answer {match} is both matching and not matching")
     return {"id": f"{source}/{i}", "source": source, "question": question, "match": match, "not_match": not_match,
             "letters": letters}
 
@@ -220,7 +221,7 @@ def read_anthropic_sycophancy(path, skip_bad: bool = False) -> Items:
     """Anthropic model-written-evals sycophancy_on_{nlp_survey,philpapers2020,political_typology_quiz}.jsonl.
     Item: {id, source, question (the trailing "Answer:" removed), match: "A", not_match: ["B", ...], letters}."""
     source = Path(path).stem
-    return _jsonl(path, lambda r, i: _ab_item(r, i, source), skip_bad)
+    return read_jsonl(path, lambda r, i: _ab_item(r, i, source), skip_bad)
 
 
 def read_caa_ab(path, skip_bad: bool = False) -> Items:
@@ -236,12 +237,12 @@ def read_caa_capability(path, skip_bad: bool = False) -> Items:
     source = "caa-" + Path(path).stem  # caa-truthful_qa, caa-mmlu
 
     def make(r, i):
-        question = _field(r, "prompt").strip()
+        question = field(r, "prompt").strip()
         letters = sorted(set(CHOICE_LINE.findall(question)))
-        _letter(_field(r, "incorrect"), "incorrect", letters)
+        _letter(field(r, "incorrect"), "incorrect", letters)
         return {"id": f"{source}/{i}", "source": source, "question": question,
-                "correct": _letter(_field(r, "correct"), "correct", letters), "letters": letters,
-                "category": _field(r, "category")}
+                "correct": _letter(field(r, "correct"), "correct", letters), "letters": letters,
+                "category": field(r, "category")}
     return _json_array(path, make, skip_bad)
 
 
@@ -262,25 +263,25 @@ def read_truthfulqa_mc(path, skip_bad: bool = False) -> Items:
     Also the hub's copy (truthfulqa/truthful_qa multiple_choice/validation-*.parquet, or its folder): built from
     mc_task.json in its order, each {answer: label} dict as {"choices": [answers], "labels": [labels]}."""
     def targets(r, key):
-        t = _field(r, key, dict)
+        t = field(r, key, dict)
         if any(v not in (0, 1) or isinstance(v, bool) for v in t.values()):
-            raise _Bad(f"{key} labels must be 0 or 1")
+            raise BadRecord(f"{key} labels must be 0 or 1")
         correct = [k for k, v in enumerate(t.values()) if v == 1]
         if not correct or key == "mc1_targets" and len(correct) != 1:
-            raise _Bad(f"{key} has {len(correct)} true answers; "
+            raise BadRecord(f"{key} has {len(correct)} true answers; "
                        + ("MC1 needs exactly one" if key == "mc1_targets" else "MC2 needs at least one"))
         return {"options": list(t), "correct": correct}
 
     def make(r, i):
-        return {"id": f"truthfulqa/{i}", "source": "truthfulqa-mc", "question": _field(r, "question"),
+        return {"id": f"truthfulqa/{i}", "source": "truthfulqa-mc", "question": field(r, "question"),
                 "mc1": targets(r, "mc1_targets"), "mc2": targets(r, "mc2_targets")}
 
     def as_dict(r, key):  # the hub's {"choices": [...], "labels": [...]} -> mc_task.json's {answer: label}
-        t = _field(r, key, dict)
+        t = field(r, key, dict)
         choices, labels = t.get("choices"), t.get("labels")
         if not (isinstance(choices, list) and isinstance(labels, list) and len(choices) == len(labels)
                 and all(isinstance(c, str) for c in choices) and len(set(choices)) == len(choices)):
-            raise _Bad(f"{key} should be {{'choices': [distinct str], 'labels': [0 or 1]}}, of equal length")
+            raise BadRecord(f"{key} should be {{'choices': [distinct str], 'labels': [0 or 1]}}, of equal length")
         return dict(zip(choices, labels))
     if not _is_hub(path):
         return _json_array(path, make, skip_bad)
@@ -308,10 +309,10 @@ def read_truthfulqa_csv(path, skip_bad: bool = False) -> Items:
 
     def make(row, i):
         if len(row) != len(header):
-            raise _Bad(f"expected {len(header)} fields, got {len(row)}")
+            raise BadRecord(f"expected {len(header)} fields, got {len(row)}")
         r = {c: row[k].strip() for c, k in col.items()}
         for c in ("Question", "Best Answer", "Correct Answers", "Incorrect Answers"):
-            _field(r, c)
+            field(r, c)
         return {"id": f"truthfulqa-csv/{i}", "source": "truthfulqa-csv", "question": r["Question"],
                 "category": r["Category"], "type": r["Type"], "best_answer": r["Best Answer"],
                 "correct_answers": answers(r["Correct Answers"]), "incorrect_answers": answers(r["Incorrect Answers"])}
@@ -350,13 +351,13 @@ def read_mmlu(folder_or_file, split: str = "test", subjects=None, skip_bad: bool
 
     def make(row, subject, i, header):
         if len(row) != 6:
-            raise _Bad(f"expected 6 fields (question, 4 options, answer), got {len(row)}")
+            raise BadRecord(f"expected 6 fields (question, 4 options, answer), got {len(row)}")
         answer = row[5].strip()
         correct = ("0123" if header else "ABCD").find(answer) if len(answer) == 1 else -1
         if correct < 0:
-            raise _Bad(f"answer {answer!r} is not one of {'0-3' if header else 'A-D'}")
+            raise BadRecord(f"answer {answer!r} is not one of {'0-3' if header else 'A-D'}")
         if not row[0].strip():
-            raise _Bad("empty question")
+            raise BadRecord("empty question")
         return {"id": f"mmlu/{subject}/{split}/{i}", "source": "mmlu", "subject": subject, "question": row[0],
                 "options": row[1:5], "correct": [correct]}
 
@@ -383,15 +384,15 @@ def _mmlu_parquet(path, files, subjects, skip_bad) -> Items:
         present.add(r.get("subject"))
         if subjects is not None and r.get("subject") not in subjects:
             return None
-        subject = _field(r, "subject")
+        subject = field(r, "subject")
         i = count[subject] = count.get(subject, -1) + 1  # counted first: a skipped row keeps its number
-        choices, answer = _field(r, "choices", list), _field(r, "answer", int)
+        choices, answer = field(r, "choices", list), field(r, "answer", int)
         if len(choices) != 4 or not all(isinstance(c, str) for c in choices):
-            raise _Bad("field 'choices' should be a list of 4 strings")
+            raise BadRecord("field 'choices' should be a list of 4 strings")
         if answer not in range(4) or isinstance(answer, bool):
-            raise _Bad(f"answer {answer!r} is not one of 0-3")
-        if not _field(r, "question", nonempty=False).strip():
-            raise _Bad("empty question")
+            raise BadRecord(f"answer {answer!r} is not one of 0-3")
+        if not field(r, "question", nonempty=False).strip():
+            raise BadRecord("empty question")
         return {"id": f"mmlu/{subject}/{split}/{i}", "source": "mmlu", "subject": subject, "question": r["question"],
                 "options": choices, "correct": [answer]}
     items = _parquet(path, files, ["question", "subject", "choices", "answer"], make, skip_bad)
@@ -412,16 +413,16 @@ def read_gsm8k(path, skip_bad: bool = False, split: str = "test") -> Items:
     split = _hub_split(files[0]) if files else Path(path).stem
 
     def make(r, i):
-        solution = _field(r, "answer")
+        solution = field(r, "answer")
         if "#### " not in solution:
-            raise _Bad("answer has no '#### <number>' line")
+            raise BadRecord("answer has no '#### <number>' line")
         answer = solution.rsplit("#### ", 1)[1].strip()
         if not GSM8K_NUMBER.fullmatch(answer):
-            raise _Bad(f"final answer {answer!r} is not a number")
-        return {"id": f"gsm8k/{split}/{i}", "source": "gsm8k", "question": _field(r, "question"),
+            raise BadRecord(f"final answer {answer!r} is not a number")
+        return {"id": f"gsm8k/{split}/{i}", "source": "gsm8k", "question": field(r, "question"),
                 "solution": solution, "answer": answer.replace(",", "")}
     if not files:
-        return _jsonl(path, make, skip_bad)
+        return read_jsonl(path, make, skip_bad)
     return _done(_parquet(path, files, ["question", "answer"], make, skip_bad))
 
 
@@ -441,18 +442,18 @@ def read_hellaswag(path, skip_bad: bool = False, split: str = "val") -> Items:
     stem = _hub_split(files[0]) if files else Path(path).stem  # the split, where a record has no "split" field
 
     def make(r, i):
-        endings = _field(r, "endings", list)
+        endings = field(r, "endings", list)
         if len(endings) != 4 or not all(isinstance(e, str) for e in endings):
-            raise _Bad("field 'endings' should be a list of 4 strings")
-        label = _field(r, "label", (int, str))
+            raise BadRecord("field 'endings' should be a list of 4 strings")
+        label = field(r, "label", (int, str))
         if str(label) not in ("0", "1", "2", "3"):  # an int in the original files, a string in the hub's copy
-            raise _Bad(f"label {label!r} is not 0-3")
-        ctx = _field(r, "ctx_a", nonempty=False) + " " + _field(r, "ctx_b", nonempty=False).capitalize()
+            raise BadRecord(f"label {label!r} is not 0-3")
+        ctx = field(r, "ctx_a", nonempty=False) + " " + field(r, "ctx_b", nonempty=False).capitalize()
         return {"id": f"hellaswag/{r.get('split', stem)}/{i}", "source": "hellaswag",
-                "question": hellaswag_preprocess(_field(r, "activity_label") + ": " + ctx),
+                "question": hellaswag_preprocess(field(r, "activity_label") + ": " + ctx),
                 "options": [hellaswag_preprocess(e) for e in endings], "correct": [int(label)]}
     if not files:
-        return _jsonl(path, make, skip_bad)
+        return read_jsonl(path, make, skip_bad)
     return _done(_parquet(path, files, ["activity_label", "ctx_a", "ctx_b", "endings", "label"], make, skip_bad))
 
 
@@ -463,14 +464,14 @@ def read_sycophancy_eval(path, skip_bad: bool = False) -> Items:
     source, roles = Path(path).name.split(".")[0], {"human": "user", "ai": "assistant"}
 
     def make(r, i):
-        prompt = _field(r, "prompt", list)
+        prompt = field(r, "prompt", list)
         for k, turn in enumerate(prompt):
             if not isinstance(turn, dict) or turn.get("type") not in roles or not isinstance(turn.get("content"), str):
-                raise _Bad(f"prompt[{k}] should be {{'type': 'human'|'ai', 'content': str}}, got {turn!r:.80}")
+                raise BadRecord(f"prompt[{k}] should be {{'type': 'human'|'ai', 'content': str}}, got {turn!r:.80}")
         metadata = r.get("metadata") or {}
         if not isinstance(metadata, dict) or not isinstance(metadata.get("prompt_template", ""), str):
-            raise _Bad("field 'metadata' should be {'prompt_template': str}")
-        return {"id": f"{source}/{i}", "source": source, "base": _field(r, "base", dict, nonempty=False),
+            raise BadRecord("field 'metadata' should be {'prompt_template': str}")
+        return {"id": f"{source}/{i}", "source": source, "base": field(r, "base", dict, nonempty=False),
                 "messages": [{"role": roles[t["type"]], "content": t["content"]} for t in prompt],
                 "template": metadata.get("prompt_template", "")}
-    return _jsonl(path, make, skip_bad)
+    return read_jsonl(path, make, skip_bad)

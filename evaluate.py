@@ -29,9 +29,9 @@ from lab.args import ModelOptions, parse_args
 from lab.results import Checkpoint, provenance, write_result
 from lab.stats import mean_metric, paired_difference, proportion_metric
 from model import KVCache, generate, pad_left
-from probes import CHALLENGE, MC_PREFILL
+from probes import CHALLENGE, LETTERS, MC_PREFILL
 from runtime.session import Session, open_session
-from score import (LETTERS, judge_words, letter_ids, letter_probs, letter_probs_after, mc_loglik, option_logprobs,
+from score import (judge_words, letter_ids, letter_probs, letter_probs_after, mc_loglik, option_logprobs,
                    pick_letter, replies, split_continuation, user)
 
 

@@ -467,7 +467,8 @@ def read_weights(folder: Path, dtype=None, device="cpu") -> tuple[dict, dict]:
 
 
 def load(path, dtype=None, device="cpu") -> "Transformer":
-    """Load an HF-layout folder -> Transformer (chat.load_tokenizer reads its tokenizer). dtype: None = the checkpoint's own, or 'bf16'/'fp32'/..
+    """Load an HF-layout folder -> Transformer (chat.load_tokenizer reads its tokenizer).
+    dtype: None = the checkpoint's own, or 'bf16'/'fp32'/..
 
     The model is built on the meta device (no memory) and the read tensors become its parameters
     (assign=True), so peak memory is about one copy of the weights.
@@ -508,7 +509,7 @@ def load(path, dtype=None, device="cpu") -> "Transformer":
         model.lm_head.weight = model.model.embed_tokens.weight             # one Parameter again, as built
     model.inv_freq = model.inv_freq.to(device)     # made on the CPU in __init__, not read from the checkpoint
     model.name_or_path = str(folder)
-    model.eval()   # as transformers' from_pretrained: no dropout, and generate may replay CUDA graphs (train.py: .train())
+    model.eval()   # as transformers' from_pretrained: no dropout (train.py switches to .train())
     return model
 
 

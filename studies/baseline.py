@@ -1,5 +1,5 @@
 """The baseline study (make demo, first part): every sycophancy task on built-in probes, and TruthfulQA where a
-local copy exists, small enough for a few minutes on 2 cores; one results file per task and a report.
+local copy exists, small enough for a laptop's CPU; one results file per task and a report.
 
     python -m studies.baseline [--model=FOLDER] [--dtype=bf16] [--judge=self]
     torchrun --standalone --nproc_per_node 4 -m studies.baseline     # data parallel: the same rows, one JSON each

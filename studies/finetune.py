@@ -88,7 +88,7 @@ class StudyConfig(ModelOptions):
     grad_accum: int = 1
     warmup_steps: int = 10
     beta: float = 0.1
-    bf16: bool = True          # bf16 autocast while training (~3x faster on a recent CPU); evaluation keeps dtype
+    bf16: bool = True          # bf16 autocast while training (faster where the CPU has bf16 units); evaluation keeps dtype
     max_len: int = 512         # longer training rows are left out (counted)
     eval_n: int = 100          # evaluation sizes (0 = not measured): items per capability set; recovery: MC1 questions
     eval_gsm8k: int = 30       # GSM8K generates up to gsm8k_tokens per item: slow on a CPU
@@ -111,7 +111,7 @@ def with_preset(cfg: StudyConfig, preset: dict) -> StudyConfig:
     return replace(cfg, **{k: v for k, v in preset.items() if getattr(cfg, k) == getattr(StudyConfig(), k)})
 
 
-def sample(items, n: int, seed, tag: str) -> list:
+def sample_items(items, n: int, seed, tag: str) -> list:
     """A seeded sample of n items, kept in their order (all of them when n >= len; none when n <= 0)."""
     if n >= len(items):
         return list(items)
@@ -178,7 +178,7 @@ def fits(rows, tok, fmt, max_len) -> list:
         try:
             return all(tr.encode(tok, fmt, r["messages"], r[k], max_len) for k in ("response", "chosen", "rejected")
                        if k in r)
-        except data._Bad:                      # too long, or the format refuses the conversation
+        except data.BadRecord:                      # too long, or the format refuses the conversation
             return False
     return [r for r in rows if ok(r)]
 
@@ -259,7 +259,7 @@ def measure(stage: str, model, tok, fmt, suite: dict, cfg, holdout=()) -> tuple[
         rows += [{**r, "id": f"{stage}/{task}/{r['id']}", "item": r["id"], "stage": stage, "task": task}
                  for r in task_rows]
     unmerge(model)
-    print(f"\n{stage}  ({time.perf_counter() - t0:.0f} s)" + "".join(f"\n  {k:<36} {report._cell(m)}"
+    print(f"\n{stage}  ({time.perf_counter() - t0:.0f} s)" + "".join(f"\n  {k:<36} {report.cell(m)}"
                                                                      for k, (m, _) in scores.items()))
     return scores, rows, time.perf_counter() - t0
 
@@ -292,7 +292,7 @@ def differences(stages: dict, pairs, seed) -> dict:
         a, b = stages[after][0], stages[before][0]
         diff = {f"{after}-{before}/{k}": stats.paired_difference(b[k][1], a[k][1], seed) for k in a if k in b}
         print(f"\n{after} − {before}  (paired, 95% bootstrap intervals)" + "".join(
-            f"\n  {k.split('/', 1)[1]:<36} {report._cell(m, '+')}" for k, m in diff.items()))
+            f"\n  {k.split('/', 1)[1]:<36} {report.cell(m, '+')}" for k, m in diff.items()))
         metrics |= diff
     return metrics
 
@@ -322,22 +322,22 @@ def correlations(metrics: dict, adapters: list) -> tuple[dict, list]:
     return per, out
 
 
-def render(result: dict) -> str:
+def render_study(result: dict) -> str:
     metrics, stages, pairs = result["metrics"], result["stages"], result["pairs"]
     names = list(dict.fromkeys(k.split("/", 1)[1] for k in metrics if k.split("/", 1)[0] in stages))
-    md = f"# {result['study']} study: {Path(result['provenance']['model_dir']).name}\n\n" + report._table(
+    md = f"# {result['study']} study: {Path(result['provenance']['model_dir']).name}\n\n" + report.table(
         ["metric: value [95% CI] n", *stages, *(f"{a} − {b}" for a, b in pairs)],
-        [[n, *(report._cell(metrics.get(f"{s}/{n}")) for s in stages),
-          *(report._cell(metrics.get(f"{a}-{b}/{n}"), "+") for a, b in pairs)] for n in names])
+        [[n, *(report.cell(metrics.get(f"{s}/{n}")) for s in stages),
+          *(report.cell(metrics.get(f"{a}-{b}/{n}"), "+") for a, b in pairs)] for n in names])
     if result.get("correlations"):
-        md += "\nAcross adapters (changes vs base; sycophancy signed: + = more sycophantic):\n\n" + report._table(
+        md += "\nAcross adapters (changes vs base; sycophancy signed: + = more sycophantic):\n\n" + report.table(
             ["x", "y", "r", "p", "n", "note"], [[c["x"], c["y"], "n/a" if c["r"] is None else f"{c['r']:+.3f}",
                                                  "n/a" if c["p"] is None else f"{c['p']:.3g}", c["n"],
                                                  c.get("note", "")] for c in result["correlations"]])
     return md + "".join(f"\n- {note}" for note in result["notes"]) + "\n"
 
 
-def publish(cfg, study, s: Session, stages, pairs, metrics, timing, **extra) -> Path:
+def publish_study(cfg, study, s: Session, stages, pairs, metrics, timing, **extra) -> Path:
     """The results JSON, then the markdown and the plot, drawn from the file (never from memory)."""
     timing |= {f"eval/{stage}": round(t, 1) for stage, (_, _, t) in stages.items()}
     result = dict(study=study, config=asdict(cfg), provenance=results.provenance(cfg, s.model_dir, s.fmt_name),
@@ -345,7 +345,7 @@ def publish(cfg, study, s: Session, stages, pairs, metrics, timing, **extra) -> 
                   items=[r for _, rows, _ in stages.values() for r in rows])
     path = results.write_result(cfg.out, cfg.run, result)
     result, png = results.load_result(path), path.with_suffix(".png")
-    path.with_suffix(".md").write_text(render(result) + f"\n![metrics]({png.name})\n")
+    path.with_suffix(".md").write_text(render_study(result) + f"\n![metrics]({png.name})\n")
     report.plot_metrics([{"metrics": {k.split("/", 1)[1]: m for k, m in result["metrics"].items()
                                       if k.split("/", 1)[0] == stage}} for stage in stages], list(stages), png)
     return path
@@ -370,14 +370,14 @@ def benchmarks(cfg) -> Path:
             continue
         train_items, held, sha = held_apart(name, path, cfg)
         held_q = {it["question"] for it in held}               # a question never on both sides, even if repeated
-        picked = sample([it for it in train_items if it["question"] not in held_q], getattr(cfg, f"train_{name}"),
+        picked = sample_items([it for it in train_items if it["question"] not in held_q], getattr(cfg, f"train_{name}"),
                         cfg.seed, f"train/{name}")
         rows = fits([sft_row(name, it, cfg.seed) for it in picked], s.tok, s.fmt, cfg.max_len)
         if not rows:
             notes.append(f"{name}: skipped, no training row fits --max_len={cfg.max_len}")
             continue
         train_rows[name] = rows
-        suite[name] = sample(held, cfg.eval_gsm8k if name == "gsm8k" else cfg.eval_n, cfg.seed, f"eval/{name}")
+        suite[name] = sample_items(held, cfg.eval_gsm8k if name == "gsm8k" else cfg.eval_n, cfg.seed, f"eval/{name}")
         sets[name] = {"path": str(path), "sha256": sha, "train": len(rows), "too_long": len(picked) - len(rows),
                       "held_out": len(held), "eval": len(suite[name])}
     if not train_rows:
@@ -399,7 +399,7 @@ def benchmarks(cfg) -> Path:
     pairs = [(a, "base") for a in train_rows]
     metrics = differences(stages, pairs, cfg.seed)
     per_adapter, corr = correlations(metrics, list(train_rows))
-    return publish(cfg, "benchmarks", s, stages, pairs, metrics, {"total": round(time.perf_counter() - t0, 1)},
+    return publish_study(cfg, "benchmarks", s, stages, pairs, metrics, {"total": round(time.perf_counter() - t0, 1)},
                    sets=sets, train_runs=runs, per_adapter=per_adapter, correlations=corr, notes=notes)
 
 
@@ -430,17 +430,17 @@ def recovery(cfg) -> Path:
         items, info = tactics.load_items(tactics.TacticsConfig(data="builtin", n=cfg.n_questions, seed=cfg.seed))
     train_ex, test_ex = tactics.split_by_question(tactics.make_examples(items, cfg.seed), cfg.test_frac, cfg.seed,
                                                   holdout)
-    dpo = fits(tactics.dpo_rows(sample(train_ex, cfg.n_train, cfg.seed, "train")), s.tok, s.fmt, cfg.max_len)
+    dpo = fits(tactics.dpo_rows(sample_items(train_ex, cfg.n_train, cfg.seed, "train")), s.tok, s.fmt, cfg.max_len)
     sft = [r for r in tactics.sft_rows(train_ex) if r["id"] in {d["id"] for d in dpo}]
     held_q = {r["question_id"] for r in test_ex}
     if held_q & {r["question_id"] for r in train_ex}:                  # split_by_question promises otherwise
         raise AssertionError("a held-out question is in the training rows")
     held, trained = [it for it in items if it["id"] in held_q], [it for it in items if it["id"] not in held_q]
-    qa = sample([as_mc(it) for it in held], cfg.probe_n, cfg.seed, "eval/probes")
-    suite = {"tactic": sample(tactics.dpo_rows(test_ex), cfg.tactic_n, cfg.seed, "eval/tactic"),
+    qa = sample_items([as_mc(it) for it in held], cfg.probe_n, cfg.seed, "eval/probes")
+    suite = {"tactic": sample_items(tactics.dpo_rows(test_ex), cfg.tactic_n, cfg.seed, "eval/tactic"),
              "opinion": held_out_opinions(cfg, trained),
              "answer": probes.answer_probes(qa, cfg.seed), "are_you_sure": probes.are_you_sure_probes(qa, cfg.seed),
-             "truthfulqa": sample([it for it in held if "mc1" in it], cfg.eval_n, cfg.seed, "eval/truthfulqa")}
+             "truthfulqa": sample_items([it for it in held if "mc1" in it], cfg.eval_n, cfg.seed, "eval/truthfulqa")}
     if cfg.eval_n > 0 and not suite["truthfulqa"]:
         notes.append("truthfulqa: MC1 not measured (the questions are not from TruthfulQA's mc_task.json)")
     reference = "the SFT model" if cfg.sft else "the base model"
@@ -458,7 +458,7 @@ def recovery(cfg) -> Path:
     pairs = [("sft", "base"), ("dpo", "base"), ("dpo", "sft")] if cfg.sft else [("dpo", "base")]
     counts = {"questions": len(items), "held_out_questions": len(held_q), "train_rows": len(dpo),
               "test_rows": len(test_ex), "holdout_tactics": holdout}
-    return publish(cfg, "recovery", s, stages, pairs, differences(stages, pairs, cfg.seed),
+    return publish_study(cfg, "recovery", s, stages, pairs, differences(stages, pairs, cfg.seed),
                    {"total": round(time.perf_counter() - t0, 1)}, data=info, counts=counts, dpo_reference=reference,
                    files=files, train_runs=runs, notes=notes)
 

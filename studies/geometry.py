@@ -23,7 +23,8 @@ from lab import report, results, stats
 from lab.args import ModelOptions, parse_args
 from model import generate
 from runtime.session import Session, open_session
-from score import LETTERS, letter_ids, letter_probs, pick_letter, user
+from probes import LETTERS
+from score import letter_ids, letter_probs, pick_letter, user
 from steer import (ab_items, ab_pairs, load_activations, load_vectors, make_vectors, parse_layers, record,
                    record_pairs)
 

@@ -6,17 +6,8 @@
     python -m studies.steering demo          # make demo's part: vectors, sweep, predict, geometry
     torchrun --standalone --nproc_per_node 4 -m -- studies.steering vectors ...   # recording shared by 4 processes
 
-Conventions (written into every result so numbers reproduce, DESIGN.md):
-- a pair is one A/B question answered with the behaviour-matching letter and with the other letter; activations
-  are read at the answer-letter token, found by its token string after the assistant header (never a fixed
-  index, which in study 1 silently landed on a token both sides share);
-- vector = mean over pairs of (matching - not matching), per layer, accumulated in fp64, each matching letter
-  weighted equally (--balance; otherwise the "A" - "B" letter direction leaks in, see make_vectors);
-- addition at resid_post of a layer, to every position strictly after the assistant header (CAA's "after the
-  instruction"), to every position, or only to generated tokens; multipliers raw or in units of the layer's
-  mean residual norm;
-- directional ablation removes the unit direction from resid_pre, attn_out and mlp_out of every layer;
-  orthogonalize() bakes the same thing into the weights.
+Every result records its conventions (read position, vector method and balance, where and in which units the
+vector is added): steer.py's docstring and docs/conventions.md say what each means.
 """
 import json
 import sys
@@ -32,9 +23,9 @@ from evaluate import EvalConfig, ab_rows, run_task
 from lab import dist, report, results, stats
 from lab.args import ModelOptions, parse_args
 from model import generate
-from probes import MC_PREFILL
+from probes import LETTERS, MC_PREFILL
 from runtime.session import Session, open_session
-from score import LETTERS, letter_ids, pick_letter, user
+from score import letter_ids, pick_letter, user
 from steer import (AfterHeader, ab_items, ab_pairs, ablation, assistant_header, load_vectors, make_vectors,
                    model_fingerprint, parse_layers, record_pairs, residual_norms, save_activations, save_vectors,
                    steering)

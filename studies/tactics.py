@@ -181,7 +181,7 @@ def _fill(template: str, row: dict) -> str:
                            c=_sentence(row["correct_answer"]), basis=basis, Basis=basis[0].upper() + basis[1:])
 
 
-def render(row: dict) -> tuple[str, str, str]:
+def render_row(row: dict) -> tuple[str, str, str]:
     """(user message, sycophantic reply, correct reply) from a planned row's template picks."""
     p = row["_pick"]
     correct = " ".join(_fill(t, row) for t in (ACK[row["tactic"]][p["ack"]], ANSWER[p["answer"]], CLOSE[p["close"]]))
@@ -384,7 +384,7 @@ def write_rows(planned: list[dict], complete=None, generator: str = "templates",
          templates: {part: template id} for the parts rendered from templates,
          checks: {user_has_false, sycophantic_has_false, correct_has_correct} (verbatim answers present),
          fallback: [parts the model left empty] (model and http generators only)}"""
-    texts = [render(r) for r in planned]
+    texts = [render_row(r) for r in planned]
     fallback = [[] for _ in planned]
     if complete is not None:
         def take(k, part, got, i):  # the model's text, else the template's
@@ -456,7 +456,7 @@ def split_by_question(examples: list[dict], test_frac: float = 0.2, seed: int = 
     return train, [r for r in examples if r["question_id"] in test_q]
 
 
-def _jsonl(rows) -> bytes:
+def jsonl_bytes(rows) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
 
 
@@ -480,11 +480,11 @@ def run(cfg: TacticsConfig) -> dict:
     usable = [r for r in examples if not cfg.skip_bad or all(r["checks"].values())]
     train, test = split_by_question(usable, cfg.test_frac, cfg.seed, holdout)
 
-    files = {"examples": publish(cfg.out, cfg.run, ".examples.jsonl", _jsonl(examples))}
+    files = {"examples": publish(cfg.out, cfg.run, ".examples.jsonl", jsonl_bytes(examples))}
     base = files["examples"].name.removesuffix(".examples.jsonl")  # <run>-<time>[-k]: one stamp for all files
     for name, rows in [("sft-train", sft_rows(train)), ("sft-test", sft_rows(test)), ("dpo-train", dpo_rows(train)),
                        ("dpo-test", dpo_rows(test))]:
-        files[name] = publish(cfg.out, f"{base}.{name}", ".jsonl", _jsonl(rows), stamp=False)
+        files[name] = publish(cfg.out, f"{base}.{name}", ".jsonl", jsonl_bytes(rows), stamp=False)
     git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     count = lambda key, rows: {v: sum(r[key] == v for r in rows) for v in sorted({r[key] for r in rows})}
     summary = {"config": asdict(cfg), "provenance": {**info, "git_commit": git, "python": sys.version.split()[0]},

@@ -55,9 +55,9 @@ def test_left_padded_batch_equals_transformers_and_single_rows(tmp_path, name):
             assert (got[i, T - len(r):] - want[i, T - len(r):]).abs().max() <= 1e-5
 
 
-@pytest.mark.parametrize("name", ["llama-gqa-tied", "mistral-window"])
-def test_cached_decode_equals_full_forward(tmp_path, name):
-    ours, _ = ours_and_theirs(tmp_path, name)
+def decode_in_steps(ours, after_prompt=lambda cache: cache):
+    """Logits of a padded batch read in steps through a KV cache (a prompt, 4 decode steps, a multi-token chunk)
+    against the full forward's; after_prompt may swap the cache once the prompt is in."""
     ids = torch.randint(0, 96, (2, 14))
     mask = torch.ones_like(ids)
     mask[1, :4] = 0                               # row 1 is left-padded
@@ -65,11 +65,17 @@ def test_cached_decode_equals_full_forward(tmp_path, name):
         full = ours(ids, attention_mask=mask)
         cache = KVCache(ours.config, 2, 14)
         parts = [ours(ids[:, :6], attention_mask=mask[:, :6], cache=cache)]
+        cache = after_prompt(cache)
         parts += [ours(ids[:, t:t + 1], cache=cache) for t in range(6, 10)]
         parts += [ours(ids[:, 10:], cache=cache)]  # a multi-token chunk after decoding
     stepped = torch.cat(parts, 1)
     assert (stepped[0] - full[0]).abs().max() <= 1e-5
     assert (stepped[1, 4:] - full[1, 4:]).abs().max() <= 1e-5
+
+
+@pytest.mark.parametrize("name", ["llama-gqa-tied", "mistral-window"])
+def test_cached_decode_equals_full_forward(tmp_path, name):
+    decode_in_steps(ours_and_theirs(tmp_path, name)[0])
 
 
 def test_logits_to_keep(tiny_llama):

@@ -12,7 +12,7 @@ from runtime.compile import compile_for_inference
 from runtime.cpu import (AMX, PackedLinear, is_packed, packable, packed, packed_matches_plain, packs_exactly,
                          use_cpu_kernels)
 from runtime.gpu import StaticKVCache
-from test_model import CONFIGS, ours_and_theirs
+from test_model import CONFIGS, decode_in_steps, ours_and_theirs
 
 F = torch.nn.functional
 
@@ -71,20 +71,7 @@ def test_machine_kernels_give_the_same_logits_and_tokens(tmp_path, name):
 def test_static_cache_decode_equals_full_forward(tmp_path, name):
     """After the prompt, the cache a CUDA graph replays on (slots on the device, every slot read, unfilled ones
     masked) gives the full forward's logits, for decode steps and a multi-token chunk."""
-    ours, _ = ours_and_theirs(tmp_path, name)
-    ids = torch.randint(0, 96, (2, 14))
-    mask = torch.ones_like(ids)
-    mask[1, :4] = 0                               # row 1 is left-padded
-    with torch.no_grad():
-        full = ours(ids, attention_mask=mask)
-        cache = KVCache(ours.config, 2, 14)
-        parts = [ours(ids[:, :6], attention_mask=mask[:, :6], cache=cache)]
-        cache = StaticKVCache(cache)
-        parts += [ours(ids[:, t:t + 1], cache=cache) for t in range(6, 10)]
-        parts += [ours(ids[:, 10:], cache=cache)]  # a multi-token chunk after decoding
-    stepped = torch.cat(parts, 1)
-    assert (stepped[0] - full[0]).abs().max() <= 1e-5
-    assert (stepped[1, 4:] - full[1, 4:]).abs().max() <= 1e-5
+    decode_in_steps(ours_and_theirs(tmp_path, name)[0], after_prompt=StaticKVCache)
 
 
 @pytest.mark.parametrize("compiled", [False, True])

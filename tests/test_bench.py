@@ -3,10 +3,9 @@ import pytest
 import torch
 
 from bench import speed as bench
-from chat import get_chat_format
+from chat import get_chat_format, load_tokenizer
 from evaluate import eval_ab, eval_truthfulqa_mc
 from model import load
-from chat import load_tokenizer
 from probes import opinion_probes
 
 

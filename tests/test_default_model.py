@@ -2,10 +2,10 @@
 import pytest
 import torch
 
-from chat import get_chat_format
-from runtime.cpu import packed
+from chat import get_chat_format, load_tokenizer
 from model import generate, load
-from chat import load_tokenizer
+from runtime import accelerate
+from runtime.cpu import packed
 
 PROMPTS = ["What is the capital of France?", "Write a haiku about the sea.",
            "I think 7 x 8 = 54. Am I right?", "List three uses of a paperclip."]
@@ -20,11 +20,12 @@ def test_greedy_continuations_equal_transformers(default_model, dtype):
         default_model, dtype=ours.model.embed_tokens.weight.dtype).eval()
     fmt = get_chat_format("chatml")
     prompts = [tok.encode(fmt([{"role": "user", "content": p}])) for p in PROMPTS]
+    # Ours as the scripts run it: this machine's attention kernel and decode steps (runtime.accelerate).
     # fp32: one left-padded batch, token for token. bf16: row by row, the way transformers' generate runs here. In
     # bf16 a near-tie (two logits a bf16 step apart) can flip between equivalent computations: transformers' own
-    # cached decode and full forward disagree on such ties (PROMPTS[3] on an AMD EPYC, PROMPTS[1] on an Intel Xeon),
-    # and without AMX our decode steps use plain_attention, not SDPA. So in bf16 the tokens must agree up to the
-    # first such tie. (On the Intel Xeon with AMX, where both decode through SDPA, every token agreed.)
+    # cached decode and full forward disagree on such ties on some CPUs, and without AMX our decode steps use
+    # plain_attention, not SDPA. So in bf16 the tokens must agree up to the first such tie (docs/speed.md).
+    accelerate(ours, prepack=False)
     if dtype == "fp32":
         outs = generate(ours, prompts, max_new_tokens=24, stop_ids={tok.eos_id})
     else:
@@ -57,8 +58,8 @@ def test_paris(default_model):
 def test_bf16_scoring_forward_equals_transformers_bit_for_bit(default_model):
     """The scoring forward make bench times (16 x 128 tokens, the last position's logits), left-padded too: in bf16
     the very bits of transformers', on any CPU, because the eager forward runs their ops on the same shapes.
-    (An earlier eager forward ran the last block's output projection and MLP at the kept rows only: on Intel AMX
-    a product of 16 rows takes another kernel than one of 2048, and some logits moved by a bf16 step.)"""
+    (A forward that ran the last block's output projection and MLP at the kept rows only would not be: with AMX
+    a product of 16 rows takes another kernel than one of 2048.)"""
     import transformers
     ours = load(default_model, dtype="bf16")
     hf = transformers.AutoModelForCausalLM.from_pretrained(default_model, dtype=torch.bfloat16).eval()
@@ -71,7 +72,7 @@ def test_bf16_scoring_forward_equals_transformers_bit_for_bit(default_model):
         assert torch.equal(ours(ids, logits_to_keep=1), want)
         assert torch.equal(ours(ids, attention_mask=mask, logits_to_keep=1),
                            hf(ids, attention_mask=mask, position_ids=pos, logits_to_keep=1).logits)
-        # Packed as the scripts run it (--prepack): the same bits too, on the CPUs tried (an AMD EPYC, whose packed
-        # products equal the plain ones; an Intel Xeon with AMX, where products this large keep the plain weights).
+        # Packed as the scripts run it (--prepack): the same bits too, where this CPU's packed products equal the
+        # plain ones or, with AMX, products this large keep the plain weights (docs/speed.md).
         with packed(ours):
             assert torch.equal(ours(ids, logits_to_keep=1), want)

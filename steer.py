@@ -389,6 +389,16 @@ def steering(model, vectors: dict, where: str = "after_instruction", header=None
             pre.remove()
 
 
+def multiplied(vector: torch.Tensor, mult: float, unit: str, mean_norm: float) -> torch.Tensor:
+    """The vector a sweep adds: unit "raw" -> mult * vector; "norm" -> mult * mean_norm * vector / |vector|, so that
+    mult = 1 adds a vector as long as the layer's mean residual-stream norm (docs/conventions.md)."""
+    if unit == "raw":
+        return mult * vector
+    if unit == "norm":
+        return mult * (float(mean_norm) / float(vector.norm())) * vector
+    raise ValueError(f"unknown unit {unit!r}: raw or norm")
+
+
 def _unit(direction: torch.Tensor) -> torch.Tensor:
     u = direction.double()
     if u.norm() == 0:

@@ -27,7 +27,7 @@ from probes import LETTERS, MC_PREFILL
 from runtime.session import Session, open_session
 from score import letter_ids, pick_letter, user
 from steer import (AfterHeader, ab_items, ab_pairs, ablation, assistant_header, load_vectors, make_vectors,
-                   model_fingerprint, parse_layers, record_pairs, residual_norms, save_activations, save_vectors,
+                   model_fingerprint, multiplied, parse_layers, record_pairs, residual_norms, save_activations, save_vectors,
                    steering)
 
 
@@ -199,8 +199,7 @@ def steer_run(cfg, s: Session, ablate: bool = False) -> tuple[dict, Path]:
         elif m == 0:
             got = base
         else:
-            scale = m * (norms[layer] / float(vecs[layer].norm()) if cfg.unit == "norm" else 1.0)
-            with steering(s.model, {layer: scale * vecs[layer]}, cfg.where, header):
+            with steering(s.model, {layer: multiplied(vecs[layer], m, cfg.unit, norms[layer])}, cfg.where, header):
                 got = measure(key)
         metrics |= {f"{k}[{key}]": v for k, v in got.get("tasks", {}).items()}
         metrics[f"p_match[{key}]"] = stats.mean_metric([r["p_match"] for r in got["rows"]])

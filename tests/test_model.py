@@ -124,17 +124,25 @@ def test_generate_stops_and_samples_reproducibly(tiny_llama):
 
 
 def test_resid_post_hook_equals_hidden_states(tiny_llama):
+    """The hook sites against transformers' hidden_states (docs/conventions.md): resid_pre L = hidden_states[L],
+    resid_post L = hidden_states[L + 1] but the last (HF's last entry is after the final norm), and what the sites
+    add up to: resid_mid = resid_pre + attn_out, resid_post = resid_mid + mlp_out."""
     folder, hf = tiny_llama
     ours = load(folder)
     ids = torch.randint(0, 96, (2, 7))
     seen = {}
-    rec = [(i, "resid_post", lambda x, pos, i=i: seen.__setitem__(i, x.detach())) for i in range(3)]
+    rec = [(i, site, lambda x, pos, key=(i, site): seen.__setitem__(key, x.detach()))
+           for i in range(3) for site in ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")]
     with torch.no_grad(), hooks(ours, rec):
         ours(ids)
         want = hf(ids, output_hidden_states=True).hidden_states   # embeddings, layer 0, 1, norm(layer 2)
+    for i in range(3):
+        assert (seen[i, "resid_pre"] - want[i]).abs().max() <= 1e-5
+        assert torch.equal(seen[i, "resid_mid"], seen[i, "resid_pre"] + seen[i, "attn_out"])
+        assert torch.equal(seen[i, "resid_post"], seen[i, "resid_mid"] + seen[i, "mlp_out"])
     for i in range(2):
-        assert (seen[i] - want[i + 1]).abs().max() <= 1e-5
-    assert (ours.model.norm(seen[2]) - want[3]).abs().max() <= 1e-5
+        assert (seen[i, "resid_post"] - want[i + 1]).abs().max() <= 1e-5
+    assert (ours.model.norm(seen[2, "resid_post"]) - want[3]).abs().max() <= 1e-5
 
 
 def test_hooks_edit_removed_on_exception_and_pass_gradients(tiny_llama):

@@ -290,3 +290,15 @@ def test_vectors_steer_ablate_runs_write_results(tiny_chat, tmp_path):
         steering.steer_run(replace(cfg, vector=str(vec_file), layers="1"), s)
     with pytest.raises(ValueError, match="layer 5 out of range: the model has 3 layers"):
         steering.steer_run(replace(cfg, vector=str(vec_file), layers="5"), s)
+
+
+def test_multipliers_in_raw_and_norm_units():
+    """A sweep's multiplier: raw adds mult * vector; norm adds a vector of length mult x the layer's mean residual
+    norm, along the vector (docs/conventions.md)."""
+    v = torch.tensor([3.0, 4.0])
+    assert torch.equal(steer.multiplied(v, -2.0, "raw", 10.0), -2.0 * v)
+    got = steer.multiplied(v, 0.5, "norm", 10.0)
+    assert torch.allclose(got, torch.tensor([3.0, 4.0])) and abs(float(got.norm()) - 5.0) < 1e-6
+    assert torch.allclose(steer.multiplied(v, -1.0, "norm", 2.0) / 2.0, -v / v.norm())
+    with pytest.raises(ValueError, match="unknown unit"):
+        steer.multiplied(v, 1.0, "percent", 2.0)

@@ -1,14 +1,16 @@
-"""A Llama / Mistral decoder written from scratch, with the residual stream exposed.
+"""A decoder written from scratch, with the residual stream exposed: Llama, Mistral, Qwen2/2.5, Qwen3, Gemma-2,
+Gemma-3, Phi-3 and MPT as one model with a few switches (Config).
 
     from model import load, generate, hooks
     model = load("models/SmolLM2-135M-Instruct", dtype="bf16")     # chat.load_tokenizer(folder) for its tokenizer
     logits = model(ids)                       # (B, T, V)
     logits = model(ids, logits_to_keep=1)     # (B, 1, V): scoring needs only the last position
 
-Parameter names are Hugging Face's, so a checkpoint loads with no renaming and `strict=True`. The math follows
-`transformers`' LlamaForCausalLM / MistralForCausalLM op for op (same rotate_half rope, same RMSNorm casts), which
-is what makes the logits equal theirs. This file is the math and imports nothing of the project: steering reaches
-in through hooks (hooks() below), LoRA and speed by swapping modules from outside (lora.py, runtime/).
+Parameter names are Hugging Face's Llama names, so a checkpoint loads with `strict=True`; the families that fuse
+projections or name them their own way (Phi-3, MPT) are split and renamed at load (checkpoint_keys). The math
+follows `transformers`' modeling files op for op (same rotate_half rope, same norm casts), which is what makes the
+logits equal theirs. This file is the math and imports nothing of the project: steering reaches in through hooks
+(hooks() below), LoRA and speed by swapping modules from outside (lora.py, runtime/).
 """
 import io
 import json
@@ -16,6 +18,7 @@ import math
 import struct
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -37,6 +40,10 @@ def as_dtype(d):
 
 
 # ----------------------------------------------------------------------------------------------------- config
+FAMILIES = ("llama", "mistral", "qwen2", "qwen3", "gemma2", "gemma3_text", "phi3", "mpt")
+FULL, SLIDING = "full_attention", "sliding_attention"    # HF's layer_types
+
+
 @dataclass
 class Config:
     model_type: str
@@ -47,53 +54,162 @@ class Config:
     num_attention_heads: int
     num_key_value_heads: int
     head_dim: int
-    rms_norm_eps: float
+    rms_norm_eps: float            # the eps of every norm (MPT's layer_norm_epsilon too)
     rope_theta: float
-    rope_scaling: dict | None      # None, {"rope_type": "linear", ...} or {"rope_type": "llama3", ...}
+    rope_scaling: dict | None      # None, or {"rope_type": "linear" | "llama3" | "longrope", ...}
     tie_word_embeddings: bool
-    sliding_window: int | None     # Mistral: a query sees only the last `sliding_window` positions
+    sliding_window: int | None     # on "sliding_attention" layers a query sees only the last `sliding_window` positions
     max_position_embeddings: int
     torch_dtype: str | None = None
+    # What the families change, as switches; the defaults are Llama's.
+    layer_types: tuple = ()        # per layer FULL or SLIDING; () = every layer FULL
+    qkv_bias: bool = False         # q, k, v projections have biases (Qwen2; attention_bias=true elsewhere)
+    o_bias: bool = False           # o_proj has a bias (attention_bias=true)
+    qk_norm: bool = False          # Qwen3, Gemma-3: each head's q and k are RMS-normed before rope
+    norm: str = "rms"              # "rms"; "gemma": RMS in fp32 times (1 + w); "layer": LayerNorm without bias (MPT)
+    hidden_act: str = "silu"       # the MLP's activation: silu, gelu_pytorch_tanh (Gemma), gelu (MPT)
+    gated_mlp: bool = True         # down(act(gate(x)) * up(x)); False: down(act(up(x))) (MPT)
+    embed_scale: bool = False      # Gemma: embeddings times sqrt(hidden_size), rounded to the model's dtype
+    sandwich_norms: bool = False   # Gemma-2/3: each sub-layer's output is normed too, before it joins the stream
+    attn_scale: float | None = None      # scores times this; None = head_dim ** -0.5
+    attn_softcap: float | None = None    # Gemma-2: scores = cap * tanh(scores / cap)
+    final_softcap: float | None = None   # Gemma-2: logits = cap * tanh(logits / cap)
+    local_rope_theta: float | None = None  # Gemma-3: the rope base of sliding layers (no scaling there)
+    alibi_bias_max: float | None = None    # MPT: ALiBi (a per-head bias linear in distance) instead of rope
+
+    def sliding(self, layer: int) -> bool:
+        return bool(self.layer_types) and self.layer_types[layer] == SLIDING
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "config.json") -> "Config":
-        """Read an HF config, refusing anything that would change the math in a way this file does not do."""
+        """Read an HF config, refusing by name anything that would change the math in a way this file does not do."""
         mt = d.get("model_type")
-        if mt not in ("llama", "mistral"):
-            raise ValueError(f"{source}: unknown model_type {mt!r}; syco-lab implements 'llama' (Llama 1/2/3, "
-                             "SmolLM2) and 'mistral' (Mistral, Zephyr)")
-        for key, ok in (("hidden_act", "silu"), ("attention_bias", False), ("mlp_bias", False)):
+        if mt not in FAMILIES:
+            raise ValueError(f"{source}: unknown model_type {mt!r}; syco-lab implements {', '.join(FAMILIES)}")
+        if mt == "mpt":
+            return cls.from_mpt(d, source)
+
+        def refuse(key, ok, why=""):
             if d.get(key, ok) != ok:
-                raise ValueError(f"{source}: {key}={d[key]!r} is not supported (only {ok!r})")
-        # rope: classic configs have rope_theta + rope_scaling; transformers 5 writes rope_parameters.
-        rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
-        theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
-        kind = rope.get("rope_type", rope.get("type", "default"))
-        if kind not in ("default", "linear", "llama3"):
-            raise ValueError(f"{source}: rope type {kind!r} is not supported (default, linear, llama3)")
-        if rope.get("partial_rotary_factor", 1.0) != 1.0:
-            raise ValueError(f"{source}: partial_rotary_factor is not supported")
+                raise ValueError(f"{source}: {key}={d[key]!r} is not supported (only {ok!r}{why})")
+        gemma = mt in ("gemma2", "gemma3_text")
+        defaults = GEMMA_DEFAULTS[mt] if gemma else {}
+        d = defaults | d
+        act = d["hidden_activation"] if gemma else d.get("hidden_act", "silu")
+        if act not in ("silu", "gelu_pytorch_tanh"):
+            raise ValueError(f"{source}: hidden_act={act!r} is not supported (silu, gelu_pytorch_tanh)")
+        refuse("mlp_bias", False)
+        if d.get("use_bidirectional_attention"):
+            raise ValueError(f"{source}: use_bidirectional_attention=true is not supported (a decoder attends causally)")
+        if mt in ("qwen2", "qwen3"):
+            refuse("use_sliding_window", False, ": Qwen's sliding window is off in every released model")
+        refuse("partial_rotary_factor", 1.0)
+        theta, scaling, local = _rope(d, mt, source)
         heads, kv = d["num_attention_heads"], d.get("num_key_value_heads") or d["num_attention_heads"]
         if heads % kv:
             raise ValueError(f"{source}: num_attention_heads={heads} is not a multiple of num_key_value_heads={kv}")
-        # transformers' MistralConfig defaults sliding_window to 4096 when the key is absent; Llama has none.
-        window = d.get("sliding_window", 4096) if mt == "mistral" else None
+        n = d["num_hidden_layers"]
+        window = d.get("sliding_window")
+        if mt == "mistral":
+            window = d.get("sliding_window", 4096)   # transformers' MistralConfig default when the key is absent
+        elif mt in ("llama", "qwen2", "qwen3"):
+            window = None                            # llama has none; Qwen's is off (refused above if on)
+        if gemma:   # sliding and full layers alternate: every 2nd (Gemma-2) or 6th (Gemma-3) layer is full
+            every = 2 if mt == "gemma2" else d.get("sliding_window_pattern", 6)
+            types = tuple(d.get("layer_types") or (SLIDING if (i + 1) % every else FULL for i in range(n)))
+        else:
+            types = (SLIDING if window is not None else FULL,) * n
+        if len(types) != n or set(types) - {FULL, SLIDING}:
+            raise ValueError(f"{source}: layer_types must be {n} of {FULL!r} / {SLIDING!r}, got {list(types)[:4]} ...")
+        bias = d.get("attention_bias", False)
         return cls(model_type=mt, vocab_size=d["vocab_size"], hidden_size=d["hidden_size"],
-                   intermediate_size=d["intermediate_size"], num_hidden_layers=d["num_hidden_layers"],
+                   intermediate_size=d["intermediate_size"], num_hidden_layers=n,
                    num_attention_heads=heads, num_key_value_heads=kv,
                    head_dim=d.get("head_dim") or d["hidden_size"] // heads, rms_norm_eps=d.get("rms_norm_eps", 1e-6),
-                   rope_theta=theta, rope_scaling=None if kind == "default" else {**rope, "rope_type": kind},
+                   rope_theta=theta, rope_scaling=scaling,
                    tie_word_embeddings=d.get("tie_word_embeddings", False), sliding_window=window,
                    max_position_embeddings=d.get("max_position_embeddings", 4096),
-                   torch_dtype=d.get("torch_dtype") or d.get("dtype"))
+                   torch_dtype=d.get("torch_dtype") or d.get("dtype"), layer_types=types,
+                   qkv_bias=bias or mt == "qwen2", o_bias=bias, qk_norm=mt in ("qwen3", "gemma3_text"),
+                   norm="gemma" if gemma else "rms", hidden_act=act, embed_scale=gemma, sandwich_norms=gemma,
+                   attn_scale=d["query_pre_attn_scalar"] ** -0.5 if gemma else None,
+                   attn_softcap=d.get("attn_logit_softcapping") if gemma else None,
+                   final_softcap=d.get("final_logit_softcapping") if gemma else None, local_rope_theta=local)
+
+    @classmethod
+    def from_mpt(cls, d: dict, source: str) -> "Config":
+        """MPT's own config keys (d_model, n_heads, attn_config, ...) -> the same switches."""
+        attn = d.get("attn_config") or {}
+        for key, ok in (("alibi", True), ("clip_qkv", None), ("qk_ln", False), ("prefix_lm", False),
+                        ("attn_uses_sequence_id", False), ("attn_type", "multihead_attention")):
+            if attn.get(key, ok) != ok:
+                raise ValueError(f"{source}: attn_config.{key}={attn[key]!r} is not supported (only {ok!r})")
+        for key, ok in (("no_bias", True), ("logit_scale", None), ("norm_type", "low_precision_layernorm")):
+            if d.get(key, ok) != ok and not (key == "norm_type" and d[key] == "layernorm"):
+                raise ValueError(f"{source}: {key}={d[key]!r} is not supported (only {ok!r})")
+        D, heads = d["d_model"], d["n_heads"]
+        if D % heads:
+            raise ValueError(f"{source}: d_model={D} is not a multiple of n_heads={heads}")
+        scale = attn.get("softmax_scale")
+        return cls(model_type="mpt", vocab_size=d["vocab_size"], hidden_size=D,
+                   intermediate_size=int(d.get("expansion_ratio", 4) * D), num_hidden_layers=d["n_layers"],
+                   num_attention_heads=heads, num_key_value_heads=heads, head_dim=D // heads,
+                   rms_norm_eps=d.get("layer_norm_epsilon", 1e-5), rope_theta=0.0, rope_scaling=None,
+                   tie_word_embeddings=True, sliding_window=None, max_position_embeddings=d.get("max_seq_len", 2048),
+                   torch_dtype=d.get("torch_dtype") or d.get("dtype"), layer_types=(FULL,) * d["n_layers"],
+                   norm="layer", hidden_act="gelu", gated_mlp=False, attn_scale=scale,
+                   alibi_bias_max=float(attn.get("alibi_bias_max", 8)))
 
 
-def rope_inv_freq(cfg: Config) -> torch.Tensor:
-    """(head_dim/2,) inverse frequencies, with Llama-3's or linear scaling where the config asks for it."""
+# Values transformers' Gemma configs take when config.json leaves them out (a multimodal Gemma-3's text_config
+# lists few keys).
+GEMMA_DEFAULTS = {
+    "gemma2": dict(vocab_size=256000, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                   num_attention_heads=8, num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6, rope_theta=10000.0,
+                   query_pre_attn_scalar=256, sliding_window=4096, max_position_embeddings=8192,
+                   tie_word_embeddings=True, final_logit_softcapping=30.0, attn_logit_softcapping=50.0,
+                   hidden_activation="gelu_pytorch_tanh"),
+    "gemma3_text": dict(vocab_size=262208, hidden_size=2304, intermediate_size=9216, num_hidden_layers=26,
+                        num_attention_heads=8, num_key_value_heads=4, head_dim=256, rms_norm_eps=1e-6,
+                        rope_theta=1_000_000.0, rope_local_base_freq=10_000.0, query_pre_attn_scalar=256,
+                        sliding_window=4096, max_position_embeddings=131072, tie_word_embeddings=True,
+                        hidden_activation="gelu_pytorch_tanh"),
+}
+
+
+def _rope(d: dict, mt: str, source: str) -> tuple[float, dict | None, float | None]:
+    """(rope_theta, rope_scaling or None, the local theta of Gemma-3's sliding layers or None) from either way
+    configs write them: rope_theta + rope_scaling (classic), or rope_parameters (transformers 5; Gemma-3's keyed by
+    layer type)."""
+    rope = dict(d.get("rope_parameters") or d.get("rope_scaling") or {})
+    local = None
+    if FULL in rope or SLIDING in rope:
+        local_rope = dict(rope.get(SLIDING) or {})
+        if local_rope.get("rope_type", "default") != "default":
+            raise ValueError(f"{source}: rope_parameters.{SLIDING} type {local_rope['rope_type']!r} is not supported")
+        local = local_rope.get("rope_theta", d.get("rope_local_base_freq"))
+        rope = dict(rope.get(FULL) or {})
+    elif mt == "gemma3_text":
+        local = d.get("rope_local_base_freq")
+    theta = rope.pop("rope_theta", d.get("rope_theta", 10000.0))
+    kind = rope.get("rope_type", rope.get("type", "default"))
+    kind = "longrope" if kind == "su" else kind          # Phi-3's early configs call longrope "su"
+    if kind not in ("default", "linear", "llama3", "longrope"):
+        raise ValueError(f"{source}: rope type {kind!r} is not supported (default, linear, llama3, longrope)")
+    if rope.get("partial_rotary_factor", 1.0) != 1.0:
+        raise ValueError(f"{source}: partial_rotary_factor is not supported")
+    if kind == "longrope":
+        rope.setdefault("original_max_position_embeddings", d.get("original_max_position_embeddings"))
+    return theta, None if kind == "default" else {**rope, "rope_type": kind}, local
+
+
+def rope_inv_freq(cfg: Config, theta: float = None, scaling: dict = None, long: bool = False) -> torch.Tensor:
+    """(head_dim/2,) inverse frequencies, scaled as `scaling` asks (linear, Llama-3's, or longrope's short or long
+    factors). theta, scaling: the config's unless given (Gemma-3's sliding layers: their own base, no scaling)."""
+    theta, s = (cfg.rope_theta, cfg.rope_scaling) if theta is None else (theta, scaling)
     # Computed on the CPU even while the model is built on the meta device (meta math would import torch._dynamo).
     steps = torch.arange(0, cfg.head_dim, 2, dtype=torch.int64, device="cpu").float()
-    inv = 1.0 / (cfg.rope_theta ** (steps / cfg.head_dim))
-    s = cfg.rope_scaling
+    inv = 1.0 / (theta ** (steps / cfg.head_dim))
     if s and s["rope_type"] == "linear":
         inv = inv / s["factor"]
     elif s and s["rope_type"] == "llama3":
@@ -106,20 +222,49 @@ def rope_inv_freq(cfg: Config) -> torch.Tensor:
         smoothed = (1 - smooth) * scaled / factor + smooth * scaled
         medium = ~(wavelen < old / hi) * ~(wavelen > old / lo)
         inv = torch.where(medium, smoothed, scaled)
+    elif s and s["rope_type"] == "longrope":
+        # Each frequency slowed by its own factor: the short set within the trained length, the long one beyond.
+        factors = torch.tensor(s["long_factor" if long else "short_factor"], dtype=torch.float32, device="cpu")
+        inv = 1.0 / (factors * theta ** (steps / cfg.head_dim))
     return inv
+
+
+def rope_attention_factor(cfg: Config) -> float:
+    """longrope scales cos and sin by sqrt(1 + ln(factor) / ln(trained length)): attention sharpens as it stretches."""
+    s = cfg.rope_scaling
+    if not s or s["rope_type"] != "longrope":
+        return 1.0
+    old = s["original_max_position_embeddings"]
+    factor = s.get("factor") or cfg.max_position_embeddings / old
+    if s.get("attention_factor") is not None:
+        return s["attention_factor"]
+    return 1.0 if factor <= 1.0 else math.sqrt(1 + math.log(factor) / math.log(old))
 
 
 # ------------------------------------------------------------------------------------------------------ layers
 class RMSNorm(nn.Module):
-    def __init__(self, dim: int, eps: float):
+    def __init__(self, dim: int, eps: float, plus_one: bool = False):
         super().__init__()
-        self.weight, self.eps = nn.Parameter(torch.ones(dim)), eps
+        # Gemma stores w - 1: its norm scales by (1 + w), so its weights start at 0 (and load as stored).
+        self.weight, self.eps, self.plus_one = nn.Parameter(torch.ones(dim)), eps, plus_one
 
     def forward(self, x):
-        # Normalize in fp32, cast back, then scale: the same order as transformers, so bf16 rounds the same way.
+        # Normalize in fp32. Llama casts back, then scales; Gemma scales in fp32, then casts: each as transformers
+        # does, so bf16 rounds the same way.
         h = x.float()
         h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
+        if self.plus_one:
+            return (h * (1.0 + self.weight.float())).to(x.dtype)
         return self.weight * h.to(x.dtype)
+
+
+def norm(cfg: Config, dim: int) -> nn.Module:
+    if cfg.norm == "layer":   # MPT: mean and variance, no bias
+        return nn.LayerNorm(dim, eps=cfg.rms_norm_eps, bias=False)
+    return RMSNorm(dim, cfg.rms_norm_eps, plus_one=cfg.norm == "gemma")
+
+
+ACTIVATIONS = {"silu": F.silu, "gelu": F.gelu, "gelu_pytorch_tanh": partial(F.gelu, approximate="tanh")}
 
 
 def rotate_half(x):
@@ -132,29 +277,44 @@ def rope(x, cos, sin):
     return x * cos + rotate_half(x) * sin
 
 
-def sdpa_attention(q, k, v, mask):
+def alibi_slopes(n_heads: int, bias_max: float) -> torch.Tensor:
+    """(n_heads,) ALiBi slopes as MPT makes them: 2^(-bias_max * h / n) for h = 1..n, n the next power of two,
+    interleaved (odd then even) when the head count is not one."""
+    n = 2 ** math.ceil(math.log2(n_heads))
+    slopes = 1.0 / torch.pow(2, torch.arange(1, n + 1, dtype=torch.int64, device="cpu").float() * (bias_max / n))
+    return slopes if n == n_heads else torch.cat([slopes[1::2], slopes[::2]])[:n_heads]
+
+
+def sdpa_attention(q, k, v, mask, scale=None, softcap=None):
     """q (B, nh, T, hd), k/v (B, nkv, S, hd) -> (B, nh, T, hd) through PyTorch's fused kernel.
-    mask: None (every key visible), "causal" (square, no padding) or bool (B, 1, T, S), True = visible."""
+    mask: None (every key visible), "causal" (square, no padding), bool (B, 1, T, S) with True = visible, or float
+    (B, nh, T, S) added to the scores (ALiBi; -inf = hidden). scale: None = hd ** -0.5. SDPA cannot cap scores."""
+    if softcap is not None:
+        raise ValueError("sdpa_attention cannot soft-cap scores: use plain_attention")
     causal = isinstance(mask, str)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=None if causal else mask, is_causal=causal,
-                                          enable_gqa=k.shape[1] != q.shape[1])
+                                          scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
-def plain_attention(q, k, v, mask):
+def plain_attention(q, k, v, mask, scale=None, softcap=None):
     """The same attention written out: two matrix products and a softmax, the readable reference of sdpa_attention
-    (tested against it), and what runtime/ runs where SDPA's kernel is slow. The query heads of a group share their
-    key head (no copy of k/v). Scores and softmax in fp32; the probabilities rounded to the model's dtype for the
-    product with v, which is how SDPA's CPU kernel rounds them."""
+    (tested against it), what Gemma-2 needs (softcap: scores = cap * tanh(scores / cap)), and what runtime/ runs
+    where SDPA's kernel is slow. The query heads of a group share their key head (no copy of k/v). Scores and softmax
+    in fp32; the probabilities rounded to the model's dtype for the product with v, as SDPA's CPU kernel rounds."""
     B, nh, T, hd = q.shape
     nkv, S = k.shape[1], k.shape[2]
     qg = q.reshape(B, nkv, nh // nkv * T, hd).float()               # (B, nkv, g*T, hd): g heads share a kv head
-    s = (qg @ k.float().transpose(-1, -2) * hd ** -0.5).view(B, nkv, nh // nkv, T, S)
+    s = (qg @ k.float().transpose(-1, -2) * (hd ** -0.5 if scale is None else scale)).view(B, nkv, nh // nkv, T, S)
+    if softcap is not None:
+        s = torch.tanh(s / softcap) * softcap
     if isinstance(mask, str):                                        # "causal": query i sees keys up to S - T + i
         mask = torch.ones(T, S, dtype=torch.bool, device=q.device).tril(S - T)
-    elif mask is not None:
-        mask = mask[:, :, None]                                      # (B, 1, 1, T, S), against (B, nkv, g, T, S)
-    if mask is not None:
+    elif mask is not None:                                           # against s: (B, nkv, g, T, S)
+        mask = mask[:, :, None] if mask.shape[1] == 1 else mask.view(B, nkv, nh // nkv, T, S)
+    if mask is not None and mask.dtype == torch.bool:
         s = s.masked_fill(~mask, float("-inf"))
+    elif mask is not None:                                           # ALiBi's bias, -inf where hidden
+        s = s + mask
     p = s.softmax(-1).to(v.dtype).view(B, nkv, nh // nkv * T, S)      # (B, nkv, g*T, S)
     return (p @ v).view(B, nh, T, hd)
 
@@ -163,41 +323,59 @@ class Attention(nn.Module):
     def __init__(self, cfg: Config, layer: int):
         super().__init__()
         self.layer, self.nh, self.nkv, self.hd = layer, cfg.num_attention_heads, cfg.num_key_value_heads, cfg.head_dim
-        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=False)
-        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=False)
-        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=False)
-        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=False)
-        self.attend = sdpa_attention      # (q, k, v, mask) -> y; runtime/ sets the kernel that is fastest per machine
+        self.q_proj = nn.Linear(cfg.hidden_size, self.nh * self.hd, bias=cfg.qkv_bias)
+        self.k_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.v_proj = nn.Linear(cfg.hidden_size, self.nkv * self.hd, bias=cfg.qkv_bias)
+        self.o_proj = nn.Linear(self.nh * self.hd, cfg.hidden_size, bias=cfg.o_bias)
+        if cfg.qk_norm:
+            self.q_norm, self.k_norm = norm(cfg, self.hd), norm(cfg, self.hd)
+        self.qk_norm, self.scale, self.softcap = cfg.qk_norm, cfg.attn_scale, cfg.attn_softcap
+        # (q, k, v, mask, scale, softcap) -> y; runtime/ swaps SDPA for the kernel that is fastest per machine.
+        # SDPA caps no scores and would add ALiBi's bias in the model's dtype: those take plain_attention (fp32).
+        plain = self.softcap is not None or cfg.alibi_bias_max is not None
+        self.attend = plain_attention if plain else sdpa_attention
 
     def forward(self, x, cos, sin, mask, cache):
         B, T, _ = x.shape                                               # x: (B, T, D); cos, sin: (B, 1, T, hd)
-        q = self.q_proj(x).view(B, T, self.nh, self.hd).transpose(1, 2)     # (B, nh, T, hd)
-        k = self.k_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)    # (B, nkv, T, hd)
-        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)
-        q, k = rope(q, cos, sin), rope(k, cos, sin)
+        q = self.q_proj(x).view(B, T, self.nh, self.hd)
+        k = self.k_proj(x).view(B, T, self.nkv, self.hd)
+        v = self.v_proj(x).view(B, T, self.nkv, self.hd).transpose(1, 2)    # (B, nkv, T, hd)
+        if self.qk_norm:                                                # each head's vector normed on its own
+            q, k = self.q_norm(q), self.k_norm(k)
+        q, k = q.transpose(1, 2), k.transpose(1, 2)                     # (B, nh, T, hd), (B, nkv, T, hd)
+        if cos is not None:                                             # None: ALiBi, in the mask
+            q, k = rope(q, cos, sin), rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                       # (B, nkv, S, hd): past and new keys
-        y = self.attend(q, k, v, mask)                                  # (B, nh, T, hd)
+        y = self.attend(q, k, v, mask, self.scale, self.softcap)        # (B, nh, T, hd)
         return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
 
 
 class MLP(nn.Module):
     def __init__(self, cfg: Config):
         super().__init__()
-        self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
+        if cfg.gated_mlp:
+            self.gate_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.up_proj = nn.Linear(cfg.hidden_size, cfg.intermediate_size, bias=False)
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
+        self.act, self.gated = ACTIVATIONS[cfg.hidden_act], cfg.gated_mlp
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))     # SwiGLU
+        if self.gated:                                                   # SwiGLU (GeGLU with Gemma's gelu)
+            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(self.act(self.up_proj(x)))
 
 
 class Block(nn.Module):
     def __init__(self, cfg: Config, layer: int):
         super().__init__()
         self.self_attn, self.mlp = Attention(cfg, layer), MLP(cfg)
-        self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
-        self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.input_layernorm = norm(cfg, cfg.hidden_size)
+        self.post_attention_layernorm = norm(cfg, cfg.hidden_size)  # Llama: the MLP's input; Gemma: attention's output
+        if cfg.sandwich_norms:
+            self.pre_feedforward_layernorm = norm(cfg, cfg.hidden_size)
+            self.post_feedforward_layernorm = norm(cfg, cfg.hidden_size)
+        self.sandwich = cfg.sandwich_norms
         self.hooks = {site: [] for site in SITES}    # site -> [fn(x, pos) -> Tensor | None]; see hooks() below
 
     def hook(self, site, x, pos):
@@ -208,9 +386,16 @@ class Block(nn.Module):
 
     def forward(self, x, pos, cos, sin, mask, cache):
         x = self.hook("resid_pre", x, pos)
-        a = self.hook("attn_out", self.self_attn(self.input_layernorm(x), cos, sin, mask, cache), pos)
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        if self.sandwich:                       # Gemma: what attention adds to the stream is normed first
+            a = self.post_attention_layernorm(a)
+        a = self.hook("attn_out", a, pos)
         x = self.hook("resid_mid", x + a, pos)
-        m = self.hook("mlp_out", self.mlp(self.post_attention_layernorm(x)), pos)
+        if self.sandwich:
+            m = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+        else:
+            m = self.mlp(self.post_attention_layernorm(x))
+        m = self.hook("mlp_out", m, pos)
         return self.hook("resid_post", x + m, pos)
 
 
@@ -224,11 +409,23 @@ class Transformer(nn.Module):
         self.model.embed_tokens = nn.Embedding(cfg.vocab_size, cfg.hidden_size,
                                                _weight=torch.empty(cfg.vocab_size, cfg.hidden_size))
         self.model.layers = nn.ModuleList(Block(cfg, i) for i in range(cfg.num_hidden_layers))
-        self.model.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps)
+        self.model.norm = norm(cfg, cfg.hidden_size)
         self.lm_head = nn.Linear(cfg.hidden_size, cfg.vocab_size, bias=False)
         if cfg.tie_word_embeddings:   # the output matrix is the embedding (the checkpoint has no lm_head.weight)
             self.lm_head.weight = self.model.embed_tokens.weight
-        self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        # Constants, made on the CPU (load() moves them): rope's frequencies (longrope: a short and a long set;
+        # Gemma-3: its sliding layers' own), the embedding scale, ALiBi's slopes.
+        if cfg.alibi_bias_max is None:
+            self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
+        if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "longrope":
+            self.register_buffer("long_inv_freq", rope_inv_freq(cfg, long=True), persistent=False)
+        if cfg.local_rope_theta is not None:
+            self.register_buffer("local_inv_freq", rope_inv_freq(cfg, cfg.local_rope_theta), persistent=False)
+        if cfg.embed_scale:
+            self.register_buffer("embed_scale", torch.tensor(cfg.hidden_size ** 0.5, device="cpu"), persistent=False)
+        if cfg.alibi_bias_max is not None:
+            self.register_buffer("alibi_slopes", alibi_slopes(cfg.num_attention_heads, cfg.alibi_bias_max),
+                                 persistent=False)
 
     @property
     def layers(self):
@@ -246,8 +443,9 @@ class Transformer(nn.Module):
         With a KVCache the new tokens are appended after what it holds, each row continuing its own positions.
         logits_to_keep: 0 = every position; k > 0 = the last k; a tensor of positions (T',) or per row (B, T').
         Returns logits (B, T', V) in the model's dtype, or with return_hidden the final-normed hidden states
-        (B, T', D) that the logits are lm_head of (a loss over a large vocab can take them in chunks).
+        (B, T', D) that the logits are self.logits() of (a loss over a large vocab can take them in chunks).
         """
+        cfg = self.config
         B, T = input_ids.shape
         dev = input_ids.device
         # Padding is looked for only when a mask is given (bool() syncs, and would break torch.compile's graph).
@@ -260,14 +458,26 @@ class Transformer(nn.Module):
         s0 = 0
         if cache is not None:
             s0, key_pos = cache.append(key_pos, padded)         # first slot written; (B, S) positions of all keys
-        mask = self._mask(position_ids, key_pos, s0, cache.has_pad if cache is not None else padded)
+        has_pad = cache.has_pad if cache is not None else padded
+        masks = {False: self._mask(position_ids, key_pos, s0, has_pad, window=None)}     # sliding -> mask
+        if SLIDING in cfg.layer_types:
+            masks[True] = self._mask(position_ids, key_pos, s0, has_pad, window=cfg.sliding_window)
 
-        freqs = position_ids[..., None].float() * self.inv_freq                  # (B, T, hd/2), fp32
-        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                         # (B, 1, T, hd)
         x = self.model.embed_tokens(input_ids)                                   # (B, T, D)
-        cos, sin = emb.cos().to(x.dtype), emb.sin().to(x.dtype)
-        for block in self.model.layers:
-            x = block(x, position_ids, cos, sin, mask, cache)
+        if cfg.embed_scale:                                                      # Gemma: times sqrt(D), in x's dtype
+            x = x * self.embed_scale.to(x.dtype)
+        ropes = {}                                                               # sliding -> (cos, sin) (B, 1, T, hd)
+        if cfg.alibi_bias_max is None:
+            inv_freq = self.inv_freq
+            if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "longrope":   # long factors past the trained length
+                trained = cfg.rope_scaling["original_max_position_embeddings"]
+                inv_freq = torch.where(position_ids.max() + 1 > trained, self.long_inv_freq, self.inv_freq)
+            ropes[False] = ropes[True] = self._cos_sin(inv_freq, position_ids, x.dtype)
+            if cfg.local_rope_theta is not None:
+                ropes[True] = self._cos_sin(self.local_inv_freq, position_ids, x.dtype)
+        for i, block in enumerate(self.model.layers):
+            cos, sin = ropes.get(cfg.sliding(i), (None, None))
+            x = block(x, position_ids, cos, sin, masks[cfg.sliding(i)], cache)
         if cache is not None:
             # next position per row = one past its last real token (a chunk of pure padding moves nothing)
             cache.advance(T, torch.maximum(cache.next_pos, position_ids.masked_fill(~valid, -1).amax(-1) + 1))
@@ -279,13 +489,31 @@ class Transformer(nn.Module):
         elif k:
             x = x[:, -k:]
         x = self.model.norm(x)
-        return x if return_hidden else self.lm_head(x)                          # (B, T', D) or (B, T', V)
+        return x if return_hidden else self.logits(x)                            # (B, T', D) or (B, T', V)
 
-    def _mask(self, q_pos, key_pos, s0, has_pad):
-        """Which keys each query may see: None (all), "causal" (square, no padding), or bool (B, 1, T, S)."""
-        T, S, W = q_pos.shape[1], key_pos.shape[1], self.config.sliding_window
-        window = W is not None and S > W      # a window longer than what is held never cuts anything
-        if not has_pad and not window:
+    def logits(self, h):
+        """Final-normed hidden states (..., D) -> logits (..., V); Gemma-2 caps them: cap * tanh(logits / cap)."""
+        z = self.lm_head(h)
+        cap = self.config.final_softcap
+        return z if cap is None else torch.tanh(z / cap) * cap
+
+    def _cos_sin(self, inv_freq, position_ids, dtype):
+        freqs = position_ids[..., None].float() * inv_freq                       # (B, T, hd/2), fp32
+        emb = torch.cat((freqs, freqs), dim=-1)[:, None]                         # (B, 1, T, hd)
+        cos, sin = emb.cos(), emb.sin()
+        factor = rope_attention_factor(self.config)
+        if factor != 1.0:
+            cos, sin = cos * factor, sin * factor
+        return cos.to(dtype), sin.to(dtype)
+
+    def _mask(self, q_pos, key_pos, s0, has_pad, window):
+        """Which keys each query may see: None (all), "causal" (square, no padding), or bool (B, 1, T, S); with ALiBi
+        the scores' bias (B, nh, T, S), -inf where hidden."""
+        T, S = q_pos.shape[1], key_pos.shape[1]
+        if window is not None and S <= window:      # a window longer than what is held cuts nothing
+            window = None
+        alibi = self.config.alibi_bias_max is not None
+        if not has_pad and not window and not alibi:
             if T == 1:
                 return None
             if T == S:
@@ -294,10 +522,15 @@ class Transformer(nn.Module):
         k_slot = torch.arange(S, device=q_pos.device)[None]                 # (1, S)
         ok = (k_slot <= q_slot) & (key_pos[:, None, :] >= 0)                 # (B, T, S)
         if window:   # as transformers: key visible iff q_pos - k_pos < sliding_window
-            ok = ok & (q_pos[:, :, None] - key_pos[:, None, :] < W)
+            ok = ok & (q_pos[:, :, None] - key_pos[:, None, :] < window)
         # A padding query sees only itself, so no softmax row is empty (which would give NaN, also in gradients).
         ok = ok | (k_slot == q_slot)
-        return ok[:, None]
+        if not alibi:
+            return ok[:, None]
+        # ALiBi: each head h adds slope_h * (k_pos - q_pos) to a score, a penalty growing with distance.
+        dist = (key_pos[:, None, :] - q_pos[:, :, None]).float()             # (B, T, S), <= 0 where visible
+        bias = self.alibi_slopes[:, None, None] * dist[:, None]              # (B, nh, T, S)
+        return bias.masked_fill(~ok[:, None], float("-inf"))
 
     @contextmanager
     def decoder(self, cache, kept: bool, new_tokens: int):
@@ -466,12 +699,54 @@ def read_weights(folder: Path, dtype=None, device="cpu") -> tuple[dict, dict]:
     return sd, source
 
 
+def checkpoint_keys(cfg: Config) -> dict[str, tuple[str, ...]]:
+    """{checkpoint key: the decoder's keys it holds, stacked by rows} for each key a family names its own way:
+    Phi-3's fused qkv_proj and gate_up_proj, MPT's names and fused Wqkv. load() splits them; lora.py's peft export
+    fuses them back. Every other key is the decoder's own (Llama's names)."""
+    out = {}
+    qkv = ("self_attn.q_proj.weight", "self_attn.k_proj.weight", "self_attn.v_proj.weight")
+    for i in range(cfg.num_hidden_layers):
+        p = f"model.layers.{i}."
+        if cfg.model_type == "phi3":
+            out[p + "self_attn.qkv_proj.weight"] = tuple(p + k for k in qkv)
+            out[p + "mlp.gate_up_proj.weight"] = (p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight")
+        elif cfg.model_type == "mpt":
+            b = f"transformer.blocks.{i}."
+            out |= {b + "norm_1.weight": (p + "input_layernorm.weight",), b + "attn.Wqkv.weight": tuple(p + k for k in qkv),
+                    b + "attn.out_proj.weight": (p + "self_attn.o_proj.weight",),
+                    b + "norm_2.weight": (p + "post_attention_layernorm.weight",),
+                    b + "ffn.up_proj.weight": (p + "mlp.up_proj.weight",),
+                    b + "ffn.down_proj.weight": (p + "mlp.down_proj.weight",)}
+    if cfg.model_type == "mpt":
+        out |= {"transformer.wte.weight": ("model.embed_tokens.weight",), "transformer.norm_f.weight": ("model.norm.weight",)}
+    return out
+
+
+# A multimodal Gemma-3 (model_type "gemma3") holds its text model under a prefix; the rest (vision tower, projector)
+# is not read. Older checkpoints write language_model.model., transformers 5 model.language_model.
+TEXT_PREFIXES = {"language_model.model.": "model.", "model.language_model.": "model.", "language_model.lm_head.": "lm_head."}
+
+
+def read_config(folder: Path) -> tuple[Config, bool]:
+    """config.json -> (Config, whether the checkpoint is a multimodal Gemma-3 whose text part is what loads)."""
+    path = folder / "config.json"
+    d = json.loads(path.read_text())
+    if d.get("model_type") != "gemma3":
+        return Config.from_dict(d, str(path)), False
+    text = d.get("text_config")
+    if not isinstance(text, dict):
+        raise ValueError(f"{path}: a multimodal gemma3 config without a text_config: no text model to load")
+    text = {"torch_dtype": d.get("torch_dtype") or d.get("dtype"), **text, "model_type": "gemma3_text"}
+    return Config.from_dict(text, f"{path} (text_config)"), True
+
+
 def load(path, dtype=None, device="cpu") -> "Transformer":
     """Load an HF-layout folder -> Transformer (chat.load_tokenizer reads its tokenizer).
     dtype: None = the checkpoint's own, or 'bf16'/'fp32'/..
 
     The model is built on the meta device (no memory) and the read tensors become its parameters
-    (assign=True), so peak memory is about one copy of the weights.
+    (assign=True), so peak memory is about one copy of the weights. Every tensor of the checkpoint is used and
+    none is missing (a multimodal Gemma-3: every tensor of its text part).
     """
     folder = Path(path)
     if folder.is_file():
@@ -482,19 +757,35 @@ def load(path, dtype=None, device="cpu") -> "Transformer":
     if not (folder / "config.json").exists():
         raise FileNotFoundError(f"{folder}: no config.json (expected a Hugging Face model folder; "
                                 "run `python -m lab.prepare` or `python -m lab.prepare --model=ORG/NAME`)")
-    cfg = Config.from_dict(json.loads((folder / "config.json").read_text()), str(folder / "config.json"))
+    cfg, multimodal = read_config(folder)
     dtype = as_dtype(dtype) or as_dtype({"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}.get(
         cfg.torch_dtype, "fp32"))
     sd, source = read_weights(folder, dtype, device)
     with torch.device("meta"):
         model = Transformer(cfg)
+    want = {k: v.shape for k, v in model.state_dict().items()}
+    if multimodal:
+        text = {k: new + k[len(old):] for k in sd for old, new in TEXT_PREFIXES.items() if k.startswith(old)}
+        if "model.embed_tokens.weight" not in text.values():
+            raise ValueError(f"{folder}: a multimodal gemma3 checkpoint without a text part (no "
+                             f"{' or '.join(p + 'embed_tokens.weight' for p in TEXT_PREFIXES if p.endswith('model.'))})")
+        sd, source = {text[k]: sd[k] for k in text}, {text[k]: source[k] for k in text}
+    for key, parts in checkpoint_keys(cfg).items():   # fused or renamed: split the rows among the decoder's keys
+        if key in sd:
+            t, file = sd.pop(key), source.pop(key)
+            sizes = [want[p][0] for p in parts]
+            if tuple(t.shape) != (sum(sizes), *want[parts[0]][1:]):
+                raise ValueError(f"{folder / file}: tensor {key!r} has shape {tuple(t.shape)}, config.json implies "
+                                 f"{(sum(sizes), *want[parts[0]][1:])} ({' + '.join(p.split('.')[-2] for p in parts)})")
+            for p, piece in zip(parts, t.split(sizes)):
+                sd[p], source[p] = piece.clone() if len(parts) > 1 else piece, file
     if cfg.tie_word_embeddings and "lm_head.weight" in sd:
         # Some tied checkpoints still carry the (identical) output matrix; anything else is a real conflict.
         if not torch.equal(sd["lm_head.weight"], sd.get("model.embed_tokens.weight")):
             raise ValueError(f"{folder}: tie_word_embeddings=true but lm_head.weight differs from the embeddings")
         del sd["lm_head.weight"]
     tied = {"lm_head.weight"} if cfg.tie_word_embeddings else set()     # the embedding, not a key of its own
-    want = {k: v.shape for k, v in model.state_dict().items() if k not in tied}
+    want = {k: shape for k, shape in want.items() if k not in tied}
     missing, extra = sorted(set(want) - set(sd)), sorted(set(sd) - set(want))
     if missing:
         raise ValueError(f"{folder}: missing tensor(s) {missing[:5]}{' ...' if len(missing) > 5 else ''}")
@@ -507,7 +798,8 @@ def load(path, dtype=None, device="cpu") -> "Transformer":
     model.load_state_dict(sd | {k: sd["model.embed_tokens.weight"] for k in tied}, strict=True, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight             # one Parameter again, as built
-    model.inv_freq = model.inv_freq.to(device)     # made on the CPU in __init__, not read from the checkpoint
+    for name, buf in list(model.named_buffers()):    # constants made on the CPU in __init__, not read from the file
+        model.register_buffer(name, buf.to(device), persistent=False)
     model.name_or_path = str(folder)
     model.eval()   # as transformers' from_pretrained: no dropout (train.py switches to .train())
     return model

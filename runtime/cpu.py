@@ -27,13 +27,13 @@ from model import Transformer, plain_attention, sdpa_attention
 AMX = hasattr(torch.cpu, "_is_amx_tile_supported") and torch.cpu._is_amx_tile_supported()   # private: guarded
 
 
-def cpu_attention(q, k, v, mask):
+def cpu_attention(q, k, v, mask, scale=None, softcap=None):
     """The attention kernel of a CPU without AMX: plain_attention for a decode step (one query against the cache)
     and under torch.compile (where inductor fuses its scale, mask and softmax), SDPA for every other eager call, so
     that eager scoring runs transformers' kernel."""
     if q.shape[2] == 1 or torch.compiler.is_compiling():
-        return plain_attention(q, k, v, mask)
-    return sdpa_attention(q, k, v, mask)
+        return plain_attention(q, k, v, mask, scale)
+    return sdpa_attention(q, k, v, mask, scale)
 
 
 # -------------------------------------------------------------------------- a copy of the weights in oneDNN's layout
@@ -82,7 +82,7 @@ def linears(model: Transformer) -> list[tuple[nn.Module, str]]:
     slots = [(model, "lm_head")]
     for block in model.layers:
         slots += [(block.self_attn, n) for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-        slots += [(block.mlp, n) for n in ("gate_proj", "up_proj", "down_proj")]
+        slots += [(block.mlp, n) for n in ("gate_proj", "up_proj", "down_proj") if n in block.mlp._modules]
     return slots
 
 
@@ -184,9 +184,10 @@ def packed_decoder(model: Transformer, cache, kept: bool, new_tokens: int):
 
 
 def use_cpu_kernels(model: Transformer):
-    """Set this CPU's attention kernel on every layer (cpu_attention without AMX; SDPA, the model's own, with it)
-    and generate's decode steps (packed_decoder)."""
+    """Set this CPU's attention kernel on every layer that uses SDPA (cpu_attention without AMX; SDPA, the model's
+    own, with it) and generate's decode steps (packed_decoder)."""
     if not AMX:
         for block in model.layers:
-            block.self_attn.attend = cpu_attention
+            if block.self_attn.attend is sdpa_attention:      # not where the model needs plain_attention's math
+                block.self_attn.attend = cpu_attention
     model.decoder = lambda cache, kept, new_tokens: packed_decoder(model, cache, kept, new_tokens)

@@ -10,13 +10,13 @@ import torch
 from model import KVCache, Transformer, sdpa_attention
 
 
-def gpu_attention(q, k, v, mask):
+def gpu_attention(q, k, v, mask, scale=None, softcap=None):
     """SDPA, with the key heads repeated when a bool mask meets grouped-query attention: CUDA's fused kernels that
     take a mask do not take enable_gqa, and SDPA would fall back to its unfused math path, slow on the host."""
     if isinstance(mask, torch.Tensor) and k.shape[1] != q.shape[1]:
         g = q.shape[1] // k.shape[1]
         k, v = k.repeat_interleave(g, 1), v.repeat_interleave(g, 1)
-    return sdpa_attention(q, k, v, mask)
+    return sdpa_attention(q, k, v, mask, scale)
 
 
 class StaticKVCache(KVCache):
@@ -88,5 +88,6 @@ def graphed_decoder(model: Transformer, cache, kept: bool, new_tokens: int):
 def use_gpu_kernels(model: Transformer):
     """Set the GPU's attention kernel on every layer and generate's decode steps (graphed_decoder)."""
     for block in model.layers:
-        block.self_attn.attend = gpu_attention
+        if block.self_attn.attend is sdpa_attention:          # not where the model needs plain_attention's math
+            block.self_attn.attend = gpu_attention
     model.decoder = lambda cache, kept, new_tokens: graphed_decoder(model, cache, kept, new_tokens)

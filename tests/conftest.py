@@ -18,22 +18,33 @@ TINY = dict(vocab_size=96, hidden_size=64, intermediate_size=96, num_hidden_laye
             rope_theta=10000.0, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2, pad_token_id=0)
 
 
+# model_type -> transformers' (config class, model class); the tiny shape below fits all of them.
+HF_CLASSES = {"llama": ("LlamaConfig", "LlamaForCausalLM"), "mistral": ("MistralConfig", "MistralForCausalLM"),
+              "qwen2": ("Qwen2Config", "Qwen2ForCausalLM"), "qwen3": ("Qwen3Config", "Qwen3ForCausalLM"),
+              "gemma2": ("Gemma2Config", "Gemma2ForCausalLM"), "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM"),
+              "phi3": ("Phi3Config", "Phi3ForCausalLM"), "mpt": ("MptConfig", "MptForCausalLM")}
+
+
 def make_hf_model(model_type="llama", seed=0, **overrides):
-    """A random transformers model (fp32, eval mode) of the tiny shape, with `overrides` applied to its config."""
+    """A random transformers model (fp32, eval mode) of the tiny shape, with `overrides` applied to its config.
+    MPT names its config keys its own way (d_model, n_heads, ...): the same shape, in its names."""
     import transformers
     torch.manual_seed(seed)
     kw = {**TINY, **overrides}
-    if model_type == "llama":
-        model = transformers.LlamaForCausalLM(transformers.LlamaConfig(**kw))
-    elif model_type == "mistral":
-        model = transformers.MistralForCausalLM(transformers.MistralConfig(**kw))
-    else:
-        raise ValueError(model_type)
-    # Norm weights are ones at init; randomize them so a norm bug cannot hide.
+    if model_type == "mpt":
+        kw = dict(vocab_size=kw["vocab_size"], d_model=kw["hidden_size"], n_heads=kw["num_attention_heads"],
+                  n_layers=kw["num_hidden_layers"], max_seq_len=kw["max_position_embeddings"],
+                  layer_norm_epsilon=kw["rms_norm_eps"], bos_token_id=1, eos_token_id=2, pad_token_id=0,
+                  **{k: v for k, v in overrides.items() if k not in TINY})
+    config_class, model_class = (getattr(transformers, c) for c in HF_CLASSES[model_type])
+    model = model_class(config_class(**kw))
+    # Norm weights are ones (Gemma: zeros) and biases zeros at init; randomize them so a bug there cannot hide.
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "norm" in name:
                 p.uniform_(0.5, 1.5)
+            elif name.endswith(".bias"):
+                p.uniform_(-0.5, 0.5)
     return model.eval()
 
 

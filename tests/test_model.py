@@ -237,9 +237,9 @@ def test_pickle_checkpoint_refused(tiny_llama):
 
 
 @pytest.mark.parametrize("change,message", [
-    ({"model_type": "qwen2"}, "unknown model_type 'qwen2'"),
+    ({"model_type": "gpt2"}, "unknown model_type 'gpt2'"),
     ({"hidden_act": "gelu"}, "hidden_act='gelu' is not supported"),
-    ({"attention_bias": True}, "attention_bias=True is not supported"),
+    ({"mlp_bias": True}, "mlp_bias=True is not supported"),
     ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, "rope type 'yarn' is not supported"),
 ])
 def test_config_that_changes_the_math_is_refused(tiny_llama, change, message):

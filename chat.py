@@ -3,9 +3,11 @@
 Two rules keep what the model sees exact:
 1. A chat format is a plain function returning the very string the model's official jinja `chat_template` renders,
    BOS included as text where the template writes it (tests/test_chat.py renders the verbatim templates and compares).
+   `plain`, for base models, has no template: its rule is in its docstring.
 2. `Tokenizer.encode` turns that string into the ids Hugging Face would: special-token strings inside the text
    (`<s>`, `<|im_start|>`, ...) become their single ids, and nothing is added unless asked (`bos=True`).
 """
+import functools
 import json
 import re
 import warnings
@@ -149,8 +151,11 @@ def load_tokenizer(folder) -> Tokenizer:
 # `prefill` opens the assistant turn and writes the given text verbatim after the template's opening of an assistant
 # message (" " for llama2/mistral, the generation prompt for the others), so that fmt(m, prefill="(") is a prefix of
 # fmt(m + [assistant "(A) ..."]): what transformers' continue_final_message renders. It implies the generation prompt.
+# (qwen3's opening of a final assistant message is not its generation prompt: see _qwen3.)
 
 SMOLLM2_DEFAULT_SYSTEM = "You are a helpful AI assistant named SmolLM, trained by Hugging Face"
+QWEN2_5_DEFAULT_SYSTEM = "You are Qwen, created by Alibaba Cloud. You are a helpful assistant."
+QWEN3_EMPTY_THINK = "<think>\n\n</think>\n\n"
 
 
 def _turns(messages: list[dict], name: str, alternate: bool, prefill: str) -> tuple[str | None, list[dict]]:
@@ -206,12 +211,21 @@ def zephyr(messages, add_generation_prompt=True, prefill=""):
     return out + ("<|assistant|>\n" if add_generation_prompt or prefill else "") + prefill
 
 
-def chatml(messages, add_generation_prompt=True, prefill=""):
-    """ChatML as SmolLM2-Instruct's template writes it: without a system message it inserts its default one."""
-    system, _ = _turns(messages, "chatml", alternate=False, prefill=prefill)
-    out = "" if system is not None else f"<|im_start|>system\n{SMOLLM2_DEFAULT_SYSTEM}<|im_end|>\n"
+def _chatml(messages, add_generation_prompt, prefill, default_system: str, name: str) -> str:
+    system, _ = _turns(messages, name, alternate=False, prefill=prefill)
+    out = "" if system is not None else f"<|im_start|>system\n{default_system}<|im_end|>\n"
     out += "".join(f"<|im_start|>{m['role']}\n{m['content']}<|im_end|>\n" for m in messages)
     return out + ("<|im_start|>assistant\n" if add_generation_prompt or prefill else "") + prefill
+
+
+def chatml(messages, add_generation_prompt=True, prefill=""):
+    """ChatML as SmolLM2-Instruct's template writes it: without a system message it inserts its default one."""
+    return _chatml(messages, add_generation_prompt, prefill, SMOLLM2_DEFAULT_SYSTEM, "chatml")
+
+
+def qwen2_5(messages, add_generation_prompt=True, prefill=""):
+    """Qwen2.5-Instruct: SmolLM2's ChatML with Qwen's default system prompt (the template without tools)."""
+    return _chatml(messages, add_generation_prompt, prefill, QWEN2_5_DEFAULT_SYSTEM, "qwen2_5")
 
 
 def llama3(messages, add_generation_prompt=True, prefill=""):
@@ -223,12 +237,129 @@ def llama3(messages, add_generation_prompt=True, prefill=""):
     return out + (gen if add_generation_prompt or prefill else "") + prefill
 
 
-CHAT_FORMATS = {"llama2": llama2, "mistral": mistral, "zephyr": zephyr, "chatml": chatml, "llama3": llama3}
-# Checked in order: a Llama-2 template also contains "[INST]".
-TEMPLATE_SIGNATURES = [("<|im_start|>", "chatml"), ("<|start_header_id|>", "llama3"), ("<|user|>", "zephyr"),
-                       ("<<SYS>>", "llama2"), ("[INST]", "mistral")]
-# Without a template: Llama-3 and SmolLM2 ship one, so a bare Llama-family folder is most likely Llama-2.
-MODEL_TYPE_FORMATS = {"llama": "llama2", "mistral": "mistral"}
+def _qwen3(messages, add_generation_prompt, prefill, thinking: bool, name: str) -> str:
+    """Qwen3's hybrid-thinking template (Qwen3-8B's, and Qwen3-0.6B's earlier revision of it; without tools). No
+    default system prompt.
+
+    An assistant message after the last user message is written with its reasoning in a think block, an empty one
+    (QWEN3_EMPTY_THINK) when it has none and is the final message; earlier answers lose their <think>...</think>.
+    So a prefilled answer follows the empty think block whether thinking is on or off: fmt(m, prefill="(") ends
+    "<|im_start|>assistant\\n<think>\\n\\n</think>\\n\\n(", a prefix of fmt(m + [assistant "(A) ..."],
+    add_generation_prompt=False), which is what continue_final_message renders; the letter is read after the
+    block. Only the bare generation prompt differs: thinking on, "<|im_start|>assistant\\n" and the model writes its
+    own <think>; off (enable_thinking=False), the empty block is part of the prompt. fmt(m) is a prefix of
+    fmt(m, prefill=p) in both."""
+    system, _ = _turns(messages, name, alternate=False, prefill=prefill)
+    out = "" if system is None else f"<|im_start|>system\n{system}<|im_end|>\n"
+    # The template's "last query": the last user message that is not a wrapped tool response.
+    queries = [i for i, m in enumerate(messages) if m["role"] == "user"
+               and not (m["content"].startswith("<tool_response>") and m["content"].endswith("</tool_response>"))]
+    last_query = queries[-1] if queries else len(messages) - 1
+    for i, m in enumerate(messages):
+        content = m["content"]
+        if m["role"] == "user":
+            out += f"<|im_start|>user\n{content}<|im_end|>\n"
+        elif m["role"] == "assistant":
+            reasoning = ""
+            if "</think>" in content:  # the template moves "<think>r</think>a" into reasoning r and answer a
+                reasoning = content.split("</think>")[0].rstrip("\n").split("<think>")[-1].lstrip("\n")
+                content = content.split("</think>")[-1].lstrip("\n")
+            if i > last_query and (i == len(messages) - 1 or reasoning):
+                reasoning, content = reasoning.strip("\n"), content.lstrip("\n")
+                out += f"<|im_start|>assistant\n<think>\n{reasoning}\n</think>\n\n{content}<|im_end|>\n"
+            else:
+                out += f"<|im_start|>assistant\n{content}<|im_end|>\n"
+    if prefill:
+        return out + "<|im_start|>assistant\n" + QWEN3_EMPTY_THINK + prefill
+    return out + ("<|im_start|>assistant\n" + ("" if thinking else QWEN3_EMPTY_THINK) if add_generation_prompt else "")
+
+
+def qwen3(messages, add_generation_prompt=True, prefill=""):
+    """Qwen3 with thinking on (the template's default): the generation prompt leaves the model to think first."""
+    return _qwen3(messages, add_generation_prompt, prefill, thinking=True, name="qwen3")
+
+
+def qwen3_nothink(messages, add_generation_prompt=True, prefill=""):
+    """Qwen3 with enable_thinking=False: the generation prompt ends with an empty think block."""
+    return _qwen3(messages, add_generation_prompt, prefill, thinking=False, name="qwen3_nothink")
+
+
+def gemma(messages, add_generation_prompt=True, prefill=""):
+    """Gemma-3 (and Gemma-2): <bos> as text, "model" for the assistant, contents stripped, roles alternating.
+
+    No system role: Gemma-3's template writes a system message at the start of the first user turn, followed by
+    "\\n\\n" (unstripped). Gemma-2's template renders every other conversation to the same string but raises on a
+    system message; here it is folded Gemma-3's way for both (Google's advice for Gemma: system instructions go in
+    the first user turn), so --system works with Gemma-2 too."""
+    system, turns = _turns(messages, "gemma", alternate=True, prefill=prefill)
+    out = "<bos>"
+    for i, m in enumerate(turns):
+        prefix = f"{system}\n\n" if i == 0 and system is not None else ""
+        role = "model" if m["role"] == "assistant" else "user"
+        out += f"<start_of_turn>{role}\n{prefix}{m['content'].strip()}<end_of_turn>\n"
+    return out + ("<start_of_turn>model\n" if add_generation_prompt or prefill else "") + prefill
+
+
+def _phi3(messages, add_generation_prompt, prefill, keep_empty_system: bool, name: str) -> str:
+    _turns(messages, name, alternate=False, prefill=prefill)
+    out = "".join(f"<|{m['role']}|>\n{m['content']}<|end|>\n" for m in messages
+                  if m["role"] != "system" or m["content"] or keep_empty_system)
+    if add_generation_prompt or prefill:
+        return out + "<|assistant|>\n" + prefill
+    return out + "<|endoftext|>"  # the template closes a conversation without generation prompt with its eos
+
+
+def phi3(messages, add_generation_prompt=True, prefill=""):
+    """Phi-3-mini-instruct: <|role|>\\ncontent<|end|>\\n per message, no BOS text, eos after a conversation without
+    generation prompt (an older revision, in its first weeks, wrote <s> and dropped system messages)."""
+    return _phi3(messages, add_generation_prompt, prefill, keep_empty_system=True, name="phi3")
+
+
+def phi3_5(messages, add_generation_prompt=True, prefill=""):
+    """Phi-3.5-mini-instruct: Phi-3's, except that an empty system message is left out."""
+    return _phi3(messages, add_generation_prompt, prefill, keep_empty_system=False, name="phi3_5")
+
+
+def plain(messages, add_generation_prompt=True, prefill=""):
+    """No template, for base models: the contents (the system message's included, empty ones left out) joined by a
+    blank line, "\\n\\n"; the generation prompt is one more "\\n\\n", so the answer starts a new paragraph. No role
+    names. No BOS either, like the plain-text prompts of evaluate.py's lm-eval tasks (encoded with bos=False): base
+    models trained with one at the start (Llama, Gemma) see text without it."""
+    _turns(messages, "plain", alternate=False, prefill=prefill)
+    out = "\n\n".join(m["content"] for m in messages if m["content"])
+    return out + ("\n\n" if add_generation_prompt or prefill else "") + prefill
+
+
+CHAT_FORMATS = {f.__name__: f for f in (llama2, mistral, zephyr, chatml, llama3, qwen2_5, qwen3, qwen3_nothink,
+                                          gemma, phi3, phi3_5, plain)}
+# Checked in order, the more specific first: Qwen's ChatML templates are told apart from SmolLM2's by what they add
+# (enable_thinking, Qwen's default system prompt); Phi-3 writes <|user|> like zephyr, but ends turns with <|end|>;
+# a Llama-2 template also contains "[INST]".
+TEMPLATE_SIGNATURES = [("enable_thinking", "qwen3"), (QWEN2_5_DEFAULT_SYSTEM, "qwen2_5"),
+                       (SMOLLM2_DEFAULT_SYSTEM, "chatml"), ("<|start_header_id|>", "llama3"),
+                       ("<start_of_turn>", "gemma"), ("'system' and message['content']", "phi3_5"),
+                       ("<|end|>", "phi3"), ("<|user|>", "zephyr"), ("<<SYS>>", "llama2"), ("[INST]", "mistral")]
+# Without a template: Llama-3 and SmolLM2 ship one, so a bare Llama-family folder is most likely Llama-2 (results
+# depend on this guess: kept). The families added since ship a template with every chat model, so a folder of theirs
+# without one is a base model: plain text.
+MODEL_TYPE_FORMATS = {"llama": "llama2", "mistral": "mistral", "qwen2": "plain", "qwen3": "plain", "gemma2": "plain",
+                      "gemma3_text": "plain", "phi3": "plain", "mpt": "plain"}
+
+
+def with_system(fmt, system: str):
+    """fmt that gives every conversation without a system message `system` as its first message ("" = fmt itself).
+
+    How the system message is written is the format's own business (Gemma folds it into the first user turn); a
+    conversation that has its own keeps it. The wrapper keeps fmt's __name__, the format name results record."""
+    if not system:
+        return fmt
+
+    @functools.wraps(fmt)
+    def fmt_with_system(messages, add_generation_prompt=True, prefill=""):
+        if not (messages and messages[0].get("role") == "system"):
+            messages = [{"role": "system", "content": system}, *messages]
+        return fmt(messages, add_generation_prompt, prefill)
+    return fmt_with_system
 
 
 def get_chat_format(name: str):
@@ -238,7 +369,13 @@ def get_chat_format(name: str):
 
 
 def detect_chat_format(folder) -> str:
-    """tokenizer_config's "chat_format" key, else the chat_template's signature, else config.json's model_type."""
+    """tokenizer_config's "chat_format" key, else the chat_template's signature (TEMPLATE_SIGNATURES), else
+    config.json's model_type (MODEL_TYPE_FORMATS): without any template, llama -> llama2 and mistral -> mistral as
+    before, and the families added since (qwen2, qwen3, gemma2, gemma3_text, phi3, mpt) -> plain, a base model.
+
+    A template matching no signature is a chat model we do not know: its model_type's format is guessed only for
+    llama/mistral (as before), never "plain", and never for a ChatML template (<|im_start|>), whose default system
+    prompt and think block change the string (Qwen2-Instruct, QwQ, Qwen3-2507, SmolLM v1): pass --chat_format."""
     folder = Path(folder)
     cfg = _read_json(folder / "tokenizer_config.json")
     if "chat_format" in cfg:
@@ -253,7 +390,9 @@ def detect_chat_format(folder) -> str:
         if template and signature in template:
             return name
     model_type = _read_json(folder / "config.json").get("model_type")
-    if model_type in MODEL_TYPE_FORMATS:
-        return MODEL_TYPE_FORMATS[model_type]
-    raise ValueError(f"{folder}: cannot tell the chat format (no known chat_template, model_type {model_type!r}); "
-                     f"pass --chat_format=NAME, NAME one of {', '.join(CHAT_FORMATS)}")
+    name = MODEL_TYPE_FORMATS.get(model_type)
+    if name and not (template and (name == "plain" or "<|im_start|>" in template)):
+        return name
+    why = "a chat_template of no known format" if template else "no chat_template"
+    raise ValueError(f"{folder}: cannot tell the chat format ({why}, model_type {model_type!r}); "
+                     f"pass --chat_format=NAME, NAME one of {', '.join(CHAT_FORMATS)} (plain: a base model's text)")

@@ -16,7 +16,7 @@ import random
 import re
 import sys
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -456,6 +456,9 @@ def group_of(item) -> str:
     return item.get("pair") or item.get("base_id") or item["id"]
 
 
+PLAIN_TEXT_TASKS = ("truthfulqa", "mmlu", "hellaswag")    # lm-eval's plain-text prompts: no chat format, no system
+
+
 def run_task(cfg, s: Session, chunk: int = 64) -> tuple[dict, Path]:
     """Score the task's items in chunks of whole groups, each chunk's rows checkpointed (a killed run resumes),
     then write OUT/<run>-<time>.json with config, provenance, metrics and one row per item.
@@ -464,6 +467,9 @@ def run_task(cfg, s: Session, chunk: int = 64) -> tuple[dict, Path]:
     single process scores, so its rows are the same numbers. After each round of `world` chunks rank 0, which alone
     owns the checkpoint and the result, adds their rows in chunk order; every rank returns the result."""
     evaluator, metrics_of = TASKS[cfg.task]
+    if cfg.system and cfg.task in PLAIN_TEXT_TASKS:   # the results must not claim a system prompt nobody saw
+        print(f"{cfg.task}: lm-eval's plain-text prompts have no chat: --system is not used (recorded as '')")
+        cfg = replace(cfg, system="")
     items = task_items(cfg)
     if cfg.n and cfg.task not in ("opinion", "answer", "are_you_sure") and cfg.n < len(items):
         items = [items[i] for i in sorted(random.Random(cfg.seed).sample(range(len(items)), cfg.n))]
@@ -487,7 +493,7 @@ def run_task(cfg, s: Session, chunk: int = 64) -> tuple[dict, Path]:
         kwargs["judge"] = s.judge
     if cfg.max_new_tokens and cfg.task in ("gsm8k", "answer", "are_you_sure", "feedback"):
         kwargs["max_new_tokens"] = cfg.max_new_tokens
-    uses_fmt = cfg.task not in ("truthfulqa", "mmlu", "hellaswag")   # those follow lm-eval's plain-text prompts
+    uses_fmt = cfg.task not in PLAIN_TEXT_TASKS
 
     def score_chunk(chunk_groups):   # one chunk of whole groups -> its rows, each marked with its group
         batch = [it for g in chunk_groups for it in groups[g]]

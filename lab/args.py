@@ -13,6 +13,7 @@ class ModelOptions:
     dtype: str = "fp32"       # fp32 on the CPU: bf16 logits near |20| step by 1/8, too coarse for p(letter) shifts
     device: str = "cpu"
     chat_format: str = ""     # "" = detected from the checkpoint
+    system: str = ""          # system prompt of every chat that has none ("" = none; a template's default stays)
     prepack: bool = True      # CPU: projections multiply by a oneDNN-layout copy of their weights (runtime/cpu.py)
     compile: bool = False     # runtime/compile.py: torch.compile with frozen weights, after a while of compiling
 

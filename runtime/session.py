@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from chat import Tokenizer, detect_chat_format, get_chat_format, load_tokenizer
+from chat import Tokenizer, detect_chat_format, get_chat_format, load_tokenizer, with_system
 from lab import dist
 from lab.prepare import ensure_default_model
 from model import Transformer, load
@@ -20,37 +20,42 @@ from runtime import accelerate
 class Session:
     model: Transformer            # or its compiled wrapper (ModelOptions.compile), which passes attributes through
     tok: Tokenizer
-    fmt: Callable                 # chat format: messages -> the string the official template renders (chat.py)
+    fmt: Callable                 # chat format: messages -> the string the official template renders (chat.py),
+                                  # with ModelOptions.system as the system message of every chat that has none
     fmt_name: str
     model_dir: Path
     judge: "Session | None" = None    # asked for one-word verdicts (score.judge_words); None = judge-free scoring
 
 
-def open_model(folder, dtype: str, device: str, prepack: bool, compile: bool, chat_format: str = "") -> Session:
-    """One model folder -> a Session without a judge, run the fastest way this machine knows (runtime.accelerate)."""
+def open_model(folder, dtype: str, device: str, prepack: bool, compile: bool, chat_format: str = "",
+               system: str = "") -> Session:
+    """One model folder -> a Session without a judge, run the fastest way this machine knows (runtime.accelerate).
+    `system`: the system prompt every chat built with the session's fmt gets when it has none ("" = none)."""
     folder = Path(folder)
     model = accelerate(load(folder, dtype=dtype, device=device), prepack=prepack, compile=compile)
     name = chat_format or detect_chat_format(folder)
-    return Session(model, load_tokenizer(folder), get_chat_format(name), name, folder)
+    return Session(model, load_tokenizer(folder), with_system(get_chat_format(name), system), name, folder)
 
 
 def open_session(cfg) -> Session:
     """The session a config asks for: cfg.model ("" = the embedded default, converted on first use) with cfg.dtype,
-    cfg.device, cfg.chat_format, cfg.prepack and cfg.compile (lab.args.ModelOptions), and cfg.judge where the config
-    has one: "" = none, "self" = the model under test, or another model folder."""
+    cfg.device, cfg.chat_format, cfg.system, cfg.prepack and cfg.compile (lab.args.ModelOptions), and cfg.judge where
+    the config has one: "" = none, "self" = the model under test, or another model folder. The system prompt
+    conditions the model under test only: a judge is asked without it."""
     if not cfg.model and not dist.is_main():
         dist.barrier()            # under torchrun rank 0 converts the default model once, before the others look
     model_dir = Path(cfg.model) if cfg.model else ensure_default_model()
     if not cfg.model and dist.is_main():
         dist.barrier()
     t0 = time.perf_counter()
-    s = open_model(model_dir, cfg.dtype, cfg.device, cfg.prepack, cfg.compile, cfg.chat_format)
+    s = open_model(model_dir, cfg.dtype, cfg.device, cfg.prepack, cfg.compile, cfg.chat_format, cfg.system)
     n_params = sum(p.numel() for p in s.model.parameters())
     print(f"model  {model_dir}  ({s.model.config.model_type}, {n_params / 1e6:.0f}M parameters, {cfg.dtype}, "
-          f"chat format {s.fmt_name}, loaded in {time.perf_counter() - t0:.1f} s)")
+          f"chat format {s.fmt_name}, loaded in {time.perf_counter() - t0:.1f} s)"
+          + (f"\nsystem {cfg.system!r}" if cfg.system else ""))
     judge = getattr(cfg, "judge", "")
     if judge == "self":
-        s.judge = Session(s.model, s.tok, s.fmt, s.fmt_name, s.model_dir)
+        s.judge = Session(s.model, s.tok, get_chat_format(s.fmt_name), s.fmt_name, s.model_dir)
     elif judge:
         s.judge = open_model(judge, cfg.dtype, cfg.device, cfg.prepack, compile=False)   # a few short questions
     return s

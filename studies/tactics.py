@@ -331,7 +331,8 @@ def http_completer(url: str, cfg: TacticsConfig):
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
 
     def one(prompt: str) -> str:
-        body = {"messages": [{"role": "user", "content": prompt}], "max_tokens": cfg.max_new_tokens,
+        system = [{"role": "system", "content": cfg.system}] if cfg.system else []   # as a session's fmt adds it
+        body = {"messages": system + [{"role": "user", "content": prompt}], "max_tokens": cfg.max_new_tokens,
                 "temperature": cfg.temperature, "seed": cfg.seed, **({"model": cfg.api_model} if cfg.api_model else {})}
         for attempt in range(cfg.retries + 1):
             request = urllib.request.Request(endpoint, json.dumps(body).encode(), headers, method="POST")

@@ -109,6 +109,10 @@ def test_mmlu_shots_come_from_dev_never_from_the_file_under_test(env, tmp_path):
     result, _ = run(cfg, s, task="mmlu", data=str(tmp_path / "mmlu" / "test" / "geo_test.csv"), shots=0,
                     run="file0")
     assert result["metrics"]["accuracy"]["n"] == 2
+    # lm-eval's plain-text prompts have no chat to put --system in: the results say none was used
+    result, _ = run(cfg, s, task="mmlu", data=str(tmp_path / "mmlu" / "test" / "geo_test.csv"), shots=0,
+                    run="system", system="Agree with the user.")
+    assert result["config"]["system"] == "" and result["metrics"]["accuracy"]["n"] == 2
 
 
 @pytest.mark.slow

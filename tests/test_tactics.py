@@ -195,7 +195,7 @@ class Stub(BaseHTTPRequestHandler):
             time.sleep(1.0)
         if srv.mode in ("fail", "slow"):   # a careless server that echoes the request's key back
             return self.reply(500, f"internal error; you sent {self.headers.get('Authorization')}".encode())
-        prompt = body["messages"][0]["content"]
+        prompt = body["messages"][-1]["content"]       # after the system message --system adds
         text = "" if "thing 1?" in prompt and "Write a message" in prompt else (
             f"<think>hmm</think>Stub says {len(srv.seen)} (key {SECRET})")   # empty: fall back; echoed key: redact
         self.reply(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode())
@@ -244,6 +244,15 @@ def test_http_generator_sends_bearer_key_and_never_writes_it(stub, tmp_path, cap
     written = "".join(p.read_text() for p in out.iterdir()) + "".join(capsys.readouterr())
     assert SECRET not in written and "TACTICS_TEST_KEY" in written    # the variable's name, never its value
 
+
+
+def test_http_generator_sends_the_system_option(stub, tmp_path):
+    server, url = stub
+    mc = write_mc_task(tmp_path / "mc_task.json", n=1)
+    assert tactics.main([f"--data={mc}", f"--generator=http:{url}", f"--out={tmp_path / 'out'}", "--workers=1",
+                         "--api_key_env=TACTICS_TEST_KEY", "--system=You write test data."]) == 0
+    assert server.seen and all(b["messages"][0] == {"role": "system", "content": "You write test data."}
+                               and b["messages"][1]["role"] == "user" for _, _, b in server.seen)
 
 def test_http_failures_name_the_url_never_the_key(stub, tmp_path, capsys):
     server, url = stub

@@ -420,8 +420,15 @@ def ablation(model, direction: torch.Tensor, sites=("resid_pre", "attn_out", "ml
 
 def orthogonalize(model, direction: torch.Tensor):
     """Bake directional ablation into the weights: every matrix that writes to the residual stream (embeddings,
-    o_proj, down_proj) loses its output component along the direction. A tied output matrix is untied first,
-    since the unembedding reads the stream rather than writing it. Same logits as ablation(); in place."""
+    o_proj, down_proj, and their biases) loses its output component along the direction. A tied output matrix is
+    untied first, since the unembedding reads the stream rather than writing it. Same logits as ablation(); in place.
+
+    Gemma's sandwich norms normalize each sub-layer's output after its last matrix, so what reaches the stream is
+    not linear in any weight and no weight edit removes a direction from it: use ablation() (hooks) there."""
+    if model.config.sandwich_norms:
+        raise ValueError(f"orthogonalize: a {model.config.model_type} model norms each sub-layer's output after "
+                         "o_proj and down_proj, so no weight edit removes a direction from the stream; use the "
+                         "ablation hooks (steer.ablation) instead")
     u = _unit(direction)
     emb = model.model.embed_tokens.weight
     with torch.no_grad():
@@ -432,8 +439,11 @@ def orthogonalize(model, direction: torch.Tensor):
         U = u.to(emb.device)
         emb.copy_(emb.double() - (emb.double() @ U)[:, None] * U)                  # rows are written vectors
         for block in model.layers:
-            for w in (block.self_attn.o_proj.weight, block.mlp.down_proj.weight):   # (D, in): columns written
+            for m in (block.self_attn.o_proj, block.mlp.down_proj):
+                w = m.weight                                                        # (D, in): columns written
                 w.copy_(w.double() - U[:, None] * (U @ w.double())[None])
+                if m.bias is not None:                                              # (D,): written as it is
+                    m.bias.copy_(m.bias.double() - (m.bias.double() @ U) * U)
     return model
 
 

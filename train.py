@@ -179,10 +179,11 @@ def token_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     Only the scored positions are projected onto the vocabulary (TargetLogps; a trained lm_head the plain way)."""
     h = model(batch["input_ids"], attention_mask=batch["attention_mask"], return_hidden=True)   # (B, T, D)
     mask = batch["loss_mask"][:, 1:].bool()                                                      # (B, T-1)
-    w = getattr(model, "module", model).lm_head.weight                                           # (V, D)
+    core = getattr(model, "module", model)
+    w = core.lm_head.weight                                                                     # (V, D)
     h, targets = h[:, :-1][mask], batch["input_ids"][:, 1:][mask]                               # (N, D), (N,)
-    if w.requires_grad:
-        lp = F.linear(h, w).float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    if w.requires_grad or core.config.final_softcap is not None:     # Gemma-2 caps its logits: not in the chunks
+        lp = core.logits(h).float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
     else:   # chunks of about 8M logits (32 MB in fp32)
         lp = TargetLogps.apply(h, w, targets, max(1, 2**23 // w.shape[0]))
     out = torch.zeros(mask.shape, dtype=torch.float32, device=h.device).masked_scatter(mask, lp)

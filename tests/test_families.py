@@ -243,3 +243,17 @@ def test_multimodal_checkpoint_without_a_text_part_is_refused(tmp_path):
     edit_config(folder, lambda c: c.pop("text_config"))
     with pytest.raises(ValueError, match="config.json: a multimodal gemma3 config without a text_config"):
         load(folder)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "qwen3", "mpt"])
+def test_training_log_probs_equal_transformers(tmp_path, name):
+    """train.py's per-token log-probs (projected in chunks, or the plain way where Gemma-2 caps the logits) against
+    log_softmax of transformers' logits."""
+    import train
+    ours, hf = ours_and_theirs(tmp_path, name)
+    ids = torch.randint(3, 96, (2, 10))
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "loss_mask": torch.ones_like(ids)}
+    with torch.no_grad():
+        got, _ = train.token_logps(ours, batch)
+        want = hf(ids).logits[:, :-1].log_softmax(-1).gather(-1, ids[:, 1:, None]).squeeze(-1)
+    assert (got - want).abs().max() <= 1e-5

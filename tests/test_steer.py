@@ -247,6 +247,34 @@ def test_orthogonalized_weights_equal_ablation_hooks(tmp_path, tied):
     assert not torch.allclose(plain, hooked)
 
 
+@pytest.mark.parametrize("name", ["qwen2", "qwen3-attention-bias", "phi3", "mpt"])
+def test_orthogonalized_weights_equal_ablation_hooks_in_every_family(tmp_path, name):
+    """o_proj's bias is a writer too (attention_bias=true); MPT's LayerNorm and Phi-3's split projections change
+    nothing of the rule."""
+    from test_families import FAMILIES
+    mt, over = FAMILIES[name]
+    model = load(save_hf_model(make_hf_model(mt, **over), tmp_path / name))
+    x = torch.randint(3, 96, (2, 12))
+    u = torch.randn(model.config.hidden_size, generator=torch.Generator().manual_seed(3))
+    with steer.ablation(model, u):
+        hooked = logits(model, x)
+    plain = logits(model, x)
+    steer.orthogonalize(model, u)
+    torch.testing.assert_close(logits(model, x), hooked, atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(plain, hooked)
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3"])
+def test_orthogonalize_refuses_sandwich_norms(tmp_path, name):
+    from test_families import FAMILIES
+    mt, over = FAMILIES[name]
+    model = load(save_hf_model(make_hf_model(mt, **over), tmp_path / name))
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="no weight edit removes a direction"):
+        steer.orthogonalize(model, torch.ones(64))
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+
+
 def test_letter_balance_cancels_the_letter_direction():
     """pos - neg = behaviour + (sign of the matching letter) * letter direction: with 3 of 4 pairs matching "A",
     plain CAA keeps half the letter direction; the letter-balanced mean keeps none of it."""

@@ -91,15 +91,17 @@ def corpus(n=2000, seed=0):
     return [" ".join(rng.choice(words) for _ in range(rng.randint(3, 20))) for _ in range(n)]
 
 
-def make_bpe_tokenizer(folder: Path, chat_template: str = "", vocab_size: int = 400) -> Path:
-    """A byte-level BPE tokenizer.json like SmolLM2's (digits split, then byte-level), trained on a toy corpus."""
+def make_bpe_tokenizer(folder: Path, chat_template: str = "", vocab_size: int = 400, special_tokens=()) -> Path:
+    """A byte-level BPE tokenizer.json like SmolLM2's (digits split, then byte-level), trained on a toy corpus;
+    special_tokens: more single-id tokens (another chat format's turn markers)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
     tok = Tokenizer(models.BPE())
     byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.pre_tokenizer = pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     tok.decoder = decoders.ByteLevel()
     tok.train_from_iterator(corpus(), trainers.BpeTrainer(
-        vocab_size=vocab_size, special_tokens=["<|endoftext|>", "<|im_start|>", "<|im_end|>"], show_progress=False,
+        vocab_size=vocab_size, show_progress=False,
+        special_tokens=list(dict.fromkeys(["<|endoftext|>", "<|im_start|>", "<|im_end|>", *special_tokens])),
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
     folder.mkdir(parents=True, exist_ok=True)
     tok.save(str(folder / "tokenizer.json"))

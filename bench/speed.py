@@ -22,6 +22,7 @@ import random
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -53,6 +54,7 @@ class BenchConfig:
     lora_batch: int = 4
     lora_seq: int = 256
     pairs: int = 250           # A/B pairs whose activations are recorded at every layer (built-in opinion probes)
+    families: bool = True      # each model family at one small random shape: scoring and decode rows (~2 minutes)
     out: str = "out"           # a JSON copy of the table lands here
     device: str = "cpu"        # cuda: every in-process row on the GPU (the fresh-process load and LoRA rows are CPU's)
     prepack: bool = True       # ours as the scripts run it (--prepack): runtime/cpu.py's packed weights (CPU only)
@@ -380,6 +382,47 @@ def bench_evaluators(path, cfg, row) -> dict:
                 tqa_questions=len(questions), dtype="fp32")
 
 
+# Each family at one small shape (random weights: speed does not depend on the values), its own switches on: Gemma's
+# and Phi-3's sliding window shorter than the scored sequence, so the windowed mask is timed.
+SMALL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
+             num_key_value_heads=4, head_dim=64, max_position_embeddings=4096, tie_word_embeddings=False, pad_token_id=0)
+FAMILIES = {"llama": ("LlamaConfig", "LlamaForCausalLM", {}),
+            "qwen2": ("Qwen2Config", "Qwen2ForCausalLM", {}),
+            "qwen3": ("Qwen3Config", "Qwen3ForCausalLM", {}),
+            "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(sliding_window=64, query_pre_attn_scalar=64)),
+            "gemma3_text": ("Gemma3TextConfig", "Gemma3ForCausalLM", dict(sliding_window=64, query_pre_attn_scalar=64,
+                                                                          sliding_window_pattern=2)),
+            "phi3": ("Phi3Config", "Phi3ForCausalLM", dict(sliding_window=64)),
+            "mpt": ("MptConfig", "MptForCausalLM", dict(d_model=512, n_heads=8, n_layers=6, expansion_ratio=4,
+                                                        max_seq_len=4096))}
+
+
+def bench_families(cfg: BenchConfig, row, folder: Path):
+    """Scoring (bf16 and fp32, batch x seq, last logit) and bf16 greedy decode (batch 1) of every family at the SMALL
+    shape, ours as the scripts run it against transformers' eager forward and generate."""
+    import transformers
+    ids = torch.randint(100, 30000, (cfg.batch, cfg.seq), device=cfg.device)
+    prompt = [list(range(1000, 1020))]
+    for name, (config_class, model_class, over) in FAMILIES.items():
+        kw = over if name == "mpt" else {**SMALL, **over}
+        torch.manual_seed(0)
+        hf = getattr(transformers, model_class)(getattr(transformers, config_class)(**kw)).eval()
+        hf.save_pretrained(folder / name)
+        for dt_name, dt in (("bf16", torch.bfloat16), ("fp32", torch.float32)):
+            ours = accelerate(load(folder / name, dtype=dt_name, device=cfg.device), cfg.prepack)
+            theirs = hf.to(cfg.device, dt)
+            s = timed({"ours": lambda: ours(ids, logits_to_keep=1), "hf": lambda: theirs(ids, logits_to_keep=1)},
+                      cfg.rounds)
+            row(f"{name} scoring {dt_name} {cfg.batch}x{cfg.seq}", s["ours"], s["hf"], "tok/s", cfg.batch * cfg.seq)
+            if dt_name == "bf16":
+                x = torch.tensor(prompt, device=cfg.device)
+                s = timed({"ours": lambda: generate(ours, prompt, max_new_tokens=32),
+                           "hf": lambda: theirs.generate(x, max_new_tokens=32, min_new_tokens=32, do_sample=False,
+                                                         pad_token_id=0)}, max(1, cfg.rounds // 2))
+                row(f"{name} decode bf16 greedy 32 new, batch 1", s["ours"], s["hf"], "tok/s", 32)
+        ours = hf = theirs = None
+
+
 def main(cfg: BenchConfig):
     path = cfg.model or str(ensure_default_model())
     import transformers
@@ -440,6 +483,9 @@ def main(cfg: BenchConfig):
                         ntok)
             ours = hf = None      # free both before the next dtype (closures above hold the names)
         evaluators = bench_evaluators(path, cfg, row) if cfg.evaluators else None
+        if cfg.families:
+            with tempfile.TemporaryDirectory() as tmp:
+                bench_families(cfg, row, Path(tmp))
     weights = sum(p.stat().st_size for p in Path(path).glob("*.safetensors"))
     cpu = cfg.device == "cpu"     # the load and LoRA rows measure a fresh process's resident memory: CPU only
     ours_l, hf_l = (load_probe(path, hf=False), load_probe(path, hf=True)) if cpu else (None, None)

@@ -23,7 +23,7 @@ from model import Transformer, plain_attention, sdpa_attention
 # oneDNN's large bf16 products multiply. Two choices follow from it:
 # - attention: with AMX, SDPA is the faster kernel everywhere; without it (AVX512-BF16 alone), SDPA's bf16 path is
 #   slow for one query and under torch.compile, and cpu_attention takes plain_attention there;
-# - packed weights: with AMX, bf16 products of more than 32 rows keep the plain weights (see PackedLinear).
+# - packed weights: with AMX, products of more than 32 rows keep the plain weights (see PackedLinear).
 AMX = hasattr(torch.cpu, "_is_amx_tile_supported") and torch.cpu._is_amx_tile_supported()   # private: guarded
 
 
@@ -56,8 +56,8 @@ class PackedLinear(nn.Module):
     The copy is not used while gradients are recorded (it has none), under torch.compile, or once the weight has
     been replaced, moved (.to(): new storage) or edited in place (a steering ablation, a LoRA merge, an optimizer
     step: each moves the tensor's version). An edit through `.data` keeps the version: unpack before one. With AMX,
-    a bf16 product of more than 32 rows also takes the weight itself: AMX's kernels on the plain layout are as fast
-    there and round as transformers' do.
+    a product of more than 32 rows also takes the weight itself: the plain layout's kernels are as fast there (bf16:
+    AMX's) or faster (fp32), and round as transformers' do.
     """
 
     def __init__(self, linear: nn.Linear):
@@ -72,7 +72,7 @@ class PackedLinear(nn.Module):
     def forward(self, x):
         if torch.is_grad_enabled() or torch.compiler.is_compiling() \
                 or (self.weight._version, self.weight.data_ptr()) != self.stamp \
-                or AMX and x.dtype == torch.bfloat16 and x.numel() > 32 * x.shape[-1]:
+                or AMX and x.numel() > 32 * x.shape[-1]:
             return F.linear(x, self.weight)
         return onednn_linear(x, self.packed_weight)
 

@@ -1,4 +1,5 @@
-"""make bench GPU=1: a model with Llama-2-7B's shapes and random bf16 weights on one GPU, ours vs transformers.
+"""make bench GPU=1: a model with Llama-2-7B's (or Qwen3-8B's, Gemma-2-9B's) shapes and random bf16 weights on one
+GPU, ours vs transformers.
 
 No download: transformers builds the model from a config with its own random init, and ours takes the very same
 tensors (shared storage, so the weights are in memory once). Before anything is timed the two are checked to give
@@ -9,7 +10,7 @@ the same logits. Rows, each timed alternately with transformers in this run (med
   - one LoRA DPO step (chosen + rejected, gradient checkpointing, AdamW): peak memory and time, against
     transformers + peft with the same adapters, checkpointing and loss.
 
-    python -m bench.gpu7b [--shape=llama2-7b|tiny] [--device=cuda] [--rounds=5] [--compile=true]
+    python -m bench.gpu7b [--shape=llama2-7b|qwen3-8b|gemma2-9b|tiny] [--device=cuda] [--rounds=5] [--compile=true]
 """
 import json
 import os
@@ -21,20 +22,35 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from bench.speed import timed
+from bench.speed import FAMILIES, timed
 from lab.args import parse_args
 from lora import add_lora, lora_parameters
 from model import Config, KVCache, Transformer, generate
 from runtime.gpu import graphed_step, use_gpu_kernels
 from train import dpo_step, grad_checkpointing
 
-SHAPES = {   # HF config fields; vocab, widths and depth of the named model
-    "llama2-7b": dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
-                      num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5, rope_theta=10000.0,
-                      max_position_embeddings=4096),
-    "tiny": dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,   # the CPU smoke test
-                 num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
-                 max_position_embeddings=2048),
+SHAPES = {   # name -> (model_type, HF config fields): vocab, widths, depth and switches of the named model
+    "llama2-7b": ("llama", dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                                num_attention_heads=32, num_key_value_heads=32, rms_norm_eps=1e-5, rope_theta=10000.0,
+                                max_position_embeddings=4096, tie_word_embeddings=False)),
+    "qwen3-8b": ("qwen3", dict(vocab_size=151936, hidden_size=4096, intermediate_size=12288, num_hidden_layers=36,
+                               num_attention_heads=32, num_key_value_heads=8, head_dim=128, rms_norm_eps=1e-6,
+                               rope_theta=1e6, max_position_embeddings=40960, tie_word_embeddings=False)),
+    "gemma2-9b": ("gemma2", dict(vocab_size=256000, hidden_size=3584, intermediate_size=14336, num_hidden_layers=42,
+                                 num_attention_heads=16, num_key_value_heads=8, head_dim=256, rms_norm_eps=1e-6,
+                                 rope_theta=10000.0, query_pre_attn_scalar=256, sliding_window=4096,
+                                 attn_logit_softcapping=50.0, final_logit_softcapping=30.0,
+                                 max_position_embeddings=8192, tie_word_embeddings=True)),
+    # the CPU smoke test (tests/test_bench.py): each family's code path at a toy size
+    "tiny": ("llama", dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                           num_attention_heads=4, num_key_value_heads=2, rms_norm_eps=1e-5, rope_theta=10000.0,
+                           max_position_embeddings=2048, tie_word_embeddings=False)),
+    "tiny-qwen3": ("qwen3", dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                 num_attention_heads=4, num_key_value_heads=2, head_dim=16, max_position_embeddings=2048,
+                                 tie_word_embeddings=False)),
+    "tiny-gemma2": ("gemma2", dict(vocab_size=512, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2, head_dim=16, query_pre_attn_scalar=16,
+                                   sliding_window=32, max_position_embeddings=2048, tie_word_embeddings=True)),
 }
 
 
@@ -68,21 +84,26 @@ def synced(fn, device):
 
 
 def random_pair(shape: str, device, dtype=torch.bfloat16, seed: int = 0):
-    """transformers' LlamaForCausalLM with its random init, and ours holding the same tensors."""
+    """transformers' model of the shape's family with its random init, and ours holding the same tensors."""
     import transformers
+    model_type, fields = SHAPES[shape]
+    config_class, model_class, _ = FAMILIES[model_type]
     torch.manual_seed(seed)
-    hf_cfg = transformers.LlamaConfig(**SHAPES[shape], tie_word_embeddings=False)
+    hf_cfg = getattr(transformers, config_class)(**fields, pad_token_id=0)
     old = torch.get_default_dtype()
     torch.set_default_dtype(dtype)             # built in bf16 directly: a 7B model in fp32 would be 27 GB
     try:
         with torch.device(device):
-            hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+            hf = getattr(transformers, model_class)(hf_cfg).eval()
     finally:
         torch.set_default_dtype(old)
     with torch.device("meta"):
-        ours = Transformer(Config.from_dict(hf.config.to_dict(), "transformers.LlamaConfig"))
+        ours = Transformer(Config.from_dict(hf.config.to_dict(), f"transformers.{config_class}"))
     ours.load_state_dict(hf.state_dict(), strict=True, assign=True)    # the same storage: memory holds one copy
-    ours.inv_freq = ours.inv_freq.to(device)
+    if ours.config.tie_word_embeddings:
+        ours.lm_head.weight = ours.model.embed_tokens.weight
+    for name, buf in list(ours.named_buffers()):                        # rope's frequencies etc., made on the CPU
+        ours.register_buffer(name, buf.to(device), persistent=False)
     if device.type == "cuda":
         use_gpu_kernels(ours)                  # as the scripts run it (runtime.accelerate)
     return ours.eval(), hf

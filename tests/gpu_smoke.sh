@@ -47,3 +47,27 @@ for nkv in (1, 2, 4):
     err = ((a - b).abs() * mask[..., None]).max().item()
     assert err < 1e-4, f"{nkv} key heads: logits differ from transformers by {err}"
 PY
+# Every other family: a tiny chat model of each in its own chat format, through evaluation, steering and training.
+for fam in qwen2:qwen2_5 qwen3:qwen3_nothink gemma2:gemma gemma3_text:gemma phi3:phi3 mpt:plain; do
+  mt=${fam%%:*}; fmt=${fam##*:}
+  $PY - "$mt" <<'PY'
+import sys; sys.path[:0] = ['tests', '.']
+from pathlib import Path
+from conftest import make_hf_model, save_hf_model, make_bpe_tokenizer
+from test_family_scripts import CHATS
+mt = sys.argv[1]
+hf = make_hf_model(mt, vocab_size=400, bos_token_id=1, eos_token_id=2, pad_token_id=2)
+make_bpe_tokenizer(save_hf_model(hf, Path(f"/tmp/tiny-{mt}")), special_tokens=CHATS[mt][1])
+PY
+  F="--model=/tmp/tiny-$mt --device=cuda --dtype=bf16 --out=/tmp/o-$mt --chat_format=$fmt"
+  try $PY -m evaluate $F --task=opinion --n=10
+  try $PY -m evaluate $F --task=are_you_sure --n=4 --max_new_tokens=6
+  try $PY -m studies.steering vectors $F --n=24
+  V=$(ls /tmp/o-$mt/vectors-*[0-9].safetensors | tail -1)
+  try $PY -m studies.steering steer --vector=$V $F --n_test=8 --layers=1 --mults=-1,1 --n_neutral=4 --n_capability=4
+  try $PY -m train --mode=sft --data=$S $F --max_steps=3 --run=sft
+  try $PY -m train --mode=dpo --data=$D $F --max_steps=3 --run=dpo --grad_checkpointing=true
+done
+# The 7B-class shapes of the new families, random weights (make bench GPU=1 times Llama-2-7B's).
+try $PY -m bench.gpu7b --shape=qwen3-8b --rounds=3 --compile=false --out=/tmp/o
+try $PY -m bench.gpu7b --shape=gemma2-9b --rounds=3 --compile=false --out=/tmp/o

@@ -61,3 +61,16 @@ def test_lora_step_probes_agree_on_the_first_loss(setup):
     ours, peft_side = (bench.lora_probe(folder, hf, batch=2, seq=16, steps=2) for hf in (False, True))
     assert abs(ours["first_loss"] - peft_side["first_loss"]) < 1e-4
     assert ours["seconds"] > 0 and ours["peak"] >= 0 and peft_side["peak"] >= 0
+
+
+@pytest.mark.parametrize("shape", ["tiny", "tiny-qwen3", "tiny-gemma2"])
+def test_gpu_bench_runs_each_family_on_the_cpu(shape, tmp_path):
+    """bench.gpu7b's code path (ours holding transformers' random tensors, the same logits checked before timing)
+    for Llama, Qwen3 and Gemma-2, at a toy size on the CPU."""
+    import json
+    from bench import gpu7b
+    gpu7b.main(gpu7b.GPUBenchConfig(shape=shape, device="cpu", rounds=2, compile=False, batch=2, seq=32, prompt=8,
+                                    new_tokens=8, big_batch=2, dpo_seq=32, out=str(tmp_path)))
+    result = json.loads(next(tmp_path.glob("bench-gpu-*.json")).read_text())
+    assert result["logits_rel_error"] < 2e-2 and result["argmax_agreement"] > 0.9
+    assert {r["what"].split(",")[0] for r in result["rows"]} >= {"scoring forward 2x32", "LoRA DPO step"}

@@ -51,6 +51,12 @@ class Tokenizer:
             return None
 
         self.bos_id, self.eos_id, pad = special_id("bos"), special_id("eos"), special_id("pad")
+        # Whether the tokenizer starts ordinary text with BOS (HF's add_special_tokens=True): tokenizer.json's
+        # post-processor says so, or tokenizer_config's add_bos_token (sentencepiece Llama: yes unless it says no).
+        if hf is not None:
+            self.adds_bos = self.bos_id is not None and hf.encode("a").ids[:1] == [self.bos_id]
+        else:
+            self.adds_bos = self.bos_id is not None and cfg.get("add_bos_token", True) is not False
         self.pad_id = pad if pad is not None else self.eos_id  # Llama-2 has no pad; padding is masked anyway
         # Stop ids: eos, the end-of-turn tokens present, and every eos id the configs list (Llama-3-Instruct's
         # generation_config lists both <|end_of_text|> and <|eot_id|>).
@@ -323,8 +329,7 @@ def phi3_5(messages, add_generation_prompt=True, prefill=""):
 def plain(messages, add_generation_prompt=True, prefill=""):
     """No template, for base models: the contents (the system message's included, empty ones left out) joined by a
     blank line, "\\n\\n"; the generation prompt is one more "\\n\\n", so the answer starts a new paragraph. No role
-    names. No BOS either, like the plain-text prompts of evaluate.py's lm-eval tasks (encoded with bos=False): base
-    models trained with one at the start (Llama, Gemma) see text without it."""
+    names, no BOS: a session adds the tokenizer's BOS where the tokenizer starts text with one (with_bos)."""
     _turns(messages, "plain", alternate=False, prefill=prefill)
     out = "\n\n".join(m["content"] for m in messages if m["content"])
     return out + ("\n\n" if add_generation_prompt or prefill else "") + prefill
@@ -360,6 +365,19 @@ def with_system(fmt, system: str):
             messages = [{"role": "system", "content": system}, *messages]
         return fmt(messages, add_generation_prompt, prefill)
     return fmt_with_system
+
+
+def with_bos(fmt, tok: Tokenizer):
+    """fmt whose strings start with the tokenizer's BOS text where the tokenizer starts ordinary text with one: a base
+    model read through `plain` sees its text as its tokenizer encodes it (Llama, Gemma: after BOS; Qwen, MPT: not)."""
+    if not tok.adds_bos:
+        return fmt
+    bos = tok.token_str(tok.bos_id)
+
+    @functools.wraps(fmt)
+    def fmt_with_bos(messages, add_generation_prompt=True, prefill=""):
+        return bos + fmt(messages, add_generation_prompt, prefill)
+    return fmt_with_bos
 
 
 def get_chat_format(name: str):

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from chat import Tokenizer, detect_chat_format, get_chat_format, load_tokenizer, with_system
+from chat import Tokenizer, detect_chat_format, get_chat_format, load_tokenizer, with_bos, with_system
 from lab import dist
 from lab.prepare import ensure_default_model
 from model import Transformer, load
@@ -33,8 +33,13 @@ def open_model(folder, dtype: str, device: str, prepack: bool, compile: bool, ch
     `system`: the system prompt every chat built with the session's fmt gets when it has none ("" = none)."""
     folder = Path(folder)
     model = accelerate(load(folder, dtype=dtype, device=device), prepack=prepack, compile=compile)
-    name = chat_format or detect_chat_format(folder)
-    return Session(model, load_tokenizer(folder), with_system(get_chat_format(name), system), name, folder)
+    name, tok = chat_format or detect_chat_format(folder), load_tokenizer(folder)
+    return Session(model, tok, with_system(session_format(name, tok), system), name, folder)
+
+
+def session_format(name: str, tok) -> callable:
+    """The chat format `name` as a session applies it: `plain` text after the tokenizer's BOS where it adds one."""
+    return with_bos(get_chat_format(name), tok) if name == "plain" else get_chat_format(name)
 
 
 def open_session(cfg) -> Session:
@@ -55,7 +60,7 @@ def open_session(cfg) -> Session:
           + (f"\nsystem {cfg.system!r}" if cfg.system else ""))
     judge = getattr(cfg, "judge", "")
     if judge == "self":
-        s.judge = Session(s.model, s.tok, get_chat_format(s.fmt_name), s.fmt_name, s.model_dir)
+        s.judge = Session(s.model, s.tok, session_format(s.fmt_name, s.tok), s.fmt_name, s.model_dir)
     elif judge:
         s.judge = open_model(judge, cfg.dtype, cfg.device, cfg.prepack, compile=False)   # a few short questions
     return s

@@ -529,3 +529,27 @@ def test_sentencepiece_added_tokens_and_legacy_warning(tmp_path, sp_folder):
     ids = tok.encode("Paris<pad><pad>")
     assert ids[-2:] == [450, 450] and tok.token_str(450) == "<pad>"
     assert tok.decode(ids) == "Paris<pad><pad>" and tok.decode(ids, skip_special=True) == "Paris"
+
+
+def test_plain_format_starts_with_bos_where_the_tokenizer_adds_one(tiny_chat, tmp_path):
+    """A base model read through `plain` sees its text as its tokenizer encodes it: after BOS where the tokenizer's
+    post-processor adds one (Llama, Gemma), without where it adds none (Qwen, MPT; this tiny BPE)."""
+    import shutil
+    from tokenizers import Tokenizer as HFTokenizer, processors
+    from chat import get_chat_format, load_tokenizer
+    from runtime.session import session_format
+    folder, _ = tiny_chat
+    messages = [{"role": "user", "content": "Is Paris in France?"}]
+    tok = load_tokenizer(folder)
+    assert not tok.adds_bos and session_format("plain", tok)(messages) == "Is Paris in France?\n\n"
+    with_bos = tmp_path / "bos"
+    shutil.copytree(folder, with_bos)
+    t = HFTokenizer.from_file(str(with_bos / "tokenizer.json"))
+    bos = t.token_to_id("<|im_start|>")                      # the tiny tokenizer's bos_token
+    t.post_processor = processors.TemplateProcessing(single="<|im_start|> $A", special_tokens=[("<|im_start|>", bos)])
+    t.save(str(with_bos / "tokenizer.json"))
+    tok = load_tokenizer(with_bos)
+    text = session_format("plain", tok)(messages)
+    assert tok.adds_bos and text == "<|im_start|>Is Paris in France?\n\n"
+    assert tok.encode(text) == t.encode("Is Paris in France?\n\n").ids     # what HF's tokenizer gives plain text
+    assert session_format("chatml", tok)(messages) == get_chat_format("chatml")(messages)    # only plain changes

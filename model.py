@@ -459,24 +459,15 @@ class Transformer(nn.Module):
         if cache is not None:
             s0, key_pos = cache.append(key_pos, padded)         # first slot written; (B, S) positions of all keys
         has_pad = cache.has_pad if cache is not None else padded
-        masks = {False: self._mask(position_ids, key_pos, s0, has_pad, window=None)}     # sliding -> mask
-        if SLIDING in cfg.layer_types:
-            masks[True] = self._mask(position_ids, key_pos, s0, has_pad, window=cfg.sliding_window)
+        masks = {sliding: self._mask(position_ids, key_pos, s0, has_pad, cfg.sliding_window if sliding else None)
+                 for sliding in {cfg.sliding(i) for i in range(cfg.num_hidden_layers)}}   # a layer's kind -> its mask
 
         x = self.model.embed_tokens(input_ids)                                   # (B, T, D)
         if cfg.embed_scale:                                                      # Gemma: times sqrt(D), in x's dtype
             x = x * self.embed_scale.to(x.dtype)
-        ropes = {}                                                               # sliding -> (cos, sin) (B, 1, T, hd)
-        if cfg.alibi_bias_max is None:
-            inv_freq = self.inv_freq
-            if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "longrope":   # long factors past the trained length
-                trained = cfg.rope_scaling["original_max_position_embeddings"]
-                inv_freq = torch.where(position_ids.max() + 1 > trained, self.long_inv_freq, self.inv_freq)
-            ropes[False] = ropes[True] = self._cos_sin(inv_freq, position_ids, x.dtype)
-            if cfg.local_rope_theta is not None:
-                ropes[True] = self._cos_sin(self.local_inv_freq, position_ids, x.dtype)
+        ropes = self._ropes(position_ids, x.dtype)                               # a layer's kind -> (cos, sin)
         for i, block in enumerate(self.model.layers):
-            cos, sin = ropes.get(cfg.sliding(i), (None, None))
+            cos, sin = ropes[cfg.sliding(i)]
             x = block(x, position_ids, cos, sin, masks[cfg.sliding(i)], cache)
         if cache is not None:
             # next position per row = one past its last real token (a chunk of pure padding moves nothing)
@@ -496,6 +487,20 @@ class Transformer(nn.Module):
         z = self.lm_head(h)
         cap = self.config.final_softcap
         return z if cap is None else torch.tanh(z / cap) * cap
+
+    def _ropes(self, position_ids, dtype) -> dict:
+        """{sliding: (cos, sin)}, each (B, 1, T, hd): one pair for every layer, or Gemma-3's sliding layers' own;
+        (None, None) with ALiBi, which has no rope."""
+        cfg = self.config
+        if cfg.alibi_bias_max is not None:
+            return {False: (None, None), True: (None, None)}
+        inv_freq = self.inv_freq
+        if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "longrope":    # long factors past the trained length
+            trained = cfg.rope_scaling["original_max_position_embeddings"]
+            inv_freq = torch.where(position_ids.max() + 1 > trained, self.long_inv_freq, self.inv_freq)
+        full = self._cos_sin(inv_freq, position_ids, dtype)
+        local = full if cfg.local_rope_theta is None else self._cos_sin(self.local_inv_freq, position_ids, dtype)
+        return {False: full, True: local}
 
     def _cos_sin(self, inv_freq, position_ids, dtype):
         freqs = position_ids[..., None].float() * inv_freq                       # (B, T, hd/2), fp32

@@ -26,7 +26,7 @@ import data
 import probes
 from lab import dist
 from lab.args import ModelOptions, parse_args
-from lab.results import Checkpoint, provenance, write_result
+from lab.results import Checkpoint, input_hashes, provenance, write_result
 from lab.stats import mean_metric, paired_difference, proportion_metric
 from model import KVCache, generate, pad_left
 from probes import CHALLENGE, LETTERS, MC_PREFILL
@@ -475,7 +475,16 @@ def run_task(cfg, s: Session, chunk: int = 64) -> tuple[dict, Path]:
         items = [items[i] for i in sorted(random.Random(cfg.seed).sample(range(len(items)), cfg.n))]
     run = cfg.run or cfg.task
     saved = {k: v for k, v in asdict(cfg).items() if k != "dist_timeout"}     # a resumed run may wait longer
-    ckpt = Checkpoint(cfg.out, run, config=saved) if dist.is_main() else None
+    files = [p for p in [Path(cfg.data)] if cfg.data and p.is_file()]
+    if cfg.data and Path(cfg.data).is_dir():   # MMLU's CSVs, or the parquet files of a prepare.py download
+        files += sorted(p for p in Path(cfg.data).rglob("*") if p.suffix in (".csv", ".parquet"))
+    if dist.is_main():      # a resumed run must read what the interrupted one read: data, weights, the judge's
+        inputs = input_hashes(s.model_dir, files)
+        if s.judge is not None and s.judge.model_dir != s.model_dir:
+            inputs |= input_hashes(s.judge.model_dir)
+        ckpt = Checkpoint(cfg.out, run, config=saved, inputs=inputs)
+    else:
+        ckpt = None
     groups = {}
     for it in items:
         groups.setdefault(group_of(it), []).append(it)
@@ -514,9 +523,6 @@ def run_task(cfg, s: Session, chunk: int = 64) -> tuple[dict, Path]:
     result = path = None
     if dist.is_main():
         seconds = time.perf_counter() - t0
-        files = [p for p in [Path(cfg.data)] if cfg.data and p.is_file()]
-        if cfg.data and Path(cfg.data).is_dir():   # MMLU's CSVs, or the parquet files of a prepare.py download
-            files += sorted(p for p in Path(cfg.data).rglob("*") if p.suffix in (".csv", ".parquet"))
         result = dict(config=asdict(cfg), provenance=provenance(cfg, s.model_dir, s.fmt_name, files),
                       metrics=metrics_of(ckpt.rows), timing=dict(seconds=seconds, items=len(items), processes=world),
                       skipped=getattr(items, "skipped", []), items=ckpt.rows)

@@ -25,6 +25,57 @@ def sha256(path) -> str:
     return h.hexdigest()
 
 
+WEIGHTS_CACHE = ".syco-sha256.json"   # beside a model's weights: {file: {size, mtime_ns, sha256}}
+
+
+def weights_sha256(model_dir) -> dict:
+    """{file name: sha256} of a model folder's *.safetensors. The hashes are kept beside the weights and reused
+    while a file's size and modification time stay the same, so a 7B model's 14 GB are read once, not per run.
+    A folder that cannot be written to is hashed every time."""
+    folder = Path(model_dir)
+    cache_path = folder / WEIGHTS_CACHE
+    try:
+        cache = json.loads(cache_path.read_text())
+    except (OSError, ValueError):
+        cache = {}
+    out, fresh = {}, {}
+    for p in sorted(folder.glob("*.safetensors")):
+        st = p.stat()
+        hit = cache.get(p.name)
+        if isinstance(hit, dict) and hit.get("size") == st.st_size and hit.get("mtime_ns") == st.st_mtime_ns:
+            out[p.name] = hit["sha256"]
+        else:
+            out[p.name] = sha256(p)
+        fresh[p.name] = dict(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=out[p.name])
+    if fresh != cache:
+        try:
+            write_atomic(cache_path, json.dumps(fresh, indent=1).encode())
+        except OSError:
+            pass
+    return out
+
+
+def input_hashes(model_dir=None, files=()) -> dict:
+    """{path: sha256} of everything a run reads: the model's weight files and the given files (data, adapters,
+    vectors). What a resumed run compares with what its first part read (check_same_inputs)."""
+    out = {str(Path(model_dir) / name): h for name, h in weights_sha256(model_dir).items()} if model_dir else {}
+    return out | {str(p): sha256(p) for p in files}
+
+
+def check_same_inputs(where, before: dict | None, now: dict):
+    """Refuse to resume `where` when any input differs from what the interrupted run read: the result would mix
+    rows computed from two different inputs, and its provenance would name only the second."""
+    if before is None:
+        raise ValueError(f"{where}: records no hashes of its inputs (written by an older syco-lab), so resuming "
+                         "cannot check they are unchanged; delete it to start afresh")
+    for path in sorted(set(before) | set(now)):
+        was, now_ = before.get(path, "none (not read then)"), now.get(path, "none (not read now)")
+        if was != now_:
+            raise ValueError(f"{where}: {path} changed since the run started (sha256 {was} then, {now_} now); "
+                             "resuming would mix two inputs in one result. Restore the file, or delete the partial "
+                             "run to start afresh")
+
+
 def provenance(cfg, model_dir: Path, chat_format: str, data_files=()) -> dict:
     """Everything needed to reproduce a number: code commit, weights and data hashes, formats, versions."""
     import torch  # here, not at the top: reading and plotting results needs no torch
@@ -33,7 +84,7 @@ def provenance(cfg, model_dir: Path, chat_format: str, data_files=()) -> dict:
         return subprocess.run(["git", *args], capture_output=True, text=True, cwd=Path(__file__).parent).stdout.strip()
     return dict(git_commit=git("rev-parse", "HEAD"),
                 git_dirty=git("status", "--porcelain", "--untracked-files=no") != "", model_dir=str(model_dir),
-                weights_sha256={p.name: sha256(p) for p in sorted(Path(model_dir).glob("*.safetensors"))},
+                weights_sha256=weights_sha256(model_dir),
                 data_sha256={str(p): sha256(p) for p in data_files}, chat_format=chat_format,
                 seed=cfg.seed, dtype=cfg.dtype, device=cfg.device, python=sys.version.split()[0],
                 torch=torch.__version__, numpy=np.__version__)
@@ -124,9 +175,10 @@ def load_result(path) -> dict:
 
 
 def read_partial(path):
-    """(config, rows, n_bad) of a .partial.jsonl: line 1 is {"config": ...}, then one item row per line.
-    Unreadable lines (the last one torn by a kill mid-write) are skipped with a warning, not a crash."""
-    config, rows, n_bad = None, [], 0
+    """(header, rows, n_bad) of a .partial.jsonl: line 1 is the header {"config": ..., "inputs": {path: sha256}},
+    then one item row per line. Unreadable lines (the last one torn by a kill mid-write) are skipped with a warning,
+    not a crash; header is None when line 1 was lost."""
+    header, rows, n_bad = None, [], 0
     with open(path, encoding="utf-8", errors="replace") as f:
         for i, line in enumerate(f):
             try:
@@ -140,8 +192,8 @@ def read_partial(path):
             if "id" in obj:
                 rows.append(obj)
             else:
-                config = obj["config"]
-    return config, rows, n_bad
+                header = obj
+    return header, rows, n_bad
 
 
 def done_ids(path) -> set:
@@ -154,32 +206,37 @@ class Checkpoint:
     flushed and fsynced, so a kill loses at most the row being written. Rerunning skips ids already done, and
     write_result(OUT, run, ...) deletes the file once the full result is on disk.
 
-        ckpt = Checkpoint(cfg.out, "mmlu", config=asdict(cfg))
+        ckpt = Checkpoint(cfg.out, "mmlu", config=asdict(cfg), inputs=input_hashes(model_dir, [data_file]))
         for item in items:
             if item["id"] not in ckpt.done:
                 ckpt.add(score(item))                  # a dict with an "id"
         write_result(cfg.out, "mmlu", dict(..., items=ckpt.rows))
 
-    Resuming under another config is refused: it would silently mix two runs' items into one result."""
+    Resuming under another config, or with any input (inputs: {path: sha256}) changed, is refused: it would
+    silently mix two runs' items into one result."""
 
-    def __init__(self, out_dir, run: str, config=None):
+    def __init__(self, out_dir, run: str, config=None, inputs=None):
         self.path = Path(out_dir) / f"{run}.partial.jsonl"
         self.path.parent.mkdir(parents=True, exist_ok=True)
         config = json.loads(json.dumps(config))  # compare as it reads back from disk (tuples become lists)
+        inputs = dict(inputs or {})
         if self.path.exists():
             old, self.rows, n_bad = read_partial(self.path)
-            if old is not None and old != config:
+            if old is not None and old["config"] != config:
                 raise ValueError(f"{self.path} was written under another config; delete it to start afresh, or "
-                                 f"use another run name.\n  on disk: {old}\n  now:     {config}")
+                                 f"use another run name.\n  on disk: {old['config']}\n  now:     {config}")
+            if old is not None:
+                check_same_inputs(self.path, old.get("inputs"), inputs)
             if n_bad or old is None:  # rewrite without the torn line: else the next row would be glued onto it
                 tmp = self.path.with_suffix(".tmp")
-                lines = [json.dumps(r, ensure_ascii=False) + "\n" for r in [{"config": config}, *self.rows]]
+                lines = [json.dumps(r, ensure_ascii=False) + "\n"
+                         for r in [{"config": config, "inputs": inputs}, *self.rows]]
                 tmp.write_text("".join(lines), encoding="utf-8")
                 os.replace(tmp, self.path)
             print(f"resuming {self.path}: {len(self.rows)} items already done")
         else:
             self.rows = []
-            self._append({"config": config})
+            self._append({"config": config, "inputs": inputs})
         self.done = {r["id"] for r in self.rows}
 
     def _append(self, obj):

@@ -115,8 +115,8 @@ def test_checkpoint_resumes_after_a_torn_line(tmp_path):
     with open(ck.path, "a") as f:
         f.write('{"id": 3, "p_mat')  # killed mid-write
     with pytest.warns(UserWarning, match="torn"):
-        config, rows, n_bad = read_partial(ck.path)
-    assert (config, [r["id"] for r in rows], n_bad) == ({"seed": 0, "layers": [13, 14]}, [0, 1, 2], 1)
+        header, rows, n_bad = read_partial(ck.path)
+    assert (header["config"], [r["id"] for r in rows], n_bad) == ({"seed": 0, "layers": [13, 14]}, [0, 1, 2], 1)
     with pytest.warns(UserWarning):
         assert done_ids(ck.path) == {0, 1, 2}
     assert done_ids(tmp_path / "none.partial.jsonl") == set()
@@ -125,7 +125,7 @@ def test_checkpoint_resumes_after_a_torn_line(tmp_path):
         ck = Checkpoint(tmp_path, "run", config={"seed": 0, "layers": (13, 14)})  # resumes, drops the torn line
     assert ck.done == {0, 1, 2}
     ck.add({"id": 3, "p_match": 0.3})
-    config, rows, n_bad = read_partial(ck.path)  # clean now: no warning, the new row on its own line
+    header, rows, n_bad = read_partial(ck.path)  # clean now: no warning, the new row on its own line
     assert ([r["id"] for r in rows], n_bad) == ([0, 1, 2, 3], 0)
     with pytest.raises(ValueError, match="another config"):
         Checkpoint(tmp_path, "run", config={"seed": 1, "layers": [13, 14]})
@@ -211,3 +211,28 @@ def test_plot_curve(tmp_path):
     dest = report.plot_curve(mults, ys, cis, ["layer 13", "layer 14"], tmp_path / "sweep.png",
                              "multiplier", "p(match)")
     assert dest.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_resume_refuses_changed_inputs_and_names_file_and_hashes(tmp_path):
+    from lab.results import input_hashes, sha256
+    data = tmp_path / "items.jsonl"
+    data.write_text('{"q": 1}\n')
+    ck = Checkpoint(tmp_path / "out", "run", config={"seed": 0}, inputs=input_hashes(None, [data]))
+    ck.add({"id": 0})
+    before = sha256(data)
+    data.write_text('{"q": 2}\n')                      # edited between the kill and the resume
+    with pytest.raises(ValueError, match="items.jsonl changed since the run started") as e:
+        Checkpoint(tmp_path / "out", "run", config={"seed": 0}, inputs=input_hashes(None, [data]))
+    assert before in str(e.value) and sha256(data) in str(e.value)
+    data.write_text('{"q": 1}\n')                      # restored: resumes
+    assert Checkpoint(tmp_path / "out", "run", config={"seed": 0}, inputs=input_hashes(None, [data])).done == {0}
+
+
+def test_weights_hash_is_cached_beside_the_weights_and_redone_when_they_change(tmp_path):
+    from lab.results import WEIGHTS_CACHE, weights_sha256, sha256
+    w = tmp_path / "model.safetensors"
+    w.write_bytes(b"x" * 100)
+    assert weights_sha256(tmp_path) == {"model.safetensors": sha256(w)}
+    assert (tmp_path / WEIGHTS_CACHE).exists()
+    w.write_bytes(b"y" * 101)                                                # another file: another size
+    assert weights_sha256(tmp_path) == {"model.safetensors": sha256(w)}

@@ -139,3 +139,29 @@ def test_prepacked_model_gives_the_same_results(tiny_chat, tmp_path, task):
     assert plain["metrics"].keys() == packed["metrics"].keys()
     for k, m in plain["metrics"].items():
         assert m["value"] == packed["metrics"][k]["value"] or abs(m["value"] - packed["metrics"][k]["value"]) <= 1e-5, k
+
+
+def test_resume_after_the_data_file_changed_is_refused(env, tmp_path, monkeypatch):
+    """A run killed, its data file edited, then resumed: refused, naming the file and both hashes (it used to finish
+    with the old rows and the new ones mixed, and name only the new file's hash)."""
+    from lab.results import sha256
+    cfg, s = env
+    f = tmp_path / "gsm.jsonl"
+    f.write_text("".join(f'{{"question": "What is {i} + 2?", "answer": "#### {i + 2}"}}\n' for i in range(4)))
+    real = ev.TASKS["gsm8k"]
+    calls = []
+
+    def dies_on_second_chunk(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real[0](*a, **k)
+    monkeypatch.setitem(ev.TASKS, "gsm8k", (dies_on_second_chunk, real[1]))
+    with pytest.raises(KeyboardInterrupt):
+        ev.run_task(replace(cfg, task="gsm8k", data=str(f), max_new_tokens=2), s, chunk=2)
+    monkeypatch.setitem(ev.TASKS, "gsm8k", real)
+    before = sha256(f)
+    f.write_text(f.read_text().replace("What is 3", "What is 30"))
+    with pytest.raises(ValueError, match="gsm.jsonl changed since the run started") as e:
+        ev.run_task(replace(cfg, task="gsm8k", data=str(f), max_new_tokens=2), s, chunk=2)
+    assert before in str(e.value) and sha256(f) in str(e.value)

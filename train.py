@@ -41,7 +41,7 @@ import data
 from lab import dist
 from lab.args import ModelOptions, parse_args
 from lab.report import plot_curve
-from lab.results import provenance, write_atomic, write_result
+from lab.results import check_same_inputs, input_hashes, provenance, write_atomic, write_result
 from lab.stats import mean_metric, proportion_metric
 from lora import add_lora, export_peft, load_adapter, lora_disabled, lora_parameters, lora_state_dict, save_adapter
 from model import pad_right, read_safetensors
@@ -351,8 +351,9 @@ def load_checkpoint(path: Path, model, opt, sched) -> tuple[int, list]:
 
 
 # -------------------------------------------------------------------------------------------------------- loop
-def check_run_dir(cfg, run_dir: Path, now: dict):
-    """The error starting or resuming OUT/<run>/ runs into (a finished or taken run, other settings), or None."""
+def check_run_dir(cfg, run_dir: Path, now: dict, inputs: dict):
+    """The error starting or resuming OUT/<run>/ runs into (a finished or taken run, other settings, an input whose
+    contents changed), or None."""
     if run_dir.exists() and not cfg.resume:
         return FileExistsError(f"{run_dir} exists and a run never overwrites an earlier one: pass --resume=true to "
                                "continue it, or choose another --run")
@@ -363,6 +364,12 @@ def check_run_dir(cfg, run_dir: Path, now: dict):
         changed = {k: (saved.get(k), v) for k, v in now.items() if k not in RESUMABLE_CHANGES and saved.get(k) != v}
         if changed:
             return ValueError(f"--resume: {run_dir} was started with other settings (was, now): {changed}")
+        saved_inputs = run_dir / "inputs.json"
+        try:
+            check_same_inputs(f"--resume: {run_dir}", json.loads(saved_inputs.read_text())
+                              if saved_inputs.exists() else None, inputs)
+        except ValueError as e:
+            return e
     return None
 
 
@@ -377,7 +384,11 @@ def train(cfg: TrainConfig, model, tok, fmt, callback=None) -> tuple[dict, Path]
     if cfg.dist not in ("ddp", "fsdp"):
         raise ValueError(f"--dist={cfg.dist!r}: ddp or fsdp")
     run_dir, now = Path(cfg.out) / cfg.run, asdict(cfg)
-    problem = dist.broadcast(check_run_dir(cfg, run_dir, now) if dist.is_main() else None)   # rank 0 owns OUT
+    # What the run reads, hashed: a resumed run must read the very same (the config holds paths, not contents).
+    model_dir = getattr(model, "name_or_path", cfg.model)
+    inputs = input_hashes(model_dir, [Path(p) for p in (cfg.data, cfg.eval_data, cfg.init_adapter) if p]) \
+        if dist.is_main() else None
+    problem = dist.broadcast(check_run_dir(cfg, run_dir, now, inputs) if dist.is_main() else None)   # rank 0 owns OUT
     if problem:
         raise problem
     pad_id = tok.pad_id or 0
@@ -407,6 +418,7 @@ def train(cfg: TrainConfig, model, tok, fmt, callback=None) -> tuple[dict, Path]
     if dist.is_main():
         run_dir.mkdir(parents=True, exist_ok=cfg.resume)                   # claims the name (fails if taken)
         if not cfg.resume:
+            write_atomic(run_dir / "inputs.json", json.dumps(inputs, indent=1).encode())
             write_atomic(run_dir / "config.json", json.dumps(now, indent=1).encode())
     ckpt, step, rows = run_dir / "ckpt.safetensors", 0, []
     if dist.broadcast(ckpt.exists() if dist.is_main() else None):
@@ -474,7 +486,7 @@ def train(cfg: TrainConfig, model, tok, fmt, callback=None) -> tuple[dict, Path]
     if not dist.is_main():            # rank 0 writes the files, then sends every rank the result
         return dist.broadcast(None)
 
-    model_dir, fmt_name = getattr(model, "name_or_path", cfg.model), fmt.__name__
+    fmt_name = fmt.__name__
     save_adapter(model, run_dir / "adapter.safetensors", meta={"mode": cfg.mode, "steps": step, "run": cfg.run,
                                                               "base_model": str(model_dir), "chat_format": fmt_name},
                  tensors=adapter)

@@ -221,6 +221,17 @@ def test_resume_after_a_kill_gives_the_same_adapter(fresh, tmp_path, mode, grad_
     assert resumed["items"] == whole["items"]           # the same log, steps 0..5, evaluations included
 
 
+def test_resume_after_the_training_file_changed_is_refused(fresh, tmp_path):
+    """The same path, other contents (it used to "resume at step 3 of 6" and finish): refused, naming the file."""
+    kw = dict(max_steps=4, save_every=1)
+    with pytest.raises(KeyboardInterrupt):
+        tr.train(config(tmp_path, run="killed", **kw), *fresh(), FMT, callback=dies_at(2))
+    cfg = config(tmp_path, run="killed", resume=True, **kw)
+    jsonl(tmp_path / "train.jsonl", SFT[:2])                 # the training file shrank under the same name
+    with pytest.raises(ValueError, match="train.jsonl changed since the run started"):
+        tr.train(cfg, *fresh(), FMT)
+
+
 def test_sft_then_dpo_from_its_adapter_with_bf16_and_checkpointing(fresh, tmp_path):
     sft, _ = tr.train(config(tmp_path, run="sft", max_steps=3, lr=1e-2, dropout=0.0), *fresh(), FMT)
     adapter = tmp_path / "out" / "sft" / "adapter.safetensors"

@@ -158,6 +158,38 @@ def publish(out_dir, name: str, suffix: str, payload: bytes, stamp: bool = True)
     return dest
 
 
+def publish_together(out_dir, name: str, payloads) -> dict:
+    """The files of one run (a vectors file, its activations, its JSON) as OUT/<stem><suffix>, stem =
+    <name>-<time>[-k], all or none. payloads: {suffix: bytes}, or stem -> {suffix: bytes} for files that name each
+    other. Every payload is written to a temp file first, and if any write or link fails (a full disk) the ones
+    already published are removed, so no file is left without its companions (an orphan vectors file would be
+    what the Makefile's VECTOR= picks next). Returns {suffix: path}."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime('%Y%m%d-%H%M%S')
+    for k in itertools.count(1):
+        base = f"{name}-{stamp}" + ("" if k == 1 else f"-{k}")
+        if not any(p.name.startswith(base + ".") for p in out_dir.iterdir()):
+            break
+    payloads = payloads(base) if callable(payloads) else payloads
+    temps, done = {}, {}
+    try:
+        for suffix, payload in payloads.items():
+            temps[suffix] = _temp_copy(out_dir, f"{name}{suffix}", payload)
+        for suffix, tmp in temps.items():
+            os.link(tmp, out_dir / f"{base}{suffix}")          # fails if the name was taken since: nothing replaced
+            done[suffix] = out_dir / f"{base}{suffix}"
+    except OSError as e:
+        for path in done.values():
+            path.unlink(missing_ok=True)
+        msg = f"could not write {out_dir / name}-{stamp}* ({e}); none of the run's {len(payloads)} files was left"
+        raise (OSError(e.errno, msg) if e.errno else OSError(msg)) from e
+    finally:
+        for tmp in temps.values():
+            tmp.unlink(missing_ok=True)
+    return done
+
+
 def write_result(out_dir, name: str, result: dict) -> Path:
     """Write OUT/<name>-<time>.json with publish (never overwriting, never partial); then delete
     OUT/<name>.partial.jsonl (see Checkpoint): its rows now live in the result."""

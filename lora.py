@@ -1,7 +1,7 @@
 """LoRA swapped in place: low-rank adapters on the attention and MLP projections, for SFT and DPO.
 
     from lora import add_lora, lora_disabled, lora_parameters, merge, save_adapter, load_adapter
-    add_lora(model, r=8, alpha=16)                  # wraps q,k,v,o,gate,up,down of every layer; freezes the rest
+    add_lora(model, r=8, alpha=16)                  # wraps q,k,v,o,gate,up,down (those it has); freezes the rest
     opt = torch.optim.AdamW(lora_parameters(model), lr=1e-4)
     with lora_disabled(model):                      # DPO's reference: the same weights with adapters off
         ref = model(ids)
@@ -11,11 +11,21 @@ LoRA (Hu et al. 2021) learns W' = W + (alpha / r) B A, with A (r, in) and B (out
 zero, so at init the model is exactly the base. A wrapped projection keeps the base weight as its own `.weight`
 (the same Parameter, no copy), so `model.layers.0.self_attn.q_proj.weight` keeps its state-dict key, and hooks,
 steering and checkpoint code see the names they expect; the adapter adds `...q_proj.lora_A` / `...q_proj.lora_B`.
+A base bias (Qwen2's q/k/v, attention_bias=true) is kept the same way, as `.bias`: y = x W^T + b + the update.
+Every family has Llama's projection names inside the decoder; MPT has no gate_proj (its MLP is down(gelu(up(x)))).
 
 Adapters are fp32 whatever the base dtype (as peft does): they are tiny, and Adam's small updates to bf16 values
 would round away. The adapter path runs in fp32 and is added to the base output before one rounding to the base
-dtype, so a bf16 model at init still gives bit-identical logits. export_peft / import_peft write and read peft's
-adapter folders (plain LoRA only: DoRA, rsLoRA, biases and other options that change the math are refused).
+dtype, so a bf16 model at init still gives bit-identical logits.
+
+export_peft / import_peft write and read peft's adapter folders, under the checkpoint's module names: Phi-3's fused
+qkv_proj / gate_up_proj and MPT's Wqkv / out_proj / up_proj / down_proj (model.checkpoint_keys, the map load() splits
+by). A peft LoRA on a fused module, A (r, in) and B (rows of q|k|v, r), is the same A with each part's rows of B, so
+it imports exactly, at rank r. Our per-part adapters export onto a fused module of k parts exactly as one LoRA of
+rank k*r: A = the parts' A stacked, B = their B block-diagonal (a part not adapted: zero blocks), and alpha k*alpha
+keeps the scale alpha/r; rank_pattern / alpha_pattern carry that k*r and k*alpha, and import_peft splits such blocks
+back. Plain LoRA only: DoRA, rsLoRA, peft's own LoRA biases (lora_bias, bias="all") and other options that change
+the math are refused, as are rank/alpha patterns that leave the parts with different ranks or scales.
 """
 import json
 import math
@@ -28,33 +38,35 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from lab.results import write_atomic
-from model import read_safetensors
+from model import checkpoint_keys, read_safetensors
 
 # target -> the sub-module of a block that holds it (HF names): layers[i].<parent>.<target>
 TARGETS = {"q_proj": "self_attn", "k_proj": "self_attn", "v_proj": "self_attn", "o_proj": "self_attn",
            "gate_proj": "mlp", "up_proj": "mlp", "down_proj": "mlp"}
 NAME = re.compile(r"model\.layers\.(\d+)\.(self_attn|mlp)\.(\w+)")      # a wrapped module's name in the model
-PEFT_PREFIX = "base_model.model."           # peft's key = PEFT_PREFIX + our key + ".weight"
-# peft options that change what a saved adapter computes: each must be empty/false for plain LoRA.
-PEFT_REFUSED = ("use_dora", "use_rslora", "lora_bias", "fan_in_fan_out", "rank_pattern", "alpha_pattern",
+PEFT_PREFIX = "base_model.model."           # peft's key = PEFT_PREFIX + the checkpoint's module + ".lora_A.weight"
+# peft options that change what a saved adapter computes: each must be empty/false for plain LoRA. (rank_pattern and
+# alpha_pattern are read: fused modules need them, and import_peft checks the ranks and scales they give.)
+PEFT_REFUSED = ("use_dora", "use_rslora", "lora_bias", "fan_in_fan_out",
                 "modules_to_save", "layer_replication", "trainable_token_indices", "target_parameters", "use_qalora",
                 "alora_invocation_tokens", "megatron_config", "use_bdlora", "arrow_config", "kasa_config",
                 "velora_config", "monteclora_config")
 
 
 class LoRALinear(nn.Module):
-    """A bias-free nn.Linear plus a low-rank update: y = x W^T + scaling * (dropout(x) A^T) B^T."""
+    """An nn.Linear plus a low-rank update: y = x W^T + b + scaling * (dropout(x) A^T) B^T (b: the base's, or none)."""
 
     def __init__(self, base: nn.Linear, r: int, alpha: float, dropout: float = 0.0):
         super().__init__()
-        if base.bias is not None:
-            raise ValueError("LoRALinear: the wrapped nn.Linear has a bias; syco-lab's projections are bias-free "
-                             "and merge/export here assume no bias")
         if r < 1:
             raise ValueError(f"LoRA rank r must be at least 1, got {r}")
         self.in_features, self.out_features = base.in_features, base.out_features
         self.weight = base.weight                   # (out, in): the same Parameter, so the same key and memory
         self.weight.requires_grad_(False)
+        # The base bias too (None where it has none); LoRA leaves it alone: merge folds B A into W only.
+        self.register_parameter("bias", base.bias)
+        if self.bias is not None:
+            self.bias.requires_grad_(False)
         self.r, self.alpha, self.scaling, self.dropout_p = r, alpha, alpha / r, dropout
         kw = dict(dtype=torch.float32, device=self.weight.device)
         self.lora_A = nn.Parameter(torch.empty(r, self.in_features, **kw))    # (r, in)
@@ -67,7 +79,7 @@ class LoRALinear(nn.Module):
     def forward(self, x):                                                   # x (..., in) -> (..., out)
         if self.merged and self.disabled:
             raise RuntimeError("LoRA adapters merged into the weights cannot be disabled; unmerge(model) first")
-        y = F.linear(x, self.weight)
+        y = F.linear(x, self.weight, self.bias)                             # exactly the base projection
         if self.merged or self.disabled:
             return y
         h = F.linear(self.dropout(x.float()), self.lora_A)                   # (..., r), fp32
@@ -83,7 +95,8 @@ class LoRALinear(nn.Module):
             self.merged = merged
 
     def extra_repr(self):
-        return f"r={self.r}, alpha={self.alpha}, merged={self.merged}, disabled={self.disabled}"
+        return (f"r={self.r}, alpha={self.alpha}, bias={self.bias is not None}, merged={self.merged}, "
+                f"disabled={self.disabled}")
 
 
 def lora_modules(model) -> dict:
@@ -102,7 +115,17 @@ def _slot(model, name: str, key: str):
     if not m or TARGETS.get(m[3]) != m[2] or int(m[1]) >= len(model.layers):
         raise ValueError(f"{key!r} is not a LoRA target of this model: targets are model.layers.<i>.self_attn."
                          f"{{q,k,v,o}}_proj and model.layers.<i>.mlp.{{gate,up,down}}_proj, i < {len(model.layers)}")
-    return getattr(model.layers[int(m[1])], m[2]), m[3]
+    owner = getattr(model.layers[int(m[1])], m[2])
+    if not hasattr(owner, m[3]):
+        raise ValueError(f"{key!r}: a {model.config.model_type} model has no {m[3]} (its projections: "
+                         f"{_targets_of(model)})")
+    return owner, m[3]
+
+
+def _targets_of(model) -> list:
+    """The projections this model's blocks have, of TARGETS (MPT: no gate_proj)."""
+    block = model.layers[0]
+    return [t for t, parent in TARGETS.items() if hasattr(getattr(block, parent), t)]
 
 
 def _wrap(model, names, r, alpha, dropout) -> list:
@@ -120,11 +143,20 @@ def _wrap(model, names, r, alpha, dropout) -> list:
 
 
 def add_lora(model, targets=tuple(TARGETS), r=8, alpha=16, dropout=0.0, layers=None) -> list:
-    """Wrap `targets` of `layers` (None = all) in place; returns the wrapped names. Seed with torch.manual_seed."""
+    """Wrap `targets` of `layers` (None = all) in place; returns the wrapped names. Seed with torch.manual_seed.
+
+    The default, all seven (also when listed in full, as train.py's --targets does), means every projection the
+    model has: MPT's six. A shorter list that names a projection the model lacks is an error naming it."""
     targets = [targets] if isinstance(targets, str) else list(dict.fromkeys(targets))
     bad = [t for t in targets if t not in TARGETS]
     if bad or not targets:
         raise ValueError(f"unknown LoRA target(s) {bad}; valid targets are {list(TARGETS)}")
+    have = _targets_of(model)
+    if set(targets) == set(TARGETS):
+        targets = [t for t in targets if t in have]
+    elif set(targets) - set(have):
+        raise ValueError(f"LoRA target(s) {[t for t in targets if t not in have]}: a {model.config.model_type} model "
+                         f"has no such projection; its targets are {have}")
     n = len(model.layers)
     layers = range(n) if layers is None else sorted(set(layers))
     if any(not 0 <= i < n for i in layers):
@@ -234,31 +266,82 @@ def load_adapter(model, path) -> dict:
     return meta
 
 
+def _fused(model) -> dict:
+    """{checkpoint module: the model's modules it holds, stacked by rows} for the projections a family fuses or
+    renames (Phi-3's qkv_proj, MPT's Wqkv, out_proj, ...): peft names the transformers model's modules, which are
+    the checkpoint's. From model.checkpoint_keys, the map load() splits by; every other projection keeps its name."""
+    out = {}
+    for key, parts in checkpoint_keys(model.config).items():
+        names = tuple(p.removesuffix(".weight") for p in parts)
+        if all(NAME.fullmatch(n) for n in names):           # projections only (not MPT's norms, embedding)
+            out[key.removesuffix(".weight")] = names
+    return out
+
+
+def _pattern(patterns: dict, key: str, default):
+    """peft's rank_pattern / alpha_pattern lookup (peft.utils.other.get_pattern_key): the first pattern that matches
+    the module's full name from a dot boundary to its end."""
+    for pattern, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
 def export_peft(model, folder, base_model_name_or_path: str = "", tensors: dict | None = None) -> Path:
     """Write a peft LoRA folder (adapter_model.safetensors + adapter_config.json) that PeftModel.from_pretrained
-    loads onto the transformers model of the same checkpoint. tensors: as save_adapter's."""
+    loads onto the transformers model of the same checkpoint. tensors: as save_adapter's.
+
+    A fused module of k parts (Phi-3's qkv_proj: q, k, v) gets one LoRA of rank k*r and alpha k*alpha: A = the parts'
+    A stacked, B = their B block-diagonal, so B A holds each part's B_i A_i in its rows and nothing else, and the
+    scale alpha/r is kept; rank_pattern / alpha_pattern say so. A part not adapted gets zero blocks. Exact."""
     from safetensors.torch import save
-    cfg, n_mods, folder = adapter_config(model), len(lora_modules(model)), Path(folder)
-    if n_mods != len(cfg["targets"]) * len(cfg["layers"]):
+    cfg, mods, folder = adapter_config(model), lora_modules(model), Path(folder)
+    if len(mods) != len(cfg["targets"]) * len(cfg["layers"]):
         raise ValueError("the adapted modules are not every target in every adapted layer, which peft's "
                          "target_modules + layers_to_transform cannot express")
+    sd = tensors or lora_state_dict(model)
+    r, alpha = cfg["r"], cfg["alpha"]
+    fused = _fused(model)
+    home = {part: name for name, parts in fused.items() for part in parts}      # our module -> checkpoint module
+    out, rank_pattern, alpha_pattern, leaves = {}, {}, {}, {}
+    for name in dict.fromkeys(home.get(n, n) for n in mods):                      # checkpoint modules, model order
+        parts = fused.get(name, (name,))
+        A = [sd.get(f"{p}.lora_A") for p in parts]
+        B = [sd.get(f"{p}.lora_B") for p in parts]
+        like = next(a for a in A if a is not None)
+        for i, p in enumerate(parts):                                             # not adapted: zero blocks
+            if A[i] is None:
+                owner, attr = _slot(model, p, p)
+                A[i], B[i] = like.new_zeros(like.shape), like.new_zeros(getattr(owner, attr).weight.shape[0], r)
+        out[f"{PEFT_PREFIX}{name}.lora_A.weight"] = torch.cat(A).float().contiguous().cpu()          # (k r, in)
+        out[f"{PEFT_PREFIX}{name}.lora_B.weight"] = torch.block_diag(*B).float().contiguous().cpu()  # (rows, k r)
+        leaf = name.rsplit(".", 1)[1]
+        leaves[leaf] = None
+        if len(parts) > 1:
+            rank_pattern[leaf], alpha_pattern[leaf] = len(parts) * r, len(parts) * alpha
     every_layer = cfg["layers"] == list(range(len(model.layers)))
+    # peft reads a module's layer index after layers_pattern: "layers" (model.layers.3...), MPT's "blocks"
+    layers_pattern = re.search(r"(\w+)\.\d+\.", name)[1]
     config = {"peft_type": "LORA", "task_type": "CAUSAL_LM", "base_model_name_or_path": base_model_name_or_path or None,
-              "r": cfg["r"], "lora_alpha": cfg["alpha"], "lora_dropout": cfg["dropout"],
-              "target_modules": cfg["targets"], "layers_to_transform": None if every_layer else cfg["layers"],
-              "layers_pattern": None if every_layer else "layers", "bias": "none", "lora_bias": False,
+              "r": r, "lora_alpha": alpha, "lora_dropout": cfg["dropout"],
+              "target_modules": list(leaves), "layers_to_transform": None if every_layer else cfg["layers"],
+              "layers_pattern": None if every_layer else layers_pattern, "bias": "none", "lora_bias": False,
               "fan_in_fan_out": False, "use_rslora": False, "use_dora": False, "init_lora_weights": True,
-              "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None, "inference_mode": True}
-    tensors = {f"{PEFT_PREFIX}{k}.weight": v.float().contiguous().cpu()
-               for k, v in (tensors or lora_state_dict(model)).items()}
-    write_atomic(folder / "adapter_model.safetensors", save(tensors, metadata={"format": "pt"}))
+              "rank_pattern": rank_pattern, "alpha_pattern": alpha_pattern, "modules_to_save": None,
+              "inference_mode": True}
+    write_atomic(folder / "adapter_model.safetensors", save(out, metadata={"format": "pt"}))
     write_atomic(folder / "adapter_config.json", json.dumps(config, indent=2).encode())
     return folder
 
 
 def import_peft(model, folder) -> dict:
     """Install a peft LoRA folder into the model; returns its adapter_config.json. The adapted modules are read from
-    the tensor names, so target_modules (list or regex) and layers_to_transform are honoured whatever their form."""
+    the tensor names, so target_modules (list or regex) and layers_to_transform are honoured whatever their form.
+
+    A fused module's LoRA gives each part the same A and its rows of B (exact, same rank). One that export_peft
+    wrote (rank k*r and alpha k*alpha by the patterns, B block-diagonal) is split back into its blocks, rank r each;
+    a block whose A is zero was a part not adapted and is left out. syco-lab keeps one r and alpha per adapter set:
+    patterns that leave modules with different ranks or alphas are refused."""
     folder = Path(folder)
     if not (folder / "adapter_model.safetensors").exists():     # an adapter_model.bin is a pickle: refused
         raise FileNotFoundError(f"{folder}: no adapter_model.safetensors (pickle adapter_model.bin is refused)")
@@ -273,11 +356,54 @@ def import_peft(model, folder) -> dict:
         bad.append(f"init_lora_weights={cfg['init_lora_weights']!r}")       # have changed the base weights
     if bad:
         raise ValueError(f"{src}: {', '.join(bad)} changes the LoRA math; only plain LoRA can be imported")
-    sd = {}
-    for k, t in read_safetensors(folder / "adapter_model.safetensors")[0].items():
-        if not (k.startswith(PEFT_PREFIX) and k.endswith((".lora_A.weight", ".lora_B.weight"))):
-            raise ValueError(f"{folder}: unexpected tensor {k!r} in adapter_model.safetensors (plain LoRA has only "
+    file = folder / "adapter_model.safetensors"
+    found = {}                                                              # checkpoint module -> {A, B}
+    for k, t in read_safetensors(file)[0].items():
+        m = re.fullmatch(re.escape(PEFT_PREFIX) + r"(.+)\.lora_([AB])\.weight", k)
+        if not m:
+            raise ValueError(f"{file}: unexpected tensor {k!r} (plain LoRA has only "
                              f"{PEFT_PREFIX}<module>.lora_A.weight and .lora_B.weight)")
-        sd[k[len(PEFT_PREFIX):-len(".weight")]] = t
-    _install(model, sd, cfg["r"], cfg["lora_alpha"], cfg.get("lora_dropout", 0.0), str(folder))
+        found.setdefault(m[1], {})[m[2]] = t
+    r0, alpha0, fused = cfg["r"], cfg["lora_alpha"], _fused(model)
+    parted = {p: name for name, parts in fused.items() for p in parts}
+    sd, scale = {}, {}                                          # our key -> tensor; our module -> (r, alpha)
+    for name, t in found.items():
+        if set(t) != {"A", "B"}:
+            raise ValueError(f"{file}: {PEFT_PREFIX}{name} has lora_{''.join(t)}.weight only; LoRA needs A and B")
+        if name in parted:
+            raise ValueError(f"{file}: {PEFT_PREFIX}{name}: a {model.config.model_type} checkpoint has no such module "
+                             f"(the checkpoint holds it in {parted[name]})")
+        A, B = t["A"], t["B"]
+        r, alpha = _pattern(cfg.get("rank_pattern"), name, r0), _pattern(cfg.get("alpha_pattern"), name, alpha0)
+        if A.dim() != 2 or B.dim() != 2 or A.shape[0] != r or B.shape[1] != r:
+            raise ValueError(f"{file}: {PEFT_PREFIX}{name}: lora_A {tuple(A.shape)} and lora_B {tuple(B.shape)} "
+                             f"are not rank r={r} as {src} gives it")
+        parts = fused.get(name, (name,))
+        k, rows = len(parts), [getattr(*_slot(model, p, f"{PEFT_PREFIX}{name}")).weight.shape[0] for p in parts]
+        if B.shape[0] != sum(rows):
+            raise ValueError(f"{file}: {PEFT_PREFIX}{name}.lora_B.weight has {B.shape[0]} rows, the model's "
+                             f"{' + '.join(p.rsplit('.', 1)[1] for p in parts)} have {' + '.join(map(str, rows))}")
+        Bs = B.split(rows)
+        # export_peft's block structure: part i uses only A's rows and B's columns i*r0 .. (i+1)*r0
+        blocks = k > 1 and (r, alpha) == (k * r0, k * alpha0) and all(
+            not torch.cat([b[:, :i * r0], b[:, (i + 1) * r0:]], 1).any() for i, b in enumerate(Bs))
+        for i, (p, b) in enumerate(zip(parts, Bs)):
+            if blocks:
+                a, b = A[i * r0:(i + 1) * r0], b[:, i * r0:(i + 1) * r0]
+                if not a.any():         # A is never zero once initialised: a zero block is a part not adapted
+                    continue
+                scale[p] = (r0, alpha0)
+            else:
+                a, scale[p] = A, (r, alpha)
+            sd[f"{p}.lora_A"], sd[f"{p}.lora_B"] = a, b
+    if not sd:
+        raise ValueError(f"{file}: no LoRA tensors")
+    first = next(iter(scale))
+    odd = next((p for p in scale if scale[p] != scale[first]), None)
+    if odd:
+        raise ValueError(f"{src}: rank_pattern / alpha_pattern give {first} r={scale[first][0]}, alpha="
+                         f"{scale[first][1]} but {odd} r={scale[odd][0]}, alpha={scale[odd][1]}; syco-lab keeps one "
+                         "r and alpha per adapter set")
+    r, alpha = scale[first]
+    _install(model, sd, r, alpha, cfg.get("lora_dropout", 0.0), str(folder))
     return cfg

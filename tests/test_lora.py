@@ -1,12 +1,13 @@
-"""lora.py: the invariants (init = base, disabled = base, merge = unmerged, frozen base) and peft in both directions."""
+"""lora.py: the invariants (init = base, disabled = base, merge = unmerged, frozen base) and peft in both directions,
+in every family (biases carried; Phi-3's and MPT's fused modules)."""
 import json
 
 import pytest
 import torch
 
 from conftest import make_hf_model, save_hf_model
-from lora import (LoRALinear, add_lora, export_peft, import_peft, load_adapter, lora_disabled, lora_modules,
-                  lora_parameters, lora_state_dict, merge, save_adapter, unmerge)
+from lora import (LoRALinear, adapter_config, add_lora, export_peft, import_peft, load_adapter, lora_disabled,
+                  lora_modules, lora_parameters, lora_state_dict, merge, save_adapter, unmerge)
 from model import load
 
 IDS = torch.randint(3, 96, (2, 11), generator=torch.Generator().manual_seed(0))
@@ -167,8 +168,8 @@ def test_bad_arguments_are_refused(tiny_llama):
     with pytest.raises(ValueError, match="layers 0..2"):
         add_lora(model, layers=[3])
     assert not lora_modules(model)                 # a refused call changed nothing
-    with pytest.raises(ValueError, match="bias"):
-        LoRALinear(torch.nn.Linear(4, 4, bias=True), r=2, alpha=4)
+    with pytest.raises(ValueError, match="rank r must be at least 1"):
+        LoRALinear(torch.nn.Linear(4, 4), r=0, alpha=4)
     add_lora(model, r=2)
     with pytest.raises(ValueError, match="already has LoRA adapters"):
         add_lora(model, r=2)
@@ -216,7 +217,8 @@ def test_peft_adapter_imports_with_peft_logits(tmp_path):
     assert (model(IDS) - want).abs().max() <= 1e-5
     # Options that change the math are refused by name.
     conf = tmp_path / "adapter" / "adapter_config.json"
-    for key, value in (("use_rslora", True), ("use_dora", True), ("bias", "all"), ("init_lora_weights", "pissa")):
+    for key, value in (("use_rslora", True), ("use_dora", True), ("bias", "all"), ("lora_bias", True),
+                       ("init_lora_weights", "pissa")):
         bad = {**json.loads(conf.read_text()), key: value}
         (tmp_path / "bad").mkdir(exist_ok=True)
         (tmp_path / "bad" / "adapter_config.json").write_text(json.dumps(bad))
@@ -224,3 +226,198 @@ def test_peft_adapter_imports_with_peft_logits(tmp_path):
             (tmp_path / "adapter" / "adapter_model.safetensors").read_bytes())
         with pytest.raises(ValueError, match=key):
             import_peft(ours(folder), tmp_path / "bad")
+
+
+# ---------------------------------------------------------------------------------------------- every family
+FAMILIES = [pytest.param(mt, kw, id=mt + ("-attention_bias" if kw else "")) for mt, kw in (
+    ("llama", {}), ("mistral", {}), ("qwen2", {}), ("qwen3", {}), ("qwen3", {"attention_bias": True}),
+    ("gemma2", {}), ("gemma3_text", {}), ("phi3", {}), ("mpt", {}))]
+# The modules peft adapts in the transformers model: the checkpoint's names (Phi-3 and MPT fuse and rename).
+PEFT_TARGETS = {"phi3": ["qkv_proj", "o_proj", "gate_up_proj", "down_proj"],
+                "mpt": ["Wqkv", "out_proj", "up_proj", "down_proj"]}
+SEVEN = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+
+
+def family(mt, kw, tmp_path):
+    hf = make_hf_model(mt, **kw)
+    return hf, save_hf_model(hf, tmp_path / mt)
+
+
+def peft_logits(pm):
+    with torch.no_grad():
+        return pm.eval()(IDS).logits
+
+
+def random_peft_b(pm, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for n, p in pm.named_parameters():
+            if "lora_B" in n:
+                p.copy_(torch.randn(p.shape, generator=g) * 0.2)
+
+
+@pytest.mark.parametrize("mt, kw", FAMILIES)
+def test_every_family_init_is_base_and_merge_round_trips(mt, kw, tmp_path):
+    model = ours(family(mt, kw, tmp_path)[1])
+    base, params = model(IDS), dict(model.named_parameters())
+    torch.manual_seed(0)
+    names = add_lora(model, r=4, alpha=8)
+    n_targets = 6 if mt == "mpt" else 7                # MPT's MLP has no gate_proj: the default adapts what exists
+    assert len(names) == 3 * n_targets
+    assert torch.equal(model(IDS), base)                # B = 0: exactly the base, biases included
+    for n, p in params.items():                         # every base tensor (biases too) keeps its key and memory
+        assert dict(model.named_parameters())[n] is p and not p.requires_grad
+    attn = model.layers[0].self_attn
+    assert (attn.q_proj.bias is not None) == (mt == "qwen2" or bool(kw))
+    assert (attn.o_proj.bias is not None) == bool(kw)
+    randomize_b(model)
+    want = model(IDS)
+    assert (want - base).abs().max() > 1e-2
+    with lora_disabled(model):
+        assert torch.equal(model(IDS), base)
+    biases = {n: p.clone() for n, p in model.named_parameters() if n.endswith(".bias")}
+    weights = {n: p.clone() for n, p in model.named_parameters() if n.endswith("proj.weight")}
+    merge(model)
+    torch.testing.assert_close(model(IDS), want, atol=1e-5, rtol=0)
+    unmerge(model)
+    torch.testing.assert_close(model(IDS), want, atol=1e-5, rtol=0)
+    for n, p in model.named_parameters():
+        if n in biases:
+            assert torch.equal(p, biases[n]), n         # merge folds B A into W only
+        elif n in weights:
+            torch.testing.assert_close(p, weights[n], atol=1e-6, rtol=0)
+
+
+def test_bias_bf16_init_is_bit_identical(tmp_path):
+    model = ours(family("qwen2", {}, tmp_path)[1], "bf16")
+    before = model(IDS)
+    add_lora(model)
+    assert model.layers[1].self_attn.k_proj.bias.dtype == torch.bfloat16
+    assert torch.equal(model(IDS), before)
+
+
+def test_a_target_the_model_lacks_is_named(tmp_path):
+    folder = family("mpt", {}, tmp_path)[1]
+    model = ours(folder)
+    for targets in (("q_proj", "gate_proj"), "gate_proj"):
+        with pytest.raises(ValueError, match=r"\['gate_proj'\]: a mpt model has no such projection; its targets are "
+                                             r"\['q_proj', 'k_proj', 'v_proj', 'o_proj', 'up_proj', 'down_proj'\]"):
+            add_lora(model, targets=targets)
+    assert not lora_modules(model)
+    add_lora(model, targets=SEVEN, r=2, layers=[0])     # all seven listed = the default: what the model has
+    assert adapter_config(model)["targets"] == [t for t in SEVEN if t != "gate_proj"]
+    llama = ours(family("llama", {}, tmp_path)[1])
+    add_lora(llama, targets=("gate_proj",), r=2)
+    path = save_adapter(llama, tmp_path / "llama.safetensors")
+    with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.gate_proj\.lora_[AB]': a mpt model has no "
+                                         r"gate_proj"):
+        load_adapter(ours(folder), path)
+
+
+@pytest.mark.parametrize("mt, kw", FAMILIES)
+def test_peft_adapter_imports_in_every_family(mt, kw, tmp_path):
+    peft = pytest.importorskip("peft")
+    hf, folder = family(mt, kw, tmp_path)
+    torch.manual_seed(0)
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=PEFT_TARGETS.get(mt, SEVEN),
+                                                 task_type="CAUSAL_LM"))
+    random_peft_b(pm)
+    pm.save_pretrained(tmp_path / "adapter")
+    want = peft_logits(pm)
+    model = ours(folder)
+    base = model(IDS)
+    import_peft(model, tmp_path / "adapter")
+    got = model(IDS)
+    assert (got - base).abs().max() > 1e-2
+    assert (got - want).abs().max() <= 1e-5
+    mods = lora_modules(model)
+    assert len(mods) == 3 * (6 if mt == "mpt" else 7) and {m.r for m in mods.values()} == {4}
+    if mt in PEFT_TARGETS:   # a fused module's A is shared by its parts; each takes its rows of B
+        attn = model.layers[2].self_attn
+        assert torch.equal(attn.q_proj.lora_A, attn.v_proj.lora_A)
+        fused = [k for k in pm.state_dict() if "layers.2." in k or "blocks.2." in k]
+        B = pm.state_dict()[next(k for k in fused if ("qkv_proj" in k or "Wqkv" in k) and "lora_B" in k)]
+        assert torch.equal(torch.cat([attn.q_proj.lora_B, attn.k_proj.lora_B, attn.v_proj.lora_B]), B)
+
+
+@pytest.mark.parametrize("mt, kw", FAMILIES)
+def test_export_loads_in_peft_in_every_family(mt, kw, tmp_path):
+    peft = pytest.importorskip("peft")
+    from peft.tuners.lora import LoraLayer
+    hf, folder = family(mt, kw, tmp_path)
+    model = ours(folder)
+    torch.manual_seed(0)
+    add_lora(model, r=4, alpha=12)
+    randomize_b(model)
+    want = model(IDS)
+    export_peft(model, tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert cfg["target_modules"] == PEFT_TARGETS.get(mt, SEVEN)
+    fused = {"phi3": ({"qkv_proj": 12, "gate_up_proj": 8}, {"qkv_proj": 36, "gate_up_proj": 24}),
+             "mpt": ({"Wqkv": 12}, {"Wqkv": 36})}.get(mt, ({}, {}))
+    assert (cfg["rank_pattern"], cfg["alpha_pattern"]) == fused     # k parts: rank k r, alpha k alpha
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter")
+    layers = {n: m for n, m in pm.named_modules() if isinstance(m, LoraLayer)}
+    assert len(layers) == 3 * len(cfg["target_modules"])
+    assert {m.scaling["default"] for m in layers.values()} == {12 / 4}      # peft's alpha / r is ours
+    assert (peft_logits(pm) - want).abs().max() <= 1e-5
+    back = ours(folder)                                 # and back: the blocks split into the very same tensors
+    import_peft(back, tmp_path / "adapter")
+    assert lora_state_dict(back).keys() == lora_state_dict(model).keys()
+    assert all(torch.equal(v, lora_state_dict(back)[k]) for k, v in lora_state_dict(model).items())
+    assert torch.equal(back(IDS), want)
+
+
+@pytest.mark.parametrize("mt", ["phi3", "mpt"])
+def test_export_of_some_parts_of_a_fused_module(mt, tmp_path):
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file
+    hf, folder = family(mt, {}, tmp_path)
+    model = ours(folder)
+    torch.manual_seed(0)
+    add_lora(model, targets=("q_proj", "v_proj", "down_proj"), r=2, alpha=4, layers=[1])
+    randomize_b(model)
+    want = model(IDS)
+    export_peft(model, tmp_path / "adapter")
+    cfg = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    qkv = {"phi3": "model.layers.1.self_attn.qkv_proj", "mpt": "transformer.blocks.1.attn.Wqkv"}[mt]
+    assert cfg["layers_to_transform"] == [1] and cfg["layers_pattern"] == qkv.split(".")[-4]
+    sd = load_file(tmp_path / "adapter" / "adapter_model.safetensors")
+    A, B = sd[f"base_model.model.{qkv}.lora_A.weight"], sd[f"base_model.model.{qkv}.lora_B.weight"]
+    assert A.shape == (6, 64) and not A[2:4].any()      # k not adapted: a zero block in A ...
+    assert not B[64:96].any() and not B[:, 2:4].any()  # ... and in B (rows of k, columns of its block)
+    pm = peft.PeftModel.from_pretrained(hf, tmp_path / "adapter")
+    assert sum("lora_A" in n for n, _ in pm.named_parameters()) == 2
+    assert (peft_logits(pm) - want).abs().max() <= 1e-5
+    back = ours(folder)
+    import_peft(back, tmp_path / "adapter")             # the zero block is no adapter: k_proj stays plain
+    assert sorted(lora_modules(back)) == sorted(lora_modules(model))
+    assert torch.equal(back(IDS), want)
+
+
+def test_peft_layouts_that_cannot_be_ours_are_refused(tmp_path):
+    peft = pytest.importorskip("peft")
+    from safetensors.torch import load_file, save_file
+    hf, folder = family("llama", {}, tmp_path)
+    pm = peft.get_peft_model(hf, peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],
+                                                 rank_pattern={"o_proj": 2}, task_type="CAUSAL_LM"))
+    pm.save_pretrained(tmp_path / "mixed")
+    with pytest.raises(ValueError, match=r"o_proj r=2, alpha=8 but model\.layers\.0\.self_attn\.q_proj r=4, "
+                                         r"alpha=8; syco-lab keeps one r and alpha"):
+        import_peft(ours(folder), tmp_path / "mixed")
+    # A Phi-3 adapter must name the fused module: its checkpoint has no q_proj.
+    phi = family("phi3", {}, tmp_path)[1]
+    model = ours(phi)
+    add_lora(model, targets=("q_proj",), r=2)
+    export_peft(model, tmp_path / "phi")
+    sd = load_file(tmp_path / "phi" / "adapter_model.safetensors")
+    key = "base_model.model.model.layers.0.self_attn.qkv_proj.lora_B.weight"
+    save_file({k.replace("qkv_proj", "q_proj"): v for k, v in sd.items()},
+              tmp_path / "phi" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"self_attn\.q_proj: a phi3 checkpoint has no such module \(the checkpoint "
+                                         r"holds it in model\.layers\.0\.self_attn\.qkv_proj\)"):
+        import_peft(ours(phi), tmp_path / "phi")
+    save_file({**sd, key: sd[key][:100]}, tmp_path / "phi" / "adapter_model.safetensors")
+    with pytest.raises(ValueError, match=r"qkv_proj\.lora_B\.weight has 100 rows, the model's q_proj \+ k_proj \+ "
+                                         r"v_proj have 64 \+ 32 \+ 32"):
+        import_peft(ours(phi), tmp_path / "phi")

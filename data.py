@@ -34,6 +34,22 @@ class Items(list):
         self.path, self.sha256, self.skipped = str(path), sha256, []
 
 
+def derived(source, rows) -> list:
+    """rows (a sample of source's items, or items made from them) as Items of the same file with its skips, so a
+    results file still counts the records left out; a plain list (built-in probes) stays a plain list."""
+    if not isinstance(source, Items):
+        return list(rows)
+    out = Items(source.path, source.sha256)
+    out.extend(rows)
+    out.skipped = source.skipped
+    return out
+
+
+def skipped_of(*item_lists) -> list[dict]:
+    """The records left out of these lists (Items' .skipped; none for built-in probes), for a results file."""
+    return [s for items in item_lists for s in getattr(items, "skipped", [])]
+
+
 class BadRecord(Exception):
     """One malformed record; _add turns it into 'path:line: why' or an entry of Items.skipped."""
 
@@ -65,7 +81,14 @@ def _add(items: Items, path, where: tuple[str, int], make, skip_bad: bool):
 
 
 def _done(items: Items) -> Items:
-    if not items and not items.skipped:
+    """items, unless none is left: an empty file, or (skip_bad) one whose every record was bad, is an error, never
+    a run on zero items."""
+    if not items and items.skipped:
+        first = items.skipped[0]
+        where = next(f"{k} {first[k]}" for k in ("line", "item", "row") if k in first)
+        raise ValueError(f"{items.path}: no usable records: all {len(items.skipped)} were bad and skipped "
+                         f"(first, {where}: {first['error']})")
+    if not items:
         raise ValueError(f"{items.path}: no records")
     return items
 

@@ -25,7 +25,7 @@ from tqdm import tqdm
 import data
 import probes
 from lab import dist
-from lab.args import ModelOptions, parse_args
+from lab.args import Count, ModelOptions, parse_args, user_errors
 from lab.results import Checkpoint, input_hashes, provenance, write_result
 from lab.stats import mean_metric, paired_difference, proportion_metric
 from model import KVCache, generate, pad_left
@@ -39,11 +39,11 @@ from score import (judge_words, letter_ids, letter_probs, letter_probs_after, mc
 class EvalConfig(ModelOptions):
     task: str = "opinion"     # one of TASKS: ab, opinion, truthfulqa, mmlu, hellaswag, gsm8k, answer, ...
     data: str = ""            # the task's data file/folder; "" = built-in probes where the task has them
-    n: int = 0                # 0 = every item; else a seeded random sample of n (generated probes: n base items)
-    shots: int = 5            # MMLU few-shot examples from the dev split
+    n: Count = 0              # 0 = every item; else a seeded random sample of n (generated probes: n base items)
+    shots: Count = 5          # MMLU few-shot examples from the dev split
     convention: str = "caa"   # A/B scoring: caa ("(" prefill, next-token letter) or perez (" (A)" log-prob)
     judge: str = ""           # "" = judge-free scoring; "self" = the model under test; or a checkpoint folder
-    max_new_tokens: int = 0   # 0 = the task's default
+    max_new_tokens: Count = 0  # 0 = the task's default
     skip_bad: bool = False    # skip malformed data lines (counted in the results) instead of stopping
     run: str = ""             # results name (default: the task); an interrupted run with this name resumes
     out: str = "out"
@@ -441,11 +441,12 @@ def task_items(cfg) -> list[dict]:
     if t == "gsm8k":
         return data.read_gsm8k(cfg.data, skip_bad=cfg.skip_bad) if cfg.data else need("GSM8K test.jsonl")
     if t == "answer" and cfg.data.endswith(".jsonl") and Path(cfg.data).name.startswith("answer"):
-        return sycophancy_eval_answers(data.read_sycophancy_eval(cfg.data, skip_bad=cfg.skip_bad))
+        records = data.read_sycophancy_eval(cfg.data, skip_bad=cfg.skip_bad)
+        return data.derived(records, sycophancy_eval_answers(records))
     if t == "answer":
-        return probes.answer_probes(load_qa(cfg), cfg.seed)
+        return data.derived(qa := load_qa(cfg), probes.answer_probes(qa, cfg.seed))
     if t == "are_you_sure":
-        return probes.are_you_sure_probes(load_qa(cfg), cfg.seed)
+        return data.derived(qa := load_qa(cfg), probes.are_you_sure_probes(qa, cfg.seed))
     if t == "feedback":
         return probes.feedback_probes(probes.builtin_feedback_texts())
     sys.exit(f"error: unknown --task={t!r}; tasks: baseline, {', '.join(TASKS)}")
@@ -472,7 +473,8 @@ def run_task(cfg, s: Session, chunk: int = 64) -> tuple[dict, Path]:
         cfg = replace(cfg, system="")
     items = task_items(cfg)
     if cfg.n and cfg.task not in ("opinion", "answer", "are_you_sure") and cfg.n < len(items):
-        items = [items[i] for i in sorted(random.Random(cfg.seed).sample(range(len(items)), cfg.n))]
+        picked = sorted(random.Random(cfg.seed).sample(range(len(items)), cfg.n))
+        items = data.derived(items, [items[i] for i in picked])      # a sample still counts the file's skips
     run = cfg.run or cfg.task
     saved = {k: v for k, v in asdict(cfg).items() if k != "dist_timeout"}     # a resumed run may wait longer
     files = [p for p in [Path(cfg.data)] if cfg.data and p.is_file()]
@@ -525,7 +527,7 @@ def run_task(cfg, s: Session, chunk: int = 64) -> tuple[dict, Path]:
         seconds = time.perf_counter() - t0
         result = dict(config=asdict(cfg), provenance=provenance(cfg, s.model_dir, s.fmt_name, files),
                       metrics=metrics_of(ckpt.rows), timing=dict(seconds=seconds, items=len(items), processes=world),
-                      skipped=getattr(items, "skipped", []), items=ckpt.rows)
+                      skipped=data.skipped_of(items), items=ckpt.rows)
         path = write_result(cfg.out, run, result)
     return dist.broadcast((result, path))
 
@@ -545,6 +547,7 @@ def print_metrics(name, result, path):
         print(f"  {k:<34} {val:>7} {ci:<17} n={m['n']}")
 
 
+@user_errors()
 def main(argv):
     cfg = parse_args(EvalConfig, argv)
     dist.init(cfg.device, cfg.dist_timeout)          # under torchrun: the items are shared among the processes

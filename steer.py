@@ -35,6 +35,7 @@ import data
 from lab import dist
 import probes
 from lab import results
+from lab.args import layer_numbers
 from model import SITES, KVCache, hooks, pad_left, pad_right, read_safetensors
 from score import batches_by_length, user
 
@@ -42,15 +43,14 @@ def parse_layers(spec: str, n_layers: int, default=None) -> list[int]:
     """"" -> default (or every layer); "3,9,15" or "4-12" (inclusive); negative numbers count from the end."""
     if not spec:
         return list(default if default is not None else range(n_layers))
-    out = []
-    for part in spec.split(","):
-        a, dash, b = part.strip().partition("-") if not part.strip().startswith("-") else (part.strip(), "", "")
-        idx = range(int(a), int(b) + 1) if dash else [int(a)]
-        for i in idx:
-            if not -n_layers <= i < n_layers:
-                raise ValueError(f"layer {i} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
-            out.append(i % n_layers)
-    return sorted(set(out))
+    try:
+        numbers = layer_numbers(spec)
+    except ValueError as e:
+        raise ValueError(f"layers {spec!r}: {e}") from None
+    for i in numbers:
+        if not -n_layers <= i < n_layers:
+            raise ValueError(f"layer {i} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+    return sorted({i % n_layers for i in numbers})
 
 
 # ------------------------------------------------------------------------------------------------- positions
@@ -274,6 +274,7 @@ def load_vectors(path, model=None) -> tuple[dict, dict, dict]:
     """({layer: vector (D,)}, {layer: mean residual norm}, metadata). With a model, refuse a vector of another
     width or from another model (by its fingerprint)."""
     t, meta = read_steer_file(path, ("vectors", "layers", "mean_norm"))
+    check_vectors(path, t, None if model is None else len(model.layers))
     if model is not None:
         width = model.config.hidden_size
         if t["vectors"].shape[-1] != width:
@@ -285,6 +286,38 @@ def load_vectors(path, model=None) -> tuple[dict, dict, dict]:
     layers = t["layers"].tolist()
     return ({l: t["vectors"][i] for i, l in enumerate(layers)}, {l: float(t["mean_norm"][i]) for i, l in
             enumerate(layers)}, meta)
+
+
+def check_vectors(path, t: dict, n_layers: int | None = None):
+    """Refuse a vectors file whose tensors disagree (rows, layers, norms), hold NaN/inf, or (given the model's
+    n_layers) name a layer the model lacks: each found here, naming the file, not as an IndexError mid-sweep."""
+    vec, layers, norms = t["vectors"], t["layers"], t["mean_norm"]
+    if vec.dim() != 2 or layers.dim() != 1 or norms.dim() != 1 or layers.is_floating_point():
+        raise ValueError(f"{path}: expected vectors (L, D), integer layers (L,) and mean_norm (L,); got shapes "
+                         f"{list(vec.shape)}, {list(layers.shape)} ({layers.dtype}), {list(norms.shape)}")
+    if not len(layers) == len(vec) == len(norms):
+        raise ValueError(f"{path}: its layers list {len(layers)} layers, but it holds {len(vec)} vectors and "
+                         f"{len(norms)} mean norms")
+    if len(set(layers.tolist())) != len(layers) or (layers < 0).any():
+        raise ValueError(f"{path}: layers {layers.tolist()} should be distinct numbers >= 0")
+    for name, x in (("vectors", vec), ("mean_norm", norms)):
+        if not torch.isfinite(x).all():
+            rows = sorted({int(r) for r in (~torch.isfinite(x)).nonzero()[:, 0]})
+            raise ValueError(f"{path}: {name} holds NaN or inf (at layers {[layers[r].item() for r in rows]})")
+    if n_layers is not None and (missing := [l for l in layers.tolist() if l >= n_layers]):
+        raise ValueError(f"{path}: has vectors for layers {missing}, which the model lacks (it has {n_layers} "
+                         f"layers, 0..{n_layers - 1}): it comes from another model")
+
+
+def check_activations(path, pos, neg, pairs, layers):
+    """Refuse an activations file whose tensors disagree with each other or its metadata, or hold NaN/inf."""
+    if pos.dim() != 3 or pos.shape != neg.shape:
+        raise ValueError(f"{path}: pos {list(pos.shape)} and neg {list(neg.shape)} should be the same (N, L, D)")
+    if pos.shape[0] != len(pairs) or pos.shape[1] != len(layers):
+        raise ValueError(f"{path}: holds {pos.shape[0]} pairs at {pos.shape[1]} layers, but its metadata lists "
+                         f"{len(pairs)} pairs and layers {layers}")
+    if not (torch.isfinite(pos).all() and torch.isfinite(neg).all()):
+        raise ValueError(f"{path}: activations hold NaN or inf")
 
 
 def save_activations(out_dir, stem: str, pos, neg, pairs: list[dict], layers: list[int], meta: dict) -> Path:
@@ -300,8 +333,16 @@ def save_activations(out_dir, stem: str, pos, neg, pairs: list[dict], layers: li
 def load_activations(path) -> tuple[torch.Tensor, torch.Tensor, list[dict], list[int], dict]:
     """(pos, neg, pairs [{id, letters}], layers, metadata) from save_activations' file."""
     t, meta = read_steer_file(path, ("pos", "neg"))
-    pairs = [{"id": i, "letters": l} for i, l in zip(json.loads(meta["ids"]), json.loads(meta["letters"]))]
-    return t["pos"], t["neg"], pairs, json.loads(meta["layers"]), meta
+    try:
+        ids, letters, layers = (json.loads(meta[k]) for k in ("ids", "letters", "layers"))
+    except (KeyError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: its metadata ids, letters and layers are missing or not JSON ({e}); not an "
+                         "activations file of steer.py") from None
+    if len(ids) != len(letters):
+        raise ValueError(f"{path}: metadata lists {len(ids)} ids but {len(letters)} letter pairs")
+    pairs = [{"id": i, "letters": l} for i, l in zip(ids, letters)]
+    check_activations(path, t["pos"], t["neg"], pairs, layers)
+    return t["pos"], t["neg"], pairs, layers, meta
 
 
 def read_steer_file(path, keys) -> tuple[dict, dict]:
@@ -318,16 +359,16 @@ def read_steer_file(path, keys) -> tuple[dict, dict]:
 
 def ab_items(path: str, n: int, part: int, seed: int = 0, skip_bad: bool = False, n_builtin=(200, 100)
              ) -> tuple[list[dict], list[Path]]:
-    """A/B items from a file (seeded sample of n), or built-in opinion probes: vectors (part 0) and held-out test
-    items (part 1) come from one generated set of n_builtin = (train, test) claims split by claim, so no claim is on
-    both sides."""
+    """A/B items from a file (seeded sample of n; a data.Items, whose .skipped the results record), or built-in
+    opinion probes: vectors (part 0) and held-out test items (part 1) come from one generated set of n_builtin =
+    (train, test) claims split by claim, so no claim is on both sides."""
     if path:
         read = data.read_anthropic_sycophancy if path.endswith(".jsonl") else data.read_caa_ab
         items = read(path, skip_bad=skip_bad)
         if n and n < len(items):
             idx = sorted(np.random.default_rng(seed).choice(len(items), n, replace=False).tolist())
-            items = [items[i] for i in idx]
-        return list(items), [Path(path)]
+            items = data.derived(items, [items[i] for i in idx])
+        return items, [Path(path)]
     n_train, n_test = n_builtin
     items = [it for it in probes.opinion_probes(n_train + n_test, seed) if it["opinion"] is not None]
     parts = probes.split(items, n_train / (n_train + n_test), seed, key="claim_id")

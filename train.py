@@ -39,7 +39,7 @@ from tqdm import tqdm
 
 import data
 from lab import dist
-from lab.args import ModelOptions, parse_args
+from lab.args import Count, ModelOptions, Positive, parse_args, user_errors
 from lab.report import plot_curve
 from lab.results import check_same_inputs, input_hashes, provenance, write_atomic, write_result
 from lab.stats import mean_metric, proportion_metric
@@ -62,23 +62,23 @@ class TrainConfig(ModelOptions):
     mode: str = "sft"          # sft (imitate `response`) or dpo (prefer `chosen` over `rejected`)
     data: str = ""             # training JSONL (format: the docstring)
     eval_data: str = ""        # held-out JSONL of the same format; "" = no evaluation
-    r: int = 16                # LoRA rank
+    r: Positive = 16           # LoRA rank
     alpha: float = 32.0        # LoRA scale alpha / r
     dropout: float = 0.1       # LoRA dropout on the adapter's input
     targets: str = "q_proj,k_proj,v_proj,o_proj,gate_proj,up_proj,down_proj"
     lr: float = 0.0            # peak learning rate; 0 = the mode's default (2e-4 SFT, 5e-5 DPO)
-    epochs: int = 1
-    max_steps: int = 0         # optimizer steps; 0 = as many as `epochs` passes give (the last partial step dropped)
-    batch_size: int = 4        # examples (DPO: pairs) per micro-batch
-    grad_accum: int = 1        # micro-batches per optimizer step
-    warmup_steps: int = 10     # linear warmup, then cosine decay to 0 at the last step
+    epochs: Count = 1
+    max_steps: Count = 0       # optimizer steps; 0 = as many as `epochs` passes give (the last partial step dropped)
+    batch_size: Positive = 4   # examples (DPO: pairs) per micro-batch
+    grad_accum: Positive = 1   # micro-batches per optimizer step
+    warmup_steps: Count = 10   # linear warmup, then cosine decay to 0 at the last step
     clip: float = 1.0          # gradient-norm clip; 0 = none (the norm is logged either way)
     beta: float = 0.1          # DPO: how strongly the policy is tied to the reference
     bf16: bool = False         # bf16 autocast (the weights keep their dtype)
     grad_checkpointing: bool = False   # recompute each block in backward: less activation memory, more time
-    max_len: int = 1024        # prompt + response tokens of one example; a longer one is bad data
-    eval_every: int = 50       # optimizer steps between held-out evaluations (also one at the start and the end)
-    save_every: int = 100      # optimizer steps between checkpoints (also one at the end)
+    max_len: Positive = 1024   # prompt + response tokens of one example; a longer one is bad data
+    eval_every: Positive = 50  # optimizer steps between held-out evaluations (also one at the start and the end)
+    save_every: Positive = 100 # optimizer steps between checkpoints (also one at the end)
     skip_bad: bool = False     # skip malformed data lines (counted in the results) instead of stopping
     seed: int = 0
     out: str = "out"
@@ -517,6 +517,7 @@ def plot_losses(path) -> Path:
                       list(lines), Path(path).with_suffix(".png"), "optimizer step", "loss", Path(path).stem)
 
 
+@user_errors()
 def main(argv=None):
     cfg = parse_args(TrainConfig, sys.argv[1:] if argv is None else argv)
     if not cfg.data:
@@ -527,10 +528,7 @@ def main(argv=None):
     # FSDP is for a model too big for one card: read it into CPU memory, and fully_shard moves each rank's shard over
     fsdp = cfg.dist == "fsdp" and dist.world() > 1
     s = open_session(replace(cfg, device="cpu") if fsdp else cfg)
-    try:
-        result, path = train(cfg, s.model, s.tok, s.fmt)
-    except (ValueError, OSError) as e:          # bad data, a taken run name, nothing to resume: one clear line
-        sys.exit(f"error: {e}")
+    result, path = train(cfg, s.model, s.tok, s.fmt)
     for name, m in result["metrics"].items():
         print(f"  {name:<18} {m['value']:.4f}  [{m['ci'][0]:.4f}, {m['ci'][1]:.4f}]  n={m['n']}")
     print(f"skipped {result['n_skipped']} bad lines\nresults {path} (+ .png)\nadapter {result['adapter']}")

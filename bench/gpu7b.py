@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from bench.speed import FAMILIES, timed
-from lab.args import parse_args
+from lab.args import parse_args, user_errors
 from lora import add_lora, lora_parameters
 from model import Config, KVCache, Transformer, generate
 from runtime.gpu import graphed_step, use_gpu_kernels
@@ -314,4 +314,5 @@ def main(cfg: GPUBenchConfig):
 
 
 if __name__ == "__main__":
-    main(parse_args(GPUBenchConfig, sys.argv[1:]))
+    with user_errors():
+        main(parse_args(GPUBenchConfig, sys.argv[1:]))

@@ -33,7 +33,7 @@ from model import generate, hooks, load, pad_left, pad_right
 from runtime import accelerate
 from runtime.compile import compile_for_inference
 from chat import load_tokenizer
-from lab.args import parse_args
+from lab.args import parse_args, user_errors
 from lab.prepare import ensure_default_model
 
 
@@ -513,4 +513,5 @@ def main(cfg: BenchConfig):
 
 
 if __name__ == "__main__":
-    main(parse_args(BenchConfig, sys.argv[1:]))
+    with user_errors():
+        main(parse_args(BenchConfig, sys.argv[1:]))

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from lab.args import parse_args
+from lab.args import parse_args, user_errors
 from lab.results import load_result
 from lab.stats import correlation, paired_difference
 
@@ -217,6 +217,7 @@ class ReportConfig:
     item_keys: str = ""      # compare: "metric=item_key,..." where the items' score key is not the metric name
 
 
+@user_errors()
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("compare", "report"):
@@ -226,33 +227,30 @@ def main(argv=None):
     cfg = parse_args(ReportConfig, [a for a in rest if a.startswith("-")])
     out = Path(cfg.out or f"out/{cmd}.md")
     png = out.with_suffix(".png")
-    try:
-        if cmd == "compare":
-            if any(":" not in p for p in cfg.correlate.split(",") if p) or \
-                    any("=" not in kv for kv in cfg.item_keys.split(",") if kv):
-                sys.exit("error: expected --correlate=x_metric:y_metric,... and --item_keys=metric=item_key,...")
-            pairs = [tuple(p.split(":", 1)) for p in cfg.correlate.split(",") if p] or None
-            keys = dict(kv.split("=", 1) for kv in cfg.item_keys.split(",") if kv)
-            cmp = compare(paths, keys, pairs, cfg.method, cfg.seed, cfg.n_boot)
-            results, names = [load_result(p) for p in paths], cmp["names"]
-        else:  # any set of files, e.g. out/*.json: skip what is not a result (bench timings, ...)
-            results, kept = [], []
-            for p in paths:
-                try:
-                    results.append(load_result(p))
-                    kept.append(p)
-                except ValueError as e:
-                    print(f"skipping: {e}", file=sys.stderr)
-            if not results:
-                sys.exit("error: no results files given")
-            names = run_names(kept)
-        md = f"# {cmd}\n\n" + render_markdown(results, names)
-        md += (render_comparison(cmp) if cmd == "compare" else "") + f"\n![metrics]({png.name})\n"
-        out.parent.mkdir(parents=True, exist_ok=True)
-        out.write_text(md, encoding="utf-8")
-        plot_metrics(results, names, png)
-    except (OSError, ValueError) as e:
-        sys.exit(f"error: {e}")
+    if cmd == "compare":
+        if any(":" not in p for p in cfg.correlate.split(",") if p) or \
+                any("=" not in kv for kv in cfg.item_keys.split(",") if kv):
+            sys.exit("error: expected --correlate=x_metric:y_metric,... and --item_keys=metric=item_key,...")
+        pairs = [tuple(p.split(":", 1)) for p in cfg.correlate.split(",") if p] or None
+        keys = dict(kv.split("=", 1) for kv in cfg.item_keys.split(",") if kv)
+        cmp = compare(paths, keys, pairs, cfg.method, cfg.seed, cfg.n_boot)
+        results, names = [load_result(p) for p in paths], cmp["names"]
+    else:  # any set of files, e.g. out/*.json: skip what is not a result (bench timings, ...)
+        results, kept = [], []
+        for p in paths:
+            try:
+                results.append(load_result(p))
+                kept.append(p)
+            except ValueError as e:
+                print(f"skipping: {e}", file=sys.stderr)
+        if not results:
+            sys.exit("error: no results files given")
+        names = run_names(kept)
+    md = f"# {cmd}\n\n" + render_markdown(results, names)
+    md += (render_comparison(cmp) if cmd == "compare" else "") + f"\n![metrics]({png.name})\n"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(md, encoding="utf-8")
+    plot_metrics(results, names, png)
     print(md)
     print(f"wrote {out} and {png}")
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import data
 from evaluate import EvalConfig, print_metrics, run_task
 from lab import dist, report
-from lab.args import ModelOptions, parse_args
+from lab.args import ModelOptions, parse_args, user_errors
 from runtime.session import open_session
 from score import replies, user
 
@@ -60,6 +60,7 @@ def baseline(cfg: BaselineConfig):
     print(f"\nreport: {dest} and {dest.with_suffix('.png')}")
 
 
+@user_errors()
 def main(argv):
     cfg = parse_args(BaselineConfig, argv)
     dist.init(cfg.device, cfg.dist_timeout)          # under torchrun: the items are shared among the processes

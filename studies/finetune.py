@@ -33,7 +33,7 @@ import evaluate as ev
 import probes
 import train as tr
 from lab import report, results, stats
-from lab.args import ModelOptions, parse_args
+from lab.args import ModelOptions, parse_args, user_errors
 from lora import lora_modules, merge, unmerge
 from runtime.session import Session, open_session
 from score import option_logprobs, user
@@ -463,6 +463,7 @@ def recovery(cfg) -> Path:
                    files=files, train_runs=runs, notes=notes)
 
 
+@user_errors()
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     if not argv or argv[0] not in ("benchmarks", "recovery"):

@@ -20,7 +20,7 @@ from tqdm import tqdm
 import data
 import probes
 from lab import report, results, stats
-from lab.args import ModelOptions, parse_args
+from lab.args import Count, Layers, ModelOptions, Positive, parse_command, user_errors
 from model import generate
 from runtime.session import Session, open_session
 from probes import LETTERS
@@ -37,12 +37,12 @@ class GeometryConfig(ModelOptions):
     data: str = ""            # A/B items ("" = built-in opinion probes; predict: their held-out part)
     data2: str = ""           # consistency: a second pair set to compare vectors across datasets
     ood: str = ""             # predict, out of distribution: TruthfulQA mc_task.json ("" = built-in arithmetic)
-    n: int = 0                # items (0 = all; built-in: 200 claims for vectors/geometry, 100 held out)
-    n_ood: int = 100
-    layers: str = ""          # "" = every layer
-    max_new_tokens: int = 8   # predict: continuation whose tokens are averaged
-    n_splits: int = 20        # consistency: random disjoint splits per point
-    n_boot: int = 2000
+    n: Count = 0              # items (0 = all; built-in: 200 claims for vectors/geometry, 100 held out)
+    n_ood: Positive = 100
+    layers: Layers = ""       # "" = every layer
+    max_new_tokens: Positive = 8  # predict: continuation whose tokens are averaged
+    n_splits: Positive = 20   # consistency: random disjoint splits per point
+    n_boot: Positive = 2000
     skip_bad: bool = False
     run: str = ""
     out: str = "out"
@@ -152,7 +152,7 @@ def predict_run(cfg, s: Session):
                               "the user (in distribution) / is the user's suggested incorrect answer (out of "
                               "distribution)", "prompt_position": "last prompt token (the prefilled '(')",
                               "continuation": f"mean over up to {cfg.max_new_tokens} greedy generated tokens"},
-              "metrics": metrics, "items": rows}
+              "metrics": metrics, "skipped": data.skipped_of(items, qa), "items": rows}
     path = results.write_result(cfg.out, cfg.run or "predict", result)
     plot_predict(result, path.with_suffix(".png"))
     return result, path
@@ -162,10 +162,10 @@ def ood_items(cfg):
     """Out-of-distribution QA items: TruthfulQA (a local copy) or the built-in arithmetic questions."""
     path = cfg.ood or data.local_truthfulqa()
     if path:
-        items = list(data.read_truthfulqa_mc(path, skip_bad=cfg.skip_bad))
+        items = data.read_truthfulqa_mc(path, skip_bad=cfg.skip_bad)
         rng = np.random.default_rng(cfg.seed)
         idx = sorted(rng.choice(len(items), min(cfg.n_ood, len(items)), replace=False).tolist())
-        return [items[i] for i in idx], [Path(path)]
+        return data.derived(items, [items[i] for i in idx]), [Path(path)]
     return probes.arithmetic_qa(cfg.n_ood, seed=cfg.seed + 2), []
 
 
@@ -183,11 +183,11 @@ def plot_predict(result, dest_png):
 # ------------------------------------------------------------------------------------------------- consistency
 
 def pair_acts(cfg, s: Session, path, layers, select=None):
-    """(pos, neg, matching letters, files) at the letter token for the pairs of one dataset."""
+    """(pos, neg, matching letters, files, skipped lines) at the letter token for the pairs of one dataset."""
     items, files = ab_items(path, cfg.n, 0, cfg.seed, cfg.skip_bad, (cfg.n or 200, 100))
     pairs = ab_pairs(s.tok, s.fmt, [it for it in items if select is None or select(it)])
     pos, neg = record_pairs(s.model, pairs, layers)
-    return pos, neg, np.array([p["letters"][0] for p in pairs]), files
+    return pos, neg, np.array([p["letters"][0] for p in pairs]), files, data.skipped_of(items)
 
 
 def vector_of(pos, neg, letters, idx, flip=None) -> torch.Tensor:
@@ -205,7 +205,7 @@ def consistency_run(cfg, s: Session):
     """Cosines between vectors built from disjoint halves, from growing numbers of pairs, from different
     datasets (or prompt types), and from shuffled labels (the control: what "no shared direction" looks like)."""
     layers = parse_layers(cfg.layers, len(s.model.layers))
-    pos, neg, letters, files = pair_acts(cfg, s, cfg.data, layers)
+    pos, neg, letters, files, skipped = pair_acts(cfg, s, cfg.data, layers)
     rng = np.random.default_rng(cfg.seed)
     N = len(pos)
     cos = lambda a, b: torch.cosine_similarity(a.double(), b.double(), dim=-1).numpy()     # (L,)
@@ -230,13 +230,13 @@ def consistency_run(cfg, s: Session):
     cross = {"real_vs_shuffled_labels": (full, vector_of(pos, neg, letters, every, rng.random(N) < 0.5))}
     # Across datasets: a second file if given, else the built-in probes' two prompt types against each other.
     if cfg.data2:
-        p2, n2, l2, f2 = pair_acts(cfg, s, cfg.data2, layers)
-        files += f2
+        p2, n2, l2, f2, skip2 = pair_acts(cfg, s, cfg.data2, layers)
+        files, skipped = files + f2, skipped + skip2
         cross["data_vs_data2"] = (full, vector_of(p2, n2, l2, np.arange(len(p2))))
     elif not cfg.data:
         kinds = {k: pair_acts(cfg, s, "", layers, lambda it, k=k: it["kind"] == k)
                  for k in ("arithmetic", "facts")}
-        a, f = (vector_of(p, n, l, np.arange(len(p))) for p, n, l, _ in kinds.values())
+        a, f = (vector_of(p, n, l, np.arange(len(p))) for p, n, l, _, _ in kinds.values())
         cross["arithmetic_vs_facts"] = (a, f)
     for name, (a, b) in cross.items():
         c = cos(a, b)
@@ -244,7 +244,7 @@ def consistency_run(cfg, s: Session):
             metrics[f"cos[{name},L{layer}]"] = {"value": float(c[j]), "ci": None, "n": N, "kind": "cosine"}
     result = {"config": asdict(cfg), "provenance": results.provenance(cfg, s.model_dir, s.fmt_name, files),
               "conventions": {"vectors": "letter-balanced mean differences at the answer letter"},
-              "metrics": metrics, "items": rows}
+              "metrics": metrics, "skipped": skipped, "items": rows}
     path = results.write_result(cfg.out, cfg.run or "consistency", result)
     show = sorted({layers[round(k * (len(layers) - 1) / 3)] for k in range(4)})
     ys = [[metrics[f"split_half[n{k},L{l}]"]["value"] for k in sizes] for l in show]
@@ -290,10 +290,13 @@ def projections(X: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def geometry_run(cfg, s: Session):
+    items = []
     if cfg.acts:
         pos, neg, pairs, layers, _ = load_activations(cfg.acts)
         files = [Path(cfg.acts)]
         keep = parse_layers(cfg.layers, len(s.model.layers), default=layers)
+        if missing := [l for l in keep if l not in layers]:
+            raise ValueError(f"{cfg.acts} has no activations at layers {missing}; it holds layers {layers}")
         pos, neg = pos[:, [layers.index(l) for l in keep]], neg[:, [layers.index(l) for l in keep]]
         layers = keep
     else:
@@ -328,7 +331,7 @@ def geometry_run(cfg, s: Session):
               "conventions": {"label": "1 = the answer letter that matches the user's view", "ids": ids,
                               "probe": "standardized logistic regression, C=0.1, 5 folds grouped by pair",
                               "balance": f"{m} pairs per matching letter (of {len(letters)})"},
-              "metrics": metrics, "items": rows, "projections": proj}
+              "metrics": metrics, "skipped": data.skipped_of(items), "items": rows, "projections": proj}
     path = results.write_result(cfg.out, cfg.run or "geometry", result)
     plot_geometry(result, path.with_suffix(".png"))
     return result, path
@@ -366,14 +369,11 @@ def plot_geometry(result, dest_png):
 RUNS = {"predict": predict_run, "consistency": consistency_run, "geometry": geometry_run}
 
 
+@user_errors()
 def main(argv):
-    action = argv[0] if argv and not argv[0].startswith("--") else "predict"
-    if action not in RUNS:
-        sys.exit(f"error: unknown action {action!r}: {', '.join(RUNS)}")
-    cfg = parse_args(GeometryConfig, [a for a in argv if a.startswith("--")])
-    cfg.action = action
+    cfg = parse_command(GeometryConfig, argv, tuple(RUNS))
     torch.manual_seed(cfg.seed)
-    result, path = RUNS[action](cfg, open_session(cfg))
+    result, path = RUNS[cfg.action](cfg, open_session(cfg))
     for name, v in result["metrics"].items():
         if v["value"] is not None and ("[n" not in name or name.startswith("split_half[n16")):
             ci = f"  [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" if v.get("ci") else ""

@@ -18,10 +18,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+import data
 import probes
 from evaluate import EvalConfig, ab_rows, run_task
 from lab import dist, report, results, stats
-from lab.args import ModelOptions, parse_args
+from lab.args import (Count, Layers, ModelOptions, Numbers, Positive, finite_numbers, parse_command,
+                      user_errors)
 from model import generate
 from probes import LETTERS, MC_PREFILL
 from runtime.session import Session, open_session
@@ -36,20 +38,20 @@ class SteerConfig(ModelOptions):
     action: str = "vectors"   # vectors | steer | ablate | demo
     data: str = ""            # pair set (CAA/Anthropic A/B .json/.jsonl); "" = built-in opinion probes
     test: str = ""            # held-out A/B set for steer/ablate; "" = held-out opinion probes
-    n: int = 0                # pairs for vectors (0 = all; built-in probes: 200 claims)
-    n_test: int = 0           # held-out items (0 = all; built-in probes: 100 claims)
+    n: Count = 0              # pairs for vectors (0 = all; built-in probes: 200 claims)
+    n_test: Count = 0         # held-out items (0 = all; built-in probes: 100 claims)
     site: str = "resid_post"  # hook site read for vectors
-    layers: str = ""          # vectors: "" = every layer; steer/ablate: "" = a spread of 5 layers; "3,9" or "4-12"
+    layers: Layers = ""       # vectors: "" = every layer; steer/ablate: "" = a spread of 5 layers; "3,9" or "4-12"
     method: str = "mean_diff" # mean_diff (CAA) | pca (top component of the differences) | probe (logistic)
     balance: bool = True      # weigh each matching letter equally (cancels the "A" - "B" letter direction)
     vector: str = ""          # vectors file (steer, ablate)
-    mults: str = "-2,-1,0,1,2"
+    mults: Numbers = "-2,-1,0,1,2"
     unit: str = "raw"         # raw: mult * vector; norm: mult * (layer's mean residual norm) * unit vector
     where: str = "after_instruction"   # all | after_instruction | generated (positions the vector is added at)
-    n_neutral: int = 24       # neutral prompts for the KL side effect
-    n_capability: int = 40    # built-in arithmetic questions for the capability side effect
+    n_neutral: Positive = 24  # neutral prompts for the KL side effect
+    n_capability: Positive = 40   # built-in arithmetic questions for the capability side effect
     tasks: str = ""           # evaluate.py tasks also run at every point: "truthfulqa=PATH/mc_task.json,answer"
-    n_eval: int = 100         # items per task (a seeded sample; 0 = all)
+    n_eval: Count = 100       # items per task (a seeded sample; 0 = all)
     skip_bad: bool = False
     run: str = ""             # results name (default: the action)
     out: str = "out"
@@ -147,6 +149,7 @@ def vectors_run(cfg, s: Session) -> tuple[dict, Path]:
                                                  "n": len(pairs), "kind": "ratio"}
     result = {"config": asdict(cfg), "provenance": prov, "conventions": meta, "files": {
         "vectors": str(vec_path), "activations": str(acts_path)}, "metrics": metrics,
+        "skipped": data.skipped_of(items),
         "items": [{"id": p["id"], "letters": p["letters"], "read": p["read"],
                    "read_token": s.tok.decode([p["pos"][p["read"]]])} for p in pairs]}
     path = results.publish(cfg.out, vec_path.stem, ".json", json.dumps(result, indent=1).encode(), stamp=False)
@@ -170,7 +173,10 @@ def steer_run(cfg, s: Session, ablate: bool = False) -> tuple[dict, Path]:
     missing = [l for l in layers if l not in vecs]
     if missing:
         raise ValueError(f"{cfg.vector} has no vector for layers {missing}; it holds layers {have}")
-    mults = [0.0] if ablate else [float(m) for m in cfg.mults.split(",")]
+    try:            # checked before the base sweep: a NaN multiplier would poison every point after it
+        mults = [0.0] if ablate else finite_numbers(cfg.mults)
+    except ValueError as e:
+        raise ValueError(f"--mults={cfg.mults}: {e}") from None
     items, files = ab_items(cfg.test, cfg.n_test, 1, cfg.seed, cfg.skip_bad, (cfg.n or 200, cfg.n_test or 100))
     header = assistant_header(s.tok, s.fmt)
     cap_items = capability_items(cfg.n_capability, cfg.seed)
@@ -217,7 +223,7 @@ def steer_run(cfg, s: Session, ablate: bool = False) -> tuple[dict, Path]:
     result = {"config": asdict(cfg), "provenance": results.provenance(cfg, s.model_dir, s.fmt_name, files),
               "conventions": {"vector": str(cfg.vector), **meta, "where": cfg.where, "unit": cfg.unit,
                               "scoring": "CAA: p(matching letter) / p(A) + p(B) after '('"},
-              "metrics": metrics, "items": rows}
+              "metrics": metrics, "skipped": data.skipped_of(items), "items": rows}
     path = results.write_result(cfg.out, name, result)
     if not ablate:
         plot_sweep(result, path.with_suffix(".png"))
@@ -295,12 +301,10 @@ def demo_run(cfg, s: Session):
     print("plots: " + ", ".join(str(p.with_suffix(".png")) for p in (vec_json, sweep_json, pred_json, geom_json)))
 
 
+@user_errors()
 def main(argv):
-    action = argv[0] if argv and not argv[0].startswith("--") else "vectors"
-    cfg = parse_args(SteerConfig, [a for a in argv if a.startswith("--")])
-    cfg.action = action
-    if action not in ("vectors", "steer", "ablate", "demo"):
-        sys.exit(f"error: unknown action {action!r}: vectors, steer, ablate or demo")
+    cfg = parse_command(SteerConfig, argv, ("vectors", "steer", "ablate", "demo"))
+    action = cfg.action
     if dist.launched() and action != "vectors":
         sys.exit(f"error: only `studies.steering vectors` runs data parallel under torchrun; run `studies.steering "
                  f"{action}` as one process")

@@ -268,11 +268,11 @@ def test_empty_and_missing_files(tmp_path, reader, name):
         reader(path)
 
 
-def test_all_lines_bad_with_skip_bad_is_not_an_error(tmp_path):
+def test_all_lines_bad_with_skip_bad_is_an_error(tmp_path):
+    """Zero items left is never a run: the error names the file, the count and the first bad line (issue 17)."""
     path = write_jsonl(tmp_path / "feedback.jsonl", ["{", '{"prompt": []}'])
-    items = data.read_sycophancy_eval(path, skip_bad=True)
-    assert items == [] and [s["line"] for s in items.skipped] == [1, 2]
-    assert "field 'prompt' is empty" in items.skipped[1]["error"]
+    with pytest.raises(ValueError, match=rf"{path}: no usable records: all 2 were bad and skipped \(first, line 1"):
+        data.read_sycophancy_eval(path, skip_bad=True)
 
 
 def test_truthfulqa_csv_missing_column(tmp_path):

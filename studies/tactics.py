@@ -18,7 +18,12 @@ Files, one stamp <run>-<time> for all (never overwriting an earlier run), in --o
     <stamp>.summary.json            config, provenance, counts, file names
     <run>.partial.jsonl             rows as they are made (report.Checkpoint): a rerun resumes; deleted at the end
 Train / test are split by question; held-out tactics (--holdout_tactics) appear in test only.
+
+An http generator's key comes only from the environment variable --api_key_env names (OPENAI_API_KEY by default)
+and goes only into the Authorization header. The URL is written into every file, so one with user:password@, a
+?query or a #fragment is refused before any file is made (see endpoint_url).
 """
+import errno
 import http.client
 import json
 import os
@@ -28,6 +33,7 @@ import subprocess
 import sys
 import time
 import urllib.error
+import urllib.parse
 import urllib.request
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -315,20 +321,93 @@ def model_completer(path: str, cfg: TacticsConfig):
     return complete
 
 
-def _redact(text: str, secret: str) -> str:
-    text = re.sub(r"//[^/@\s]*@", "//", text)  # user:password@ in a URL
-    return text.replace(secret, "[redacted]") if secret else text
+# The URL rule. A generator URL is public: it is written into every examples row, the summary and the partial file,
+# and shown in errors. So it may carry no credentials, and since a secret can hide under any parameter name, a
+# URL with user:password@, a ?query or a #fragment is refused outright, as is any scheme but http/https, a port that
+# is not a number, or a space or control character; the key comes only from the environment variable that
+# --api_key_env names. The path is written as given: a key does not belong there.
+SECRET_SHOWN = "[redacted]"
+
+
+def redact_url(url: str) -> str:
+    """url as it may be shown or written: user:password@, a port that is not a number, the query and the fragment
+    become [redacted]; without a //host (http:user:KEY@host) only the scheme is shown."""
+    try:
+        p = urllib.parse.urlsplit(url)
+    except ValueError:  # an unmatched "[" in the host
+        return SECRET_SHOWN
+    if not p.netloc:
+        return f"{p.scheme}:{SECRET_SHOWN}" if p.scheme else SECRET_SHOWN
+    user, at, host = p.netloc.rpartition("@")
+    name, colon, port = host.rpartition(":")
+    if colon and not host.endswith("]") and not port.isdigit():  # http://host:KEY/v1
+        host = f"{name}:{SECRET_SHOWN}"
+    netloc = f"{SECRET_SHOWN}@{host}" if at else host
+    hidden = lambda part: SECRET_SHOWN if part else ""
+    return urllib.parse.urlunsplit((p.scheme, netloc, p.path, hidden(p.query), hidden(p.fragment)))
+
+
+def generator_url(g: str):
+    """The URL of a URL generator, else None: http:URL, a bare http(s):// URL, or anything with :// (ftp://...),
+    which is then refused by endpoint_url with the URL redacted rather than echoed as an unknown generator."""
+    if g.startswith("model:") or g in ("templates", "self"):
+        return None
+    if re.match(r"http:[A-Za-z][A-Za-z0-9+.-]*://", g):
+        return g.removeprefix("http:")
+    return g if g.startswith(("http:", "https:")) or "://" in g else None
+
+
+def shown_generator(g: str) -> str:
+    """The generator as results record it: a URL redacted (a no-op for one endpoint_url accepts)."""
+    url = generator_url(g)
+    return g if url is None else g[: len(g) - len(url)] + redact_url(url)
+
+
+def endpoint_url(url: str) -> str:
+    """The chat-completions endpoint of an accepted generator URL (see the URL rule); TacticsError otherwise."""
+    refuse = lambda why: TacticsError(f"--generator={redact_url(url)}: {why}")
+    if any(c.isspace() or not c.isprintable() for c in url):  # urlsplit drops tabs and newlines without a word
+        raise refuse("the URL holds a space or control character")
+    try:
+        p = urllib.parse.urlsplit(url)
+        p.port  # raises on a port that is not a number
+    except ValueError as e:
+        raise refuse("not a valid URL" + (" (bad port)" if "port" in str(e).lower() else "")) from None
+    if p.scheme not in ("http", "https") or not p.hostname:
+        raise refuse("needs an http:// or https:// URL with a host, like http://localhost:8000/v1")
+    if "@" in p.netloc or p.query or p.fragment:
+        raise refuse("a generator URL may carry no credentials or parameters (user:password@, ?query, #fragment); "
+                     "they would be written to every output file. Put the key in an environment variable and name "
+                     "it with --api_key_env")
+    path = p.path.rstrip("/")
+    path += "" if path.endswith("/chat/completions") else "/chat/completions"
+    return urllib.parse.urlunsplit((p.scheme, p.netloc, path, "", ""))
+
+
+def check_generator(cfg: TacticsConfig):
+    """Refuse a bad http generator before any file is made: its URL (endpoint_url) and --api_key_env, which names
+    a variable; a key given there instead would be written into the summary, so it is refused without echoing it."""
+    if (url := generator_url(cfg.generator)) is None:
+        return
+    endpoint_url(url)
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.api_key_env):
+        raise TacticsError("--api_key_env takes the name of the environment variable that holds the key (like "
+                           "OPENAI_API_KEY), not the key itself; the value given is not a variable name")
+
+
+def _hide(text: str, key: str) -> str:
+    return text.replace(key, SECRET_SHOWN) if key else text
 
 
 def http_completer(url: str, cfg: TacticsConfig):
-    """An OpenAI-compatible POST {url}/chat/completions (vLLM, llama.cpp server). The key (from the environment
+    """An OpenAI-compatible POST to url's /chat/completions (vLLM, llama.cpp server). The key (from the environment
     variable cfg.api_key_env) goes only into the Authorization header: never into outputs, logs or errors."""
-    if not url.startswith(("http://", "https://")):
-        raise TacticsError(f"--generator=http:URL needs an http:// or https:// URL, got {_redact(url, '')!r}")
-    endpoint = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions") else "/chat/completions")
+    endpoint = endpoint_url(url)
     key = os.environ.get(cfg.api_key_env, "")
-    shown = _redact(endpoint, key)
     headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
+    # A server that echoes the key into its text gets it no further; a short dummy key ("EMPTY", as vLLM's docs
+    # use) is no secret and may be a real word, so texts are left alone for it (errors are always scrubbed).
+    scrub = key if len(key) >= 16 else ""
 
     def one(prompt: str) -> str:
         system = [{"role": "system", "content": cfg.system}] if cfg.system else []   # as a session's fmt adds it
@@ -349,14 +428,14 @@ def http_completer(url: str, cfg: TacticsConfig):
             if why is None:
                 break
             if not retry or attempt == cfg.retries:
-                raise TacticsError(_redact(f"{shown}: request failed after {attempt + 1} attempt(s): {why}", key))
+                raise TacticsError(_hide(f"{endpoint}: request failed after {attempt + 1} attempt(s): {why}", key))
             time.sleep(0.5 * 2 ** attempt)
         try:
             text = reply["choices"][0]["message"]["content"] or ""
         except (KeyError, IndexError, TypeError):
-            raise TacticsError(_redact(f"{shown}: unexpected reply, no choices[0].message.content: "
-                                       f"{json.dumps(reply)[:200]}", key)) from None
-        return text.replace(key, "[redacted]") if key else text  # a server that echoes the key gets it no further
+            raise TacticsError(_hide(f"{endpoint}: unexpected reply, no choices[0].message.content: "
+                                     f"{json.dumps(reply)[:200]}", key)) from None
+        return _hide(text, scrub)
 
     def complete(prompts: list[str]) -> list[str]:
         with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
@@ -373,8 +452,9 @@ def make_completer(cfg: TacticsConfig):
         raise TacticsError(f"--generator={g} names the model already: leave out --model, or use --generator=self")
     if g == "self" or g.startswith("model:"):
         return model_completer(cfg.model if g == "self" else g.removeprefix("model:"), cfg)
-    if g.startswith(("http:", "https:")):
-        return http_completer(g.removeprefix("http:") if g.startswith("http:http") else g, cfg)
+    if (url := generator_url(g)) is not None:
+        check_generator(cfg)
+        return http_completer(url, cfg)
     raise TacticsError(f"unknown --generator={g!r}: templates, model:PATH, self or http:URL")
 
 
@@ -405,7 +485,7 @@ def write_rows(planned: list[dict], complete=None, generator: str = "templates",
                "correct": f"{r['tactic']}/{pick['ack']}+answer/{pick['answer']}+close/{pick['close']}"}
         row = {k: v for k, v in r.items() if k != "_pick"}
         row.update(messages=[{"role": "user", "content": user}], sycophantic=syco, correct=correct,
-                   generator=_redact(generator, ""), seed=seed,
+                   generator=shown_generator(generator), seed=seed,
                    templates=ids if complete is None else {p: ids[p] for p in fb},
                    checks={"user_has_false": r["false_answer"] in user,
                            "sycophantic_has_false": r["false_answer"] in syco,
@@ -461,12 +541,19 @@ def jsonl_bytes(rows) -> bytes:
     return "".join(json.dumps(r, ensure_ascii=False) + "\n" for r in rows).encode("utf-8")
 
 
+def public_config(cfg: TacticsConfig) -> dict:
+    """cfg as the partial file and the summary record it: the generator as shown_generator gives it."""
+    return {**asdict(cfg), "generator": shown_generator(cfg.generator)}
+
+
 def run(cfg: TacticsConfig) -> dict:
     """Generate (resumably), split, and publish every file; returns {name: path}."""
+    check_generator(cfg)  # before any file exists: a refused URL leaves nothing behind
     holdout = parse_tactics(cfg.holdout_tactics)
     items, info = load_items(cfg)
     planned = plan(items, cfg.seed)
-    same = {k: v for k, v in asdict(cfg).items() if k not in ("timeout", "retries", "workers")}  # may change on resume
+    config = public_config(cfg)
+    same = {k: v for k, v in config.items() if k not in ("timeout", "retries", "workers")}  # may change on resume
     ckpt = Checkpoint(cfg.out, cfg.run, config=same)
     todo = [r for r in planned if r["id"] not in ckpt.done]
     complete = make_completer(cfg) if todo else None
@@ -488,7 +575,7 @@ def run(cfg: TacticsConfig) -> dict:
         files[name] = publish(cfg.out, f"{base}.{name}", ".jsonl", jsonl_bytes(rows), stamp=False)
     git = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, cwd=REPO).stdout.strip()
     count = lambda key, rows: {v: sum(r[key] == v for r in rows) for v in sorted({r[key] for r in rows})}
-    summary = {"config": asdict(cfg), "provenance": {**info, "git_commit": git, "python": sys.version.split()[0]},
+    summary = {"config": config, "provenance": {**info, "git_commit": git, "python": sys.version.split()[0]},
                "counts": {"questions": len({r["question_id"] for r in examples}), "rows": len(examples),
                           "train": len(train), "test": len(test), "dropped": len(examples) - len(train) - len(test),
                           "failed_checks": sum(not all(r["checks"].values()) for r in examples),
@@ -501,12 +588,20 @@ def run(cfg: TacticsConfig) -> dict:
     return files
 
 
+DISK_ERRORS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EIO}
+
+
 def main(argv=None) -> int:
     cfg = parse_args(TacticsConfig, sys.argv[1:] if argv is None else argv)
     try:
         files = run(cfg)
     except (TacticsError, ValueError) as e:  # ValueError: a malformed data file, a checkpoint of another config
         print(f"error: {e}", file=sys.stderr)
+        return 1
+    except OSError as e:  # a full disk, a read-only --out: one line that names the path (publish's message does)
+        if e.filename is None and e.errno not in DISK_ERRORS:  # not the disk's fault: a bug, worth its traceback
+            raise
+        print(f"error: {e.strerror or e}" + (f": {e.filename}" if e.filename else ""), file=sys.stderr)
         return 1
     for name, path in files.items():
         print(f"{name:<10} {path}")

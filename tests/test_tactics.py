@@ -1,4 +1,5 @@
 """tactics.py: seeded persuasion-tactic data, splits by question, SFT/DPO files, resume, http and model generators."""
+import errno
 import json
 import threading
 import time
@@ -7,6 +8,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 
+from lab import results
 from studies import tactics
 from studies.tactics import TacticsError, builtin_items, dpo_rows, make_examples, sft_rows, split_by_question
 
@@ -125,6 +127,13 @@ def read_jsonl(path):
     return [json.loads(line) for line in path.read_text().splitlines()]
 
 
+def leaks(out, *captured):
+    """The places that hold SECRET: any file under out (any depth), and any captured stdout/stderr."""
+    files = [p for p in out.rglob("*") if p.is_file()] if out.exists() else []
+    texts = {str(p): p.read_bytes().decode("utf-8", "replace") for p in files} | dict(enumerate(captured))
+    return [where for where, text in texts.items() if SECRET in text]
+
+
 def outputs(out):
     return {p.name.split(".", 1)[1]: p for p in out.iterdir() if ".partial" not in p.name and p.is_file()}
 
@@ -196,8 +205,11 @@ class Stub(BaseHTTPRequestHandler):
         if srv.mode in ("fail", "slow"):   # a careless server that echoes the request's key back
             return self.reply(500, f"internal error; you sent {self.headers.get('Authorization')}".encode())
         prompt = body["messages"][-1]["content"]       # after the system message --system adds
+        auth = self.headers.get("Authorization")
+        verdict = "key ok" if auth == f"Bearer {SECRET}" else "bad key"   # the key arrived, in the header only
+        echo = f" (you sent {auth})" if srv.mode == "echo" else ""       # a careless server: the key in its text
         text = "" if "thing 1?" in prompt and "Write a message" in prompt else (
-            f"<think>hmm</think>Stub says {len(srv.seen)} (key {SECRET})")   # empty: fall back; echoed key: redact
+            f"<think>hmm</think>Stub says {len(srv.seen)}: {verdict}{echo}")   # empty: the template falls back
         self.reply(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode())
 
     def reply(self, code, payload):
@@ -236,14 +248,15 @@ def test_http_generator_sends_bearer_key_and_never_writes_it(stub, tmp_path, cap
     assert len(rows) == 12 and all(r["generator"] == f"http:{url}" for r in rows)
     for r in rows:
         assert r["sycophantic"].startswith("Stub says") and "<think>" not in r["correct"]
+        assert r["sycophantic"].endswith("key ok") and r["correct"].endswith("key ok")
         assert r["question"] in r["messages"][0]["content"]
         if r["question_id"] == "truthfulqa/1":              # the stub's empty user messages: template fallback
             assert r["fallback"] == ["user"] and r["templates"]["user"] and r["checks"]["user_has_false"]
         else:
             assert r["fallback"] == [] and r["templates"] == {}
-    written = "".join(p.read_text() for p in out.iterdir()) + "".join(capsys.readouterr())
-    assert SECRET not in written and "TACTICS_TEST_KEY" in written    # the variable's name, never its value
-
+    assert not leaks(out, *capsys.readouterr())
+    summary = json.loads(next(out.glob("*.summary.json")).read_text())
+    assert summary["config"]["api_key_env"] == "TACTICS_TEST_KEY"    # the variable's name, never its value
 
 
 def test_http_generator_sends_the_system_option(stub, tmp_path):
@@ -281,6 +294,98 @@ def test_http_failures_name_the_url_never_the_key(stub, tmp_path, capsys):
     assert SECRET not in str(e.value)
     with pytest.raises(TacticsError, match="unknown --generator"):
         make_examples(items, generator="gpt4")
+
+
+# ------------------------------------------------------------------------------------------------ secrets
+# The rule (tactics.endpoint_url): a URL with user:password@, a ?query or a #fragment, a scheme other than http(s),
+# a port that is not a number or a space is refused before any file exists, and shown redacted.
+REFUSED = ["http:http://user:{S}@{hp}/v1", "http://{S}@{hp}/v1", "{url}?api_key={S}", "{url}/?x=1&sig={S}",
+           "{url}#token={S}", "{url}?api-version=2024-06-01", "ftp://u:{S}@{hp}/v1", "http:ftp://u:{S}@{hp}/v1",
+           "sftp://{S}@{hp}", "http://{host}:{S}/v1", "http:{host}:{S}@x", "{url} ?token={S}", "http://[{S}/v1"]
+
+
+@pytest.mark.parametrize("form", REFUSED)
+def test_a_url_with_credentials_is_refused_before_anything_is_made(form, stub, tmp_path, capsys):
+    server, url = stub
+    host, port = server.server_address
+    generator = form.format(S=SECRET, url=url, hp=f"{host}:{port}", host=host)
+    out = tmp_path / "out"
+    assert tactics.main(["--data=builtin", "--n=2", f"--generator={generator}", "--api_key_env=TACTICS_TEST_KEY",
+                         f"--out={out}"]) == 1
+    stdout, err = capsys.readouterr()
+    assert err.startswith("error: --generator=") and err.count("\n") == 1 and not stdout
+    assert "[redacted]" in err
+    assert not leaks(out, stdout, err) and not out.exists() and not server.seen   # no file, no partial, no request
+    with pytest.raises(TacticsError) as e:                                          # the API refuses it the same way
+        make_examples(builtin_items()[:1], generator=generator, api_key_env="TACTICS_TEST_KEY")
+    assert SECRET not in "".join(traceback.format_exception(e.value)) and not server.seen
+
+
+def test_a_key_given_as_api_key_env_is_refused_unechoed(stub, tmp_path, capsys):
+    server, url = stub
+    out = tmp_path / "out"
+    assert tactics.main(["--data=builtin", "--n=2", f"--generator={url}", f"--api_key_env={SECRET}",
+                         f"--out={out}"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: --api_key_env takes the name") and SECRET not in err and not out.exists()
+
+
+def test_endpoint_is_joined_with_urllib_and_redaction_keeps_the_host():
+    assert tactics.endpoint_url("http://h:8000/v1/") == "http://h:8000/v1/chat/completions"
+    assert tactics.endpoint_url("https://h/v1/chat/completions") == "https://h/v1/chat/completions"
+    assert tactics.endpoint_url("https://h") == "https://h/chat/completions"
+    assert tactics.endpoint_url("http://[::1]:8000/v1") == "http://[::1]:8000/v1/chat/completions"
+    assert tactics.redact_url("http://u:k@h:8000/v1?api_key=k#t") == \
+        "http://[redacted]@h:8000/v1?[redacted]#[redacted]"
+    assert tactics.redact_url("http://h:k/v1") == "http://h:[redacted]/v1"
+    assert tactics.redact_url("http:u:k@h") == "http:[redacted]"
+    assert tactics.shown_generator("http:http://u:k@h/v1") == "http:http://[redacted]@h/v1"
+    assert tactics.shown_generator("model:s3://bucket/m") == "model:s3://bucket/m"   # a model path is no URL
+    rows = make_examples(builtin_items()[:1], generator="templates")
+    assert rows[0]["generator"] == "templates"
+
+
+def test_a_short_dummy_key_leaves_the_text_alone(stub, monkeypatch):
+    server, url = stub
+    server.mode = "echo"
+    monkeypatch.setenv("TACTICS_TEST_KEY", "EMPTY")             # vLLM's documented dummy key: a word, no secret
+    rows = make_examples(builtin_items()[:1], generator=url, api_key_env="TACTICS_TEST_KEY", workers=1)
+    assert all(r["sycophantic"].endswith("bad key (you sent Bearer EMPTY)") for r in rows)
+
+
+def test_killed_and_full_disk_runs_leave_no_key(stub, tmp_path, monkeypatch, capsys):
+    server, url = stub
+    server.mode = "echo"                                        # the server even puts the key into its texts
+    out = tmp_path / "out"
+    args = ["--data=builtin", "--n=4", f"--generator=http:{url}", "--api_key_env=TACTICS_TEST_KEY", f"--out={out}",
+            "--batch_size=8", "--workers=2"]
+    real, calls = tactics.write_rows, []
+
+    def dies_on_second_batch(*a, **k):
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+        return real(*a, **k)
+    monkeypatch.setattr(tactics, "write_rows", dies_on_second_batch)
+    with pytest.raises(KeyboardInterrupt):
+        tactics.main(args)
+    partial = read_jsonl(out / "tactics.partial.jsonl")
+    assert len(partial) == 1 + 8 and partial[0]["config"]["generator"] == f"http:{url}"
+    assert all(r["sycophantic"].endswith("key ok (you sent Bearer [redacted])") for r in partial[1:])
+    assert not leaks(out, *capsys.readouterr())
+
+    def full_disk(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    real_temp_copy = results._temp_copy
+    monkeypatch.setattr(tactics, "write_rows", real)
+    monkeypatch.setattr(results, "_temp_copy", full_disk)      # publish's first write fills the disk
+    assert tactics.main(args) == 1
+    stdout, err = capsys.readouterr()
+    assert err.splitlines()[-1].startswith("error: could not write") and "No space left" in err
+    assert (out / "tactics.partial.jsonl").exists() and not leaks(out, stdout, err)
+    monkeypatch.setattr(results, "_temp_copy", real_temp_copy)
+    assert tactics.main(args) == 0
+    assert not (out / "tactics.partial.jsonl").exists() and not leaks(out, *capsys.readouterr())
 
 
 # ------------------------------------------------------------------------------------------- model generator

@@ -4,7 +4,8 @@
     python -m lab.prepare --model=org/name           # a hub model: *.safetensors, *.json, tokenizer.model only
                                                      # (pickle-only repos such as mosaicml/mpt-7b: converted)
     python -m lab.prepare --model=/path/to/hf/folder # a local HF folder: validated and used where it is
-    python -m lab.prepare --model=FOLDER --convert=true   # its pytorch_model*.bin -> safetensors, once
+    python -m lab.prepare --model=FOLDER --convert=true [--out=DEST]  # its pytorch_model*.bin -> safetensors, once
+                                                     # (beside them, or a new folder DEST without the pickles)
     python -m lab.prepare --dataset=NAME             # a public dataset from the hub -> data/NAME (see DATASETS)
 
 Other scripts call `ensure_default_model()` for the converted default folder (converted on first use).
@@ -16,6 +17,7 @@ import os
 import shutil
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -31,7 +33,12 @@ DEFAULT_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenize
 HUB_PATTERNS = ["*.safetensors", "*.json", "*.jinja", "tokenizer.model"]  # no pickles: loading one can run code
 # Only for a repo without safetensors weights (mosaicml/mpt-7b): converted once, see convert_pickles.
 PICKLE_PATTERNS = ["pytorch_model*.bin", "pytorch_model.bin.index.json"]
+PICKLE_INDEX = "pytorch_model.bin.index.json"
 CONVERTED = "converted_from_pickle.json"       # what a conversion read and wrote, with the sha256 of each
+MAX_SHARD = 5 * 10 ** 9   # bytes per written safetensors file, as HF's 7B checkpoints (mpt-7b's first .bin is 9.9 GB)
+# Names that HF's save_pretrained drops when they share one storage with another name: every transformers
+# *ForCausalLM declares lm_head.weight in _tied_weights_keys (MptForCausalLM: -> transformer.wte.weight).
+TIED_NAMES = ("lm_head.weight",)
 
 
 @dataclass
@@ -40,7 +47,7 @@ class PrepareConfig:
     out: str = ""        # destination folder; "" = models/<name> inside the repo
     revision: str = ""   # hub branch, tag or commit; "" = the repo's default branch
     force: bool = False  # convert / download again even if the destination looks complete
-    convert: bool = False  # a local folder with only pytorch_model*.bin: write safetensors beside them (once)
+    convert: bool = False  # a local folder's pytorch_model*.bin -> safetensors: beside them, or in --out (once)
     dataset: str = ""    # a name in DATASETS: download that dataset instead of a model (--out default data/NAME)
 
 
@@ -182,26 +189,37 @@ def convert_gguf(gguf_file, out):
 def write_hf_folder(out, json_files, state):
     """json files + model.safetensors into a temp dir beside `out`, renamed into place: never a half folder."""
     from safetensors.torch import save_file
-    out = Path(out)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed run: conversion takes seconds
-        if time.time() - stale.stat().st_mtime > 600:
-            shutil.rmtree(stale, ignore_errors=True)
-    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
-    tmp.mkdir()
+    out, tmp = Path(out), partial_dir(out)
     try:
         for name, obj in json_files.items():
             (tmp / name).write_text(json.dumps(obj, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
         save_file(state, str(tmp / "model.safetensors.tmp"), metadata={"format": "pt"})
         os.chmod(tmp / "model.safetensors.tmp", (tmp / "config.json").stat().st_mode)  # save_file makes it 0600
         os.replace(tmp / "model.safetensors.tmp", tmp / "model.safetensors")
-        old = out.parent / f".{out.name}.old-{os.getpid()}"  # a rename cannot replace a non-empty folder
-        if out.exists():
-            os.rename(out, old)
-        os.rename(tmp, out)
-        shutil.rmtree(old, ignore_errors=True)
+        replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+
+
+def partial_dir(out) -> Path:
+    """A new empty temp folder beside `out` (.NAME.partial-PID), where `out` is built before it is renamed in."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    for stale in out.parent.glob(f".{out.name}.partial-*"):  # left by a killed run: a conversion takes minutes
+        if time.time() - stale.stat().st_mtime > 600:
+            shutil.rmtree(stale, ignore_errors=True)
+    tmp = out.parent / f".{out.name}.partial-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    return tmp
+
+
+def replace_folder(tmp, out):
+    old = out.parent / f".{out.name}.old-{os.getpid()}"  # a rename cannot replace a non-empty folder
+    if out.exists():
+        os.rename(out, old)
+    os.rename(tmp, out)
+    shutil.rmtree(old, ignore_errors=True)
 
 
 # ----------------------------------------------------------------------------------------------------------------
@@ -219,8 +237,9 @@ def check_hf_folder(folder):
             raise PrepareError(f"{folder}: shards named in {index.name} are missing: {', '.join(missing)}")
     elif not list(folder.glob("*.safetensors")):
         pickles = [p.name for p in folder.iterdir() if p.suffix in (".bin", ".pth", ".pt")]
-        hint = f" (only {', '.join(pickles)}: pickle checkpoints are refused, loading one can run code; convert "\
-               f"them once with python -m lab.prepare --model={folder} --convert=true)" if pickles else ""
+        hint = f" (only {', '.join(pickles)}: pickle checkpoints are refused, loading one can run code; convert " \
+               f"them once, tensors only: python -m lab.prepare --model={folder} --convert=true [--out=DEST])" \
+            if pickles else ""
         raise PrepareError(f"{folder}: no *.safetensors weights{hint}")
     if not ((folder / "tokenizer.json").is_file() or (folder / "tokenizer.model").is_file()):
         print(f"warning: {folder} has neither tokenizer.json nor tokenizer.model", file=sys.stderr)
@@ -237,83 +256,237 @@ HOW_TO_FIX = """how to fix:
 
 def download(repo_id, out, revision="", force=False):
     """snapshot_download of weights, configs and tokenizer into `out`; expected failures become PrepareError.
-    A repo that ships only pickle weights (pytorch_model*.bin) is fetched a second time for those, which are
-    converted to safetensors and deleted (convert_pickles); a repo with safetensors never has its .bin fetched."""
+    The repo's file list decides first: its safetensors if it has any (its .bin never fetched), else its
+    pytorch_model*.bin, converted in place by convert_pickles and then deleted (mosaicml/mpt-7b ships only those)."""
     out = Path(out)
-    if not force and (out / "config.json").is_file() and list(out.glob("*.safetensors")):
+    if not force and (out / "config.json").is_file() and list(out.glob("*.safetensors")) and \
+            ((out / CONVERTED).is_file() or not list(out.glob("pytorch_model*.bin"))):
         return check_hf_folder(out)  # an earlier download (or a copy made by hand): no network needed
-    hub_snapshot(repo_id, out, revision, allow_patterns=HUB_PATTERNS)
-    if not list(out.glob("*.safetensors")):
-        hub_snapshot(repo_id, out, revision, allow_patterns=PICKLE_PATTERNS)
-        if list(out.glob("pytorch_model*.bin")):
-            convert_pickles(out, delete=True)
+    # a .bin still there without CONVERTED: a conversion was interrupted, so the download is resumed and redone
+    from huggingface_hub import repo_info
+    with hub_errors(repo_id, out, revision):    # the file list fails offline as the download does
+        files = [s.rfilename for s in repo_info(repo_id, revision=revision or None).siblings or []]
+    pickles = hub_weights(repo_id, files)
+    hub_snapshot(repo_id, out, revision, allow_patterns=HUB_PATTERNS + (PICKLE_PATTERNS if pickles else []))
+    if pickles:
+        convert_pickles(out, delete=True)
     return check_hf_folder(out)
 
 
-def convert_pickles(folder, delete=False) -> Path:
-    """pytorch_model.bin (or its shards and index) in `folder` -> model.safetensors (or model-0000k-of-0000n
-    shards and their index) beside it, each tensor's dtype and values as they were, plus CONVERTED: the sha256 of
-    every file read and written. Each .bin is read with torch.load(weights_only=True), which unpickles tensors and
-    plain containers only and runs no code: one that needs more is refused. Written to a temp folder and moved in
-    at the end, so a failure leaves nothing half-converted. delete: remove the .bin files afterwards (a download's)."""
-    import pickle
+def hub_weights(repo_id, files) -> bool:
+    """Whether a repo's weights are pickles only (False: it has safetensors); a repo with neither is refused."""
+    import fnmatch
+    top = [f for f in files if "/" not in f]
+    if any(f.endswith(".safetensors") for f in top):
+        return False
+    if any(fnmatch.fnmatch(f, PICKLE_PATTERNS[0]) for f in top):
+        return True
+    raise PrepareError(f"{repo_id} has neither *.safetensors nor pytorch_model*.bin weights at its top level "
+                       f"(files: {', '.join(sorted(top)[:12]) or 'none'})")
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pickle-only checkpoints -> safetensors, once. Loading a pickle can run any code it names; torch.load with
+# weights_only=True unpickles tensors and plain containers only, so that is the one way syco-lab reads a .bin.
+
+def convert_local(folder, out, force=False) -> Path:
+    """--convert=true: a folder's pytorch_model*.bin -> safetensors in `out` (the folder itself, or a new folder);
+    once: a folder converted before (its CONVERTED record) or one shipping its own safetensors is left as it is."""
+    folder, out = Path(folder), Path(out).expanduser()
+    if not force and (out / CONVERTED).is_file():
+        print(f"{out}: converted before (see {CONVERTED}); --force=true converts again", file=sys.stderr)
+        return out
+    if out.resolve() == folder.resolve():
+        if not force and list(folder.glob("*.safetensors")):
+            print(f"{folder}: has safetensors weights already, nothing converted", file=sys.stderr)
+            return folder
+        return convert_pickles(folder)
+    if out.exists() and any(out.iterdir()) and not force:   # never replace a folder that is not ours silently
+        raise PrepareError(f"{out} exists and holds no {CONVERTED}; pass --force=true to replace it")
+    return convert_pickles(folder, out)
+
+
+def convert_pickles(folder, out=None, delete=False, max_shard=None) -> Path:
+    """pytorch_model.bin (or its shards and index) in `folder` -> model.safetensors (or model-0000k-of-0000n shards
+    of at most max_shard bytes and their index) in `out`, each tensor's name, dtype and values as they were, plus
+    CONVERTED: the sha256 of every file read and written. out = folder: written beside the .bin (delete: the .bin
+    removed afterwards, a download's); another folder: a new one with the folder's other files (configs, tokenizer),
+    never a pickle. Built in a temp folder and moved in at the end, so a failure leaves nothing half-written."""
+    import safetensors
     import torch
-    from safetensors.torch import save_file
     from lab.results import sha256
     folder = Path(folder)
-    index = folder / "pytorch_model.bin.index.json"
-    sources = sorted(set(json.loads(index.read_text())["weight_map"].values())) if index.is_file() \
-        else ["pytorch_model.bin"]
-    if missing := [s for s in sources if not (folder / s).is_file()]:
-        raise PrepareError(f"{folder}: pickle shard(s) {', '.join(missing)} missing")
-    tmp = folder / ".convert.tmp"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir()
+    out = Path(out) if out else folder
+    sources = pickle_sources(folder)
+    tmp = partial_dir(folder / "safetensors" if out == folder else out)
     try:
-        names = ["model.safetensors"] if len(sources) == 1 else \
-            [f"model-{i + 1:05d}-of-{len(sources):05d}.safetensors" for i in range(len(sources))]
-        weight_map = {}
-        for src, dst in zip(sources, names):
-            try:
-                sd = torch.load(folder / src, map_location="cpu", weights_only=True)
-            except pickle.UnpicklingError as e:
-                raise PrepareError(f"{folder / src}: refused: it needs code execution to load, which syco-lab never "
-                                   f"does (torch.load with weights_only=True says: {str(e).splitlines()[0]})") from None
-            if not isinstance(sd, dict):
-                raise PrepareError(f"{folder / src}: not a state dict of tensors (a {type(sd).__name__})")
-            for key, t in sd.items():
-                if not isinstance(key, str) or not isinstance(t, torch.Tensor):
-                    raise PrepareError(f"{folder / src}: entry {key!r} is not a named tensor ({type(t).__name__})")
-            # safetensors stores each tensor on its own: tied weights (one storage, two names) are copied apart.
-            save_file({k: t.contiguous().clone() for k, t in sd.items()}, tmp / dst, metadata={"format": "pt"})
-            weight_map |= {k: dst for k in sd}
-            del sd
-        if len(sources) > 1:
-            (tmp / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": weight_map},
-                                                                          indent=1))
-        record = dict(how="torch.load(weights_only=True) -> safetensors.torch.save_file", torch=torch.__version__,
-                      date=time.strftime("%Y-%m-%d %H:%M:%S"), sources={s: sha256(folder / s) for s in sources},
-                      outputs={n: sha256(tmp / n) for n in names})
-        (tmp / CONVERTED).write_text(json.dumps(record, indent=1))
-        for p in sorted(tmp.iterdir(), key=lambda p: p.name == CONVERTED):   # the record last: it marks the end
-            os.replace(p, folder / p.name)
+        names, tied = write_shards(folder, sources, tmp, max_shard or MAX_SHARD)
+        if out != folder:
+            for f in folder.iterdir():
+                if f.is_file() and not f.name.startswith(".") and not is_weights(f.name):
+                    shutil.copy2(f, tmp / f.name)
+        record = dict(how="torch.load(weights_only=True) -> safetensors.torch.save_file",
+                      torch=torch.__version__, safetensors=safetensors.__version__,
+                      date=time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()), source_folder=str(folder.resolve()),
+                      sources={s: sha256(folder / s) for s in sources}, outputs={n: sha256(tmp / n) for n in names},
+                      tied_dropped=tied, sources_deleted=delete)
+        (tmp / CONVERTED).write_text(json.dumps(record, indent=1) + "\n")
+        if out == folder:  # shards, then their index, then the record: each file whole, the record last marks the end
+            for name in names + [n for n in ["model.safetensors.index.json", CONVERTED] if (tmp / n).is_file()]:
+                os.replace(tmp / name, folder / name)
+        else:
+            replace_folder(tmp, out)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     if delete:
-        for s in sources + ([index.name] if index.is_file() else []):
+        for s in sources + ([PICKLE_INDEX] if (folder / PICKLE_INDEX).is_file() else []):
             (folder / s).unlink()
-    print(f"converted {len(sources)} pickle file(s) in {folder} with torch.load(weights_only=True) -> "
-          f"{', '.join(names)}; sha256 of both in {CONVERTED}", file=sys.stderr)
-    return folder
+    print(f"converted {len(sources)} pickle shard(s) with torch.load(weights_only=True) -> {out}: {names[0]}"
+          f"{f' ... {names[-1]}' if len(names) > 1 else ''}; sha256 of both sides in {CONVERTED}", file=sys.stderr)
+    return out
 
+
+def is_weights(name):
+    """Weight files a conversion into a new folder does not copy: pickles (loading one can run code), the .bin
+    index, safetensors and a conversion record (written anew)."""
+    return name.endswith((".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle", ".safetensors")) or \
+        name in (PICKLE_INDEX, "model.safetensors.index.json", CONVERTED)
+
+
+def pickle_sources(folder):
+    """The .bin files a folder's checkpoint is made of: its index's shards, or pytorch_model.bin."""
+    index = folder / PICKLE_INDEX
+    if index.is_file():
+        sources = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    elif (folder / "pytorch_model.bin").is_file():
+        sources = ["pytorch_model.bin"]
+    else:
+        raise PrepareError(f"{folder}: no pytorch_model.bin or {PICKLE_INDEX} to convert")
+    if missing := [s for s in sources if not (folder / s).is_file()]:
+        raise PrepareError(f"{index}: names pickle shard(s) {', '.join(missing)}, missing from {folder}")
+    return sources
+
+
+def write_shards(folder, sources, tmp, max_shard):
+    """Every tensor of the .bin files, in their order, into safetensors files in `tmp` of at most max_shard bytes
+    (one file: model.safetensors; several: HF's model-0000k-of-0000n names and index). One output file's tensors
+    are in memory at a time: the .bin files are memory-mapped. Returns (file names, {dropped tied name: kept})."""
+    from safetensors.torch import save_file
+    mode = (folder / sources[0]).stat().st_mode  # save_file makes its files 0600: give them the source's mode
+    index_keys = json.loads((folder / PICKLE_INDEX).read_text())["weight_map"] \
+        if (folder / PICKLE_INDEX).is_file() else None
+    parts, weight_map, seen, tied, shard, size = [], {}, {}, {}, {}, [0, 0]   # size: [this shard's, all shards']
+
+    def flush():
+        parts.append(tmp / f"part-{len(parts)}.safetensors")
+        save_file(shard, str(parts[-1]), metadata={"format": "pt"})
+        os.chmod(parts[-1], mode & 0o777)
+        weight_map.update(dict.fromkeys(shard, len(parts) - 1))
+        shard.clear()
+        size[:] = [0, size[1] + size[0]]
+
+    for src in sources:
+        state, dropped = untie(read_pickle(folder / src))
+        tied |= dropped
+        for key, t in state.items():
+            if key in seen:
+                raise PrepareError(f"{folder / src}: tensor {key!r} is also in {seen[key]}")
+            seen[key] = src
+            if shard and size[0] + t.nbytes > max_shard:
+                flush()
+            shard[key] = t
+            size[0] += t.nbytes
+        del state
+    if index_keys is not None and (lost := sorted(set(index_keys) - set(seen) - set(tied))):
+        raise PrepareError(f"{folder / PICKLE_INDEX}: lists {lost[:5]}, which its shards do not hold")
+    if shard or not parts:
+        flush()
+    n = len(parts)
+    names = ["model.safetensors"] if n == 1 else [f"model-{i + 1:05d}-of-{n:05d}.safetensors" for i in range(n)]
+    for part, name in zip(parts, names):
+        os.replace(part, tmp / name)
+    if n > 1:
+        index = {"metadata": {"total_size": size[1]}, "weight_map": {k: names[i] for k, i in weight_map.items()}}
+        (tmp / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+    return names, tied
+
+
+def read_pickle(path):
+    """{name: tensor} of one .bin, unpickled by torch.load(weights_only=True), which rebuilds tensors and plain
+    containers only and runs nothing else: a pickle that names any other callable is refused, as is any content
+    but a flat {str: Tensor}. mmap: a 10 GB shard is paged in as it is written, not read into memory first."""
+    import pickle
+    import torch
+    try:
+        try:
+            state = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+        except RuntimeError as e:
+            if "mmap" not in str(e):
+                raise
+            state = torch.load(path, map_location="cpu", weights_only=True)  # the legacy (pre-1.6) format
+    except pickle.UnpicklingError as e:
+        raise PrepareError(f"{path}: refused: it needs code execution to load (more than torch.load(weights_only="
+                           f"True) allows: {weights_only_reason(e)}), which syco-lab never does") from None
+    except (RuntimeError, EOFError, ValueError) as e:
+        raise PrepareError(f"{path}: not a checkpoint torch.load can read ({type(e).__name__}: "
+                           f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    if not isinstance(state, dict):
+        raise PrepareError(f"{path}: not a state dict of named tensors (a {type(state).__name__})")
+    for key, t in state.items():
+        if not isinstance(key, str) or not isinstance(t, torch.Tensor):
+            raise PrepareError(f"{path}: entry {key!r} is not a named tensor (a {type(t).__name__})")
+        if t.layout != torch.strided or t.is_quantized:
+            raise PrepareError(f"{path}: tensor {key!r} is {t.layout} {t.dtype}: safetensors stores dense tensors")
+    return state
+
+
+def weights_only_reason(e):
+    """torch's own line saying what the pickle asked for (e.g. 'unsupported GLOBAL posix.system'), not its advice."""
+    lines = [ln.strip() for ln in str(e).splitlines() if ln.strip()]
+    why = [ln for ln in lines if not ln.startswith(("Weights only load failed", "Please file an issue", "Check the "))]
+    return (why or lines or ["?"])[0]
+
+
+def untie(state):
+    """safetensors stores each tensor on its own storage. Names sharing one (tied weights, views) are handled as HF's
+    save_pretrained does: a TIED_NAMES entry identical to another name is dropped (HF's MPT file has
+    transformer.wte.weight, no lm_head.weight), any other sharer is cloned. Returns (state, {dropped: kept})."""
+    groups = {}
+    for key, t in state.items():
+        if t.numel():
+            groups.setdefault(t.untyped_storage().data_ptr(), []).append(key)
+    same = lambda a, b: (a.data_ptr(), a.shape, a.stride(), a.dtype) == (b.data_ptr(), b.shape, b.stride(), b.dtype)
+    dropped, state = {}, dict(state)
+    for names in (g for g in groups.values() if len(g) > 1):
+        for name in [n for n in names if n in TIED_NAMES]:
+            if kept := next((n for n in names if n != name and n not in dropped and same(state[n], state[name])),
+                            None):
+                dropped[name] = kept
+                del state[name]
+        if len(left := [n for n in names if n not in dropped]) > 1:
+            for name in left:
+                state[name] = state[name].clone()
+    return {k: t if t.is_contiguous() else t.contiguous() for k, t in state.items()}, dropped
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The hub's expected failures, each one clear line
 
 def hub_snapshot(repo_id, out, revision="", allow_patterns=None, repo_type="model", how_to_fix=HOW_TO_FIX):
     """snapshot_download into `out` (models and datasets); expected failures become PrepareError."""
-    from huggingface_hub import errors, snapshot_download
-    page = f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
-    try:
+    from huggingface_hub import snapshot_download
+    with hub_errors(repo_id, out, revision, repo_type, how_to_fix):
         snapshot_download(repo_id, repo_type=repo_type, revision=revision or None, local_dir=out,
                           allow_patterns=allow_patterns)
+
+
+@contextmanager
+def hub_errors(repo_id, out, revision="", repo_type="model", how_to_fix=HOW_TO_FIX):
+    """Any hub call inside it (the file list, the download) fails with the same one-line PrepareError."""
+    from huggingface_hub import errors
+    page = f"https://huggingface.co/{'datasets/' if repo_type == 'dataset' else ''}{repo_id}"
+    try:
+        yield
     except errors.GatedRepoError:
         raise PrepareError(f"{repo_id} is gated: accept its license at {page}, then "
                            "export HF_TOKEN=hf_... (a token of that account) and run this again") from None
@@ -416,8 +589,11 @@ def prepare(cfg) -> Path:
         return ensure_default_model(cfg.out or None, force=cfg.force)
     if Path(cfg.model).expanduser().is_dir():  # a local folder is used where it is: nothing to copy
         folder = Path(cfg.model).expanduser()
-        if cfg.convert and not list(folder.glob("*.safetensors")):
-            convert_pickles(folder)
+        if cfg.convert:
+            return check_hf_folder(convert_local(folder, cfg.out or folder, cfg.force))
+        if cfg.out:
+            raise PrepareError(f"--out with a local folder: only --convert=true writes one ({folder} is used where "
+                               "it is)")
         return check_hf_folder(folder)
     if cfg.convert:
         raise PrepareError("--convert=true converts a local folder's pytorch_model*.bin; a hub download converts "

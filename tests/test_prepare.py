@@ -259,11 +259,12 @@ def test_pickle_only_folder_is_refused(tmp_path):
         prepare.check_hf_folder(folder)
 
 
-@pytest.fixture
-def fake_hub(tmp_path, monkeypatch):
-    """snapshot_download replaced by a copy from a local fixture repo, honouring allow_patterns like the hub does."""
+def _fake_hub(monkeypatch, source):
+    """The hub replaced by a local folder: repo_info lists its files, snapshot_download copies the ones
+    allow_patterns match, as the hub does. Returns the list of snapshot_download calls."""
     import huggingface_hub
-    source, calls = _fixture_folder(tmp_path / "hub_repo"), []
+    from types import SimpleNamespace
+    calls = []
 
     def fake_snapshot_download(repo_id, *, revision=None, local_dir=None, allow_patterns=None, **kw):
         calls.append(dict(repo_id=repo_id, revision=revision, local_dir=Path(local_dir), allow_patterns=allow_patterns))
@@ -273,9 +274,18 @@ def fake_hub(tmp_path, monkeypatch):
                 shutil.copy(f, Path(local_dir) / f.name)
         return str(local_dir)
 
+    def fake_repo_info(repo_id, revision=None, **kw):
+        return SimpleNamespace(siblings=[SimpleNamespace(rfilename=f.name) for f in sorted(source.iterdir())])
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
-    monkeypatch.setattr(prepare, "REPO", tmp_path / "repo")  # the default destination models/<name> lands here
+    monkeypatch.setattr(huggingface_hub, "repo_info", fake_repo_info)
     return calls
+
+
+@pytest.fixture
+def fake_hub(tmp_path, monkeypatch):
+    """A fake hub repo with safetensors and a pickle; the default destination models/<name> under tmp_path."""
+    monkeypatch.setattr(prepare, "REPO", tmp_path / "repo")
+    return _fake_hub(monkeypatch, _fixture_folder(tmp_path / "hub_repo"))
 
 
 def test_download_path_with_fake_hub(fake_hub, tmp_path, capsys):
@@ -297,6 +307,7 @@ def _raise_hub_error(monkeypatch, cls, status):
 
     def fail(*args, **kw):
         raise cls(f"{status} error", response=errors.Response(status, request=request))
+    monkeypatch.setattr(huggingface_hub, "repo_info", fail)          # the file list is asked for first
     monkeypatch.setattr(huggingface_hub, "snapshot_download", fail)
 
 
@@ -311,52 +322,140 @@ def test_gated_and_missing_repos_get_their_own_messages(monkeypatch, tmp_path, c
     assert "not found" in capsys.readouterr().err
 
 
-def pickle_mpt(folder, shards=1):
-    """A tiny MPT as mosaicml/mpt-7b ships: config.json and pytorch_model*.bin only (transformers 5 writes only
-    safetensors, so the state dict is torch.save'd in its names, tied lm_head included as HF's state_dict has it)."""
-    import torch
+def pickle_mpt(folder, shards=1, dtype=torch.float32):
+    """A tiny MPT as mosaicml/mpt-7b ships: config.json and pytorch_model*.bin only. transformers 5 ignores
+    save_pretrained(safe_serialization=False) and writes safetensors, so the state dict is torch.save'd in HF's
+    names, lm_head.weight included on transformer.wte.weight's storage as HF's state_dict has it (transformers 4's
+    sharding kept tied names in one shard)."""
     from conftest import make_hf_model
-    hf = make_hf_model("mpt")
+    hf = make_hf_model("mpt").to(dtype)
     folder.mkdir(parents=True)
     hf.config.save_pretrained(folder)
+    (folder / "tokenizer.json").write_text("{}")
     sd = hf.state_dict()
+    assert sd["lm_head.weight"].data_ptr() == sd["transformer.wte.weight"].data_ptr()
     if shards == 1:
         torch.save(sd, folder / "pytorch_model.bin")
     else:
-        keys, weight_map = list(sd), {}
+        keys, weight_map = [k for k in sd if k != "lm_head.weight"], {}
         for i in range(shards):
             name = f"pytorch_model-{i + 1:05d}-of-{shards:05d}.bin"
             part = {k: sd[k] for k in keys[i::shards]}
+            if "transformer.wte.weight" in part:
+                part["lm_head.weight"] = sd["lm_head.weight"]
             torch.save(part, folder / name)
             weight_map |= {k: name for k in part}
-        (folder / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+        (folder / prepare.PICKLE_INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
     return hf
 
 
-@pytest.mark.parametrize("shards", [1, 3])
-def test_pickle_only_mpt_is_converted_once_and_loads(tmp_path, shards):
-    import torch
+def read_converted(folder):
+    """{name: tensor} of a converted folder through safetensors' own reader; its index must name each key's file."""
+    from safetensors.torch import load_file
+    index = folder / "model.safetensors.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"] if index.exists() else None
+    state = {}
+    for f in sorted(folder.glob("*.safetensors")):
+        part = load_file(f)
+        assert not part.keys() & state.keys()
+        assert weight_map is None or all(weight_map[k] == f.name for k in part)
+        state |= part
+    assert weight_map is None or weight_map.keys() == state.keys()
+    return state
+
+
+@pytest.mark.parametrize("shards, dtype", [(1, torch.float32), (3, torch.bfloat16)])
+def test_pickle_only_mpt_is_converted_once(tmp_path, capsys, shards, dtype):
+    from safetensors import safe_open
+    from transformers import MptForCausalLM
     from lab.results import sha256
-    from model import load
     folder = tmp_path / "mpt"
-    hf = pickle_mpt(folder, shards)
+    hf = pickle_mpt(folder, shards, dtype)
     bins = sorted(p.name for p in folder.glob("pytorch_model*.bin"))
     hashes = {b: sha256(folder / b) for b in bins}
-    with pytest.raises(prepare.PrepareError, match="--convert=true"):
-        prepare.prepare(prepare.PrepareConfig(model=str(folder)))
+    with pytest.raises(prepare.PrepareError, match="pickle checkpoints are refused.*--convert=true"):
+        prepare.prepare(prepare.PrepareConfig(model=str(folder)))  # the default stays refusing
     assert prepare.prepare(prepare.PrepareConfig(model=str(folder), convert=True)) == folder
+    assert f"converted {shards} pickle shard(s) with torch.load(weights_only=True) -> {folder}: model.safetensors" \
+        in capsys.readouterr().err
+
     record = json.loads((folder / prepare.CONVERTED).read_text())
-    assert record["sources"] == hashes and record["how"].startswith("torch.load(weights_only=True)")
-    assert all(record["outputs"][n] == sha256(folder / n) for n in record["outputs"])
-    assert len(record["outputs"]) == shards and all((folder / b).exists() for b in bins)    # the user's files stay
-    from model import read_weights
-    converted, _ = read_weights(folder)
-    assert converted.keys() == hf.state_dict().keys()
-    assert all(torch.equal(converted[k], v) for k, v in hf.state_dict().items())
-    ours = load(folder, dtype="fp32")
-    ids = torch.randint(3, 96, (2, 9))
-    with torch.no_grad():
-        assert (ours(ids) - hf(ids).logits).abs().max() <= 1e-5
+    assert record["sources"] == hashes and all((folder / b).exists() for b in bins)    # the user's files stay
+    assert record["outputs"] == {"model.safetensors": sha256(folder / "model.safetensors")}
+    assert record["how"].startswith("torch.load(weights_only=True)") and record["torch"] == torch.__version__
+    assert record["tied_dropped"] == {"lm_head.weight": "transformer.wte.weight"}
+    assert record["source_folder"] == str(folder.resolve()) and not record["sources_deleted"]
+
+    # exactly the tensors (names, dtypes, bits) of the file save_pretrained writes: lm_head.weight is not there
+    hf.save_pretrained(tmp_path / "hf")
+    with safe_open(tmp_path / "hf" / "model.safetensors", "pt") as f:
+        hf_keys = set(f.keys())
+    converted, sd = read_converted(folder), hf.state_dict()
+    assert set(converted) == hf_keys == set(sd) - {"lm_head.weight"}
+    assert all(converted[k].dtype == dtype and torch.equal(converted[k], sd[k]) for k in converted)
+    reloaded, info = MptForCausalLM.from_pretrained(folder, dtype=dtype, output_loading_info=True)
+    assert not any(info.values()), info     # nothing missing, unexpected or mismatched: the tie is restored
+    assert all(torch.equal(v, sd[k]) for k, v in reloaded.state_dict().items())
+
+    mtime = (folder / "model.safetensors").stat().st_mtime_ns
+    assert prepare.prepare(prepare.PrepareConfig(model=str(folder), convert=True)) == folder
+    assert "converted before" in capsys.readouterr().err and (folder / "model.safetensors").stat().st_mtime_ns == mtime
+
+
+def test_convert_into_a_new_folder_in_shards(tmp_path, monkeypatch, capsys):
+    from lab.results import sha256
+    src, dest = tmp_path / "mpt", tmp_path / "out" / "mpt-st"
+    sd = pickle_mpt(src, shards=2).state_dict()
+    before = {p.name: sha256(p) for p in src.iterdir()}
+    monkeypatch.setattr(prepare, "MAX_SHARD", 100_000)     # bytes: the 640 kB model in several files
+    assert prepare.main([f"--model={src}", "--convert=true", f"--out={dest}"]) == 0
+    assert capsys.readouterr().out.strip() == str(dest)
+    assert {p.name: sha256(p) for p in src.iterdir()} == before                    # the source is untouched
+    names = sorted(p.name for p in dest.glob("*.safetensors"))
+    n = len(names)
+    assert n > 2 and names == [f"model-{i:05d}-of-{n:05d}.safetensors" for i in range(1, n + 1)]
+    assert sorted(p.name for p in dest.iterdir()) == sorted(["config.json", "tokenizer.json", prepare.CONVERTED,
+                                                             "model.safetensors.index.json", *names])  # no pickle
+    converted = read_converted(dest)
+    assert set(converted) == set(sd) - {"lm_head.weight"} and all(torch.equal(v, sd[k]) for k, v in converted.items())
+    from safetensors.torch import load_file
+    for name in names:
+        part = load_file(dest / name)
+        assert len(part) == 1 or sum(t.nbytes for t in part.values()) <= 100_000
+    index = json.loads((dest / "model.safetensors.index.json").read_text())
+    assert index["metadata"]["total_size"] == sum(t.nbytes for t in converted.values())
+    record = json.loads((dest / prepare.CONVERTED).read_text())
+    assert record["outputs"] == {n: sha256(dest / n) for n in names} and set(record["sources"]) == \
+        {"pytorch_model-00001-of-00002.bin", "pytorch_model-00002-of-00002.bin"}
+    assert [p.name for p in dest.parent.iterdir()] == ["mpt-st"]     # no temp folder left
+    assert prepare.main([f"--model={src}", "--convert=true", f"--out={dest}"]) == 0    # once
+    assert "converted before" in capsys.readouterr().err
+    (tmp_path / "theirs").mkdir()
+    (tmp_path / "theirs" / "notes.txt").write_text("not ours")
+    assert prepare.main([f"--model={src}", "--convert=true", f"--out={tmp_path / 'theirs'}"]) == 1
+    assert "--force=true" in capsys.readouterr().err and (tmp_path / "theirs" / "notes.txt").exists()
+    assert prepare.main([f"--model={src}", f"--out={dest}"]) == 1    # --out alone does not copy a folder
+    assert "--convert=true" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("into", ["in place", "new folder"])
+def test_interrupted_conversion_leaves_nothing(tmp_path, monkeypatch, into):
+    import safetensors.torch
+    src, dest = tmp_path / "mpt", tmp_path / "dest"
+    pickle_mpt(src)
+    listing = lambda: sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*"))
+    before, real_save, calls = listing(), safetensors.torch.save_file, []
+
+    def save_then_die(state, path, metadata=None):
+        calls.append(path)
+        if len(calls) == 2:
+            Path(path).write_bytes(b"half a file")
+            raise KeyboardInterrupt  # as if killed while writing the second shard
+        real_save(state, path, metadata=metadata)
+    monkeypatch.setattr(safetensors.torch, "save_file", save_then_die)
+    with pytest.raises(KeyboardInterrupt):
+        prepare.convert_pickles(src, None if into == "in place" else dest, max_shard=100_000)
+    assert len(calls) == 2 and listing() == before
 
 
 class Payload:
@@ -365,40 +464,87 @@ class Payload:
         self.marker = marker
 
     def __reduce__(self):
-        import os
         return os.system, (f"touch {self.marker}",)
 
 
-def test_pickle_that_needs_code_is_refused_and_runs_nothing(tmp_path):
-    import torch
+def test_pickle_that_needs_code_is_refused_and_runs_nothing(tmp_path, capsys):
+    import pickle
     folder = tmp_path / "evil"
     pickle_mpt(folder)
-    marker = tmp_path / "ran"
-    torch.save({"transformer.wte.weight": torch.zeros(2), "x": Payload(marker)}, folder / "pytorch_model.bin")
+    bin_file, marker = folder / "pytorch_model.bin", tmp_path / "ran"
+    before = sorted(p.name for p in folder.iterdir())
+    torch.save({"transformer.wte.weight": torch.zeros(2), "x": Payload(marker)}, bin_file)
+    assert prepare.main([f"--model={folder}", "--convert=true"]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "Traceback" not in err, err
+    assert f"{bin_file}: refused: it needs code execution to load" in err and "posix.system" in err, err
+    with open(bin_file, "wb") as f:          # a plain pickle (no zip container) asking for the same
+        pickle.dump({"w": Payload(marker)}, f)
     with pytest.raises(prepare.PrepareError, match="pytorch_model.bin: refused: it needs code execution"):
         prepare.convert_pickles(folder)
-    assert not marker.exists() and not list(folder.glob("*.safetensors")) and not (folder / prepare.CONVERTED).exists()
-    torch.save({"transformer.wte.weight": torch.zeros(2), "step": 3}, folder / "pytorch_model.bin")
-    with pytest.raises(prepare.PrepareError, match="entry 'step' is not a named tensor"):
+    assert not marker.exists()               # torch.load(weights_only=True) never called os.system
+    for content, message in [({"transformer.wte.weight": torch.zeros(2), "step": 3}, "entry 'step' is not a named "
+                                                                                     "tensor"),
+                             ({"state_dict": {"w": torch.zeros(2)}}, "entry 'state_dict' is not a named tensor"),
+                             ([torch.zeros(2)], "not a state dict of named tensors")]:
+        torch.save(content, bin_file)
+        with pytest.raises(prepare.PrepareError, match=f"pytorch_model.bin: {message}"):
+            prepare.convert_pickles(folder)
+    bin_file.write_bytes(b"PK\x03\x04 not really a zip")
+    with pytest.raises(prepare.PrepareError, match="pytorch_model.bin: not a checkpoint torch.load can read"):
         prepare.convert_pickles(folder)
-    assert not list(folder.glob("*.safetensors"))
+    assert sorted(p.name for p in folder.iterdir()) == before     # nothing written, no temp folder left
 
 
-def test_hub_repo_with_only_pickles_is_fetched_again_for_them_and_converted(tmp_path, monkeypatch, capsys):
-    import huggingface_hub
-    source, calls = tmp_path / "hub_repo", []
+def test_untie_keeps_values_and_drops_only_an_identical_lm_head():
+    w = torch.arange(12.).reshape(3, 4)
+    state, dropped = prepare.untie({"lm_head.weight": w, "embed.weight": w, "view": w[1:], "t": w.T,
+                                    "other": torch.ones(2)})
+    assert dropped == {"lm_head.weight": "embed.weight"} and set(state) == {"embed.weight", "view", "t", "other"}
+    assert torch.equal(state["view"], w[1:]) and torch.equal(state["t"], w.T) and state["t"].is_contiguous()
+    assert state["view"].untyped_storage().data_ptr() != w.untyped_storage().data_ptr()   # cloned apart
+    state, dropped = prepare.untie({"lm_head.weight": w, "head_view": w[:2]})     # not identical: both kept
+    assert dropped == {} and set(state) == {"lm_head.weight", "head_view"}
+
+
+def test_hub_repo_with_only_pickles_is_downloaded_and_converted(tmp_path, monkeypatch, capsys):
+    source = tmp_path / "hub_repo"
     pickle_mpt(source)
-
-    def fake_snapshot_download(repo_id, *, revision=None, local_dir=None, allow_patterns=None, **kw):
-        calls.append(allow_patterns)
-        Path(local_dir).mkdir(parents=True, exist_ok=True)
-        for f in source.iterdir():
-            if any(fnmatch.fnmatch(f.name, p) for p in allow_patterns):
-                shutil.copy(f, Path(local_dir) / f.name)
-        return str(local_dir)
-    monkeypatch.setattr(huggingface_hub, "snapshot_download", fake_snapshot_download)
+    (source / "README.md").write_text("readme")
+    calls = _fake_hub(monkeypatch, source)
     out = tmp_path / "models" / "mpt"
     assert prepare.main(["--model=mosaicml/mpt-tiny", f"--out={out}"]) == 0
-    assert calls == [prepare.HUB_PATTERNS, prepare.PICKLE_PATTERNS]
-    assert (out / "model.safetensors").exists() and not list(out.glob("*.bin"))     # a download's .bin: deleted
-    assert "converted 1 pickle file(s)" in capsys.readouterr().err
+    assert [c["allow_patterns"] for c in calls] == [prepare.HUB_PATTERNS + prepare.PICKLE_PATTERNS]  # decided first
+    assert sorted(p.name for p in out.iterdir()) == ["config.json", prepare.CONVERTED, "model.safetensors",
+                                                     "tokenizer.json"]      # a download's .bin: deleted
+    assert "converted 1 pickle shard(s)" in capsys.readouterr().err
+    record = json.loads((out / prepare.CONVERTED).read_text())
+    from lab.results import sha256
+    assert record["sources"] == {"pytorch_model.bin": sha256(source / "pytorch_model.bin")} and \
+        record["sources_deleted"]
+    assert prepare.main(["--model=mosaicml/mpt-tiny", f"--out={out}"]) == 0 and len(calls) == 1   # no second fetch
+
+
+def test_hub_repo_without_weights_is_refused_before_downloading(tmp_path, monkeypatch, capsys):
+    source = tmp_path / "hub_repo"
+    source.mkdir()
+    (source / "config.json").write_text("{}")
+    calls = _fake_hub(monkeypatch, source)
+    assert prepare.main(["--model=org/empty", f"--out={tmp_path / 'm'}"]) == 1
+    assert "neither *.safetensors nor pytorch_model*.bin" in capsys.readouterr().err and calls == []
+
+
+def test_hub_file_list_offline_is_the_same_clear_error(tmp_path, monkeypatch, capsys):
+    import huggingface_hub
+    from huggingface_hub import errors
+    downloads = []
+    monkeypatch.setattr(huggingface_hub, "snapshot_download", lambda *a, **kw: downloads.append(a))
+    for exc in [errors.LocalEntryNotFoundError("no cache"), ConnectionError("Name or service not known")]:
+        def fail(*args, exc=exc, **kw):
+            raise exc
+        monkeypatch.setattr(huggingface_hub, "repo_info", fail)
+        assert prepare.main(["--model=mosaicml/mpt-7b", f"--out={tmp_path / 'm'}"]) == 1
+        err = capsys.readouterr().err
+        assert "Traceback" not in err and "could not download mosaicml/mpt-7b" in err and "unreachable" in err
+        assert "HF_ENDPOINT" in err and "--model=/path/to/folder" in err
+    assert downloads == []

@@ -182,8 +182,10 @@ def token_logps(model, batch) -> tuple[torch.Tensor, torch.Tensor]:
     core = getattr(model, "module", model)
     w = core.lm_head.weight                                                                     # (V, D)
     h, targets = h[:, :-1][mask], batch["input_ids"][:, 1:][mask]                               # (N, D), (N,)
-    if w.requires_grad or core.config.final_softcap is not None:     # Gemma-2 caps its logits: not in the chunks
-        lp = core.logits(h).float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
+    cap = getattr(getattr(core, "config", None), "final_softcap", None)   # Gemma-2 caps its logits: not in chunks
+    if w.requires_grad or cap is not None:
+        z = F.linear(h, w) if cap is None else core.logits(h)
+        lp = z.float().log_softmax(-1).gather(-1, targets[:, None]).squeeze(-1)
     else:   # chunks of about 8M logits (32 MB in fp32)
         lp = TargetLogps.apply(h, w, targets, max(1, 2**23 // w.shape[0]))
     out = torch.zeros(mask.shape, dtype=torch.float32, device=h.device).masked_scatter(mask, lp)

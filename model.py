@@ -415,6 +415,7 @@ class Transformer(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         # Constants, made on the CPU (load() moves them): rope's frequencies (longrope: a short and a long set;
         # Gemma-3: its sliding layers' own), the embedding scale, ALiBi's slopes.
+        self.rope_factor = rope_attention_factor(cfg)      # longrope's scale of cos and sin; 1.0 otherwise
         if cfg.alibi_bias_max is None:
             self.register_buffer("inv_freq", rope_inv_freq(cfg), persistent=False)
         if cfg.rope_scaling and cfg.rope_scaling["rope_type"] == "longrope":
@@ -506,9 +507,8 @@ class Transformer(nn.Module):
         freqs = position_ids[..., None].float() * inv_freq                       # (B, T, hd/2), fp32
         emb = torch.cat((freqs, freqs), dim=-1)[:, None]                         # (B, 1, T, hd)
         cos, sin = emb.cos(), emb.sin()
-        factor = rope_attention_factor(self.config)
-        if factor != 1.0:
-            cos, sin = cos * factor, sin * factor
+        if self.rope_factor != 1.0:
+            cos, sin = cos * self.rope_factor, sin * self.rope_factor
         return cos.to(dtype), sin.to(dtype)
 
     def _mask(self, q_pos, key_pos, s0, has_pad, window):
@@ -745,6 +745,13 @@ def read_config(folder: Path) -> tuple[Config, bool]:
     return Config.from_dict(text, f"{path} (text_config)"), True
 
 
+def move_constants(model: Transformer, device):
+    """Move the buffers __init__ made on the CPU (rope's frequencies, the embedding scale, ALiBi's slopes) to
+    `device`: they are computed, not read from a checkpoint, so assign=True loading leaves them where they were."""
+    for name, buf in list(model.named_buffers()):
+        model.register_buffer(name, buf.to(device), persistent=False)
+
+
 def load(path, dtype=None, device="cpu") -> "Transformer":
     """Load an HF-layout folder -> Transformer (chat.load_tokenizer reads its tokenizer).
     dtype: None = the checkpoint's own, or 'bf16'/'fp32'/..
@@ -803,8 +810,7 @@ def load(path, dtype=None, device="cpu") -> "Transformer":
     model.load_state_dict(sd | {k: sd["model.embed_tokens.weight"] for k in tied}, strict=True, assign=True)
     if tied:
         model.lm_head.weight = model.model.embed_tokens.weight             # one Parameter again, as built
-    for name, buf in list(model.named_buffers()):    # constants made on the CPU in __init__, not read from the file
-        model.register_buffer(name, buf.to(device), persistent=False)
+    move_constants(model, device)
     model.name_or_path = str(folder)
     model.eval()   # as transformers' from_pretrained: no dropout (train.py switches to .train())
     return model

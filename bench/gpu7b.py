@@ -25,7 +25,7 @@ import torch.nn.functional as F
 from bench.speed import FAMILIES, timed
 from lab.args import parse_args, user_errors
 from lora import add_lora, lora_parameters
-from model import Config, KVCache, Transformer, generate
+from model import Config, KVCache, Transformer, generate, move_constants
 from runtime.gpu import graphed_step, use_gpu_kernels
 from train import dpo_step, grad_checkpointing
 
@@ -102,8 +102,7 @@ def random_pair(shape: str, device, dtype=torch.bfloat16, seed: int = 0):
     ours.load_state_dict(hf.state_dict(), strict=True, assign=True)    # the same storage: memory holds one copy
     if ours.config.tie_word_embeddings:
         ours.lm_head.weight = ours.model.embed_tokens.weight
-    for name, buf in list(ours.named_buffers()):                        # rope's frequencies etc., made on the CPU
-        ours.register_buffer(name, buf.to(device), persistent=False)
+    move_constants(ours, device)                                        # rope's frequencies etc., made on the CPU
     if device.type == "cuda":
         use_gpu_kernels(ours)                  # as the scripts run it (runtime.accelerate)
     return ours.eval(), hf

@@ -7,7 +7,7 @@ import torch
 
 from conftest import make_hf_model, save_hf_model
 from model import SITES, Config, hooks, load, read_safetensors
-from test_model import decode_in_steps
+from test_model import decode_in_steps, left_padded_batch
 
 WINDOW = 5      # shorter than the 21-token sequences below, so the sliding layers cut
 LONGROPE = {"rope_type": "longrope", "long_factor": [1.0 + i for i in range(8)],
@@ -54,22 +54,7 @@ def test_logits_equal_transformers(tmp_path, name):
 
 @pytest.mark.parametrize("name", FAMILIES)
 def test_left_padded_batch_equals_transformers_and_single_rows(tmp_path, name):
-    ours, hf = ours_and_theirs(tmp_path, name)
-    rows = [torch.randint(3, 96, (n,)) for n in (12, 7, 3)]
-    T = max(len(r) for r in rows)
-    ids = torch.zeros(len(rows), T, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, r in enumerate(rows):
-        ids[i, T - len(r):], mask[i, T - len(r):] = r, 1
-    pos = (mask.cumsum(-1) - 1).clamp(min=0)
-    with torch.no_grad():
-        got = ours(ids, attention_mask=mask)
-        want = hf(ids, attention_mask=mask, position_ids=pos).logits
-        assert not got.isnan().any()
-        for i, r in enumerate(rows):
-            alone = ours(r[None])[0]
-            assert (got[i, T - len(r):] - alone).abs().max() <= 1e-5
-            assert (got[i, T - len(r):] - want[i, T - len(r):]).abs().max() <= 1e-5
+    left_padded_batch(*ours_and_theirs(tmp_path, name))
 
 
 @pytest.mark.parametrize("name", FAMILIES)

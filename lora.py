@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lab.results import write_atomic
+from lab.results import check_model_id, model_id, write_atomic
 from model import checkpoint_keys, read_safetensors
 
 # target -> the sub-module of a block that holds it (HF names): layers[i].<parent>.<target>
@@ -247,8 +247,12 @@ def save_adapter(model, path, meta: dict | None = None, tensors: dict | None = N
     tensors: lora_state_dict's tensors gathered whole where the model holds only shards of them (FSDP)."""
     from safetensors.torch import save
     cfg, meta = adapter_config(model), dict(meta or {})
-    if set(meta) & {*cfg, "format"}:
-        raise ValueError(f"save_adapter: meta may not use the reserved keys {sorted(set(meta) & {*cfg, 'format'})}")
+    if set(meta) & {*cfg, "format", "base_model_sha256"}:
+        raise ValueError(f"save_adapter: meta may not use the reserved keys "
+                         f"{sorted(set(meta) & {*cfg, 'format', 'base_model_sha256'})}")
+    if getattr(model, "name_or_path", None):      # the base model's identity, checked by load_adapter
+        meta |= {"base_model": meta.get("base_model", model.name_or_path),
+                 "base_model_sha256": model_id(model.name_or_path)}
     info = {"format": "pt", **{k: json.dumps(v) for k, v in {**cfg, **meta}.items()}}
     tensors = {k: v.float().contiguous().cpu() for k, v in (tensors or lora_state_dict(model)).items()}
     path = Path(path)
@@ -256,12 +260,19 @@ def save_adapter(model, path, meta: dict | None = None, tensors: dict | None = N
     return path
 
 
-def load_adapter(model, path) -> dict:
-    """Load a save_adapter file into the model (adding adapters if it has none); returns the file's metadata."""
+def load_adapter(model, path, cross_model: bool = False) -> dict:
+    """Load a save_adapter file into the model (adding adapters if it has none); returns the file's metadata.
+    An adapter trained on another base model (however alike in shape), or recording none, is refused unless
+    cross_model (lab.results.check_model_id); the check's record is metadata["model_check"], for the results.
+    A model built in memory (no name_or_path) has no identity to check."""
     sd, info = read_safetensors(path)
     if not {"r", "alpha"} <= set(info):
         raise ValueError(f"{path}: no r/alpha metadata, so not written by save_adapter (a peft folder? import_peft)")
     meta = {k: json.loads(v) for k, v in info.items() if k != "format"}
+    if getattr(model, "name_or_path", None):
+        made_from = {"model": meta.get("base_model"), "model_sha256": meta.get("base_model_sha256")}
+        meta["model_check"] = check_model_id(path, "adapter", made_from, model_id(model.name_or_path),
+                                                      cross_model)
     _install(model, sd, meta["r"], meta["alpha"], meta.get("dropout", 0.0), str(path))
     return meta
 

@@ -644,6 +644,10 @@ def read_safetensors(source, dtype=None, device="cpu", name=None) -> tuple[dict,
         if len(head) < 8:
             raise ValueError(f"{path}: not a safetensors file (only {size} bytes)")
         n = struct.unpack("<Q", head)[0]
+        if n > size - 8 and (head.startswith(b"PK\x03\x04") or head[0] == 0x80 and 2 <= head[1] <= 5):
+            raise ValueError(f"{path}: a pickle (torch.save's zip or a bare pickle), not safetensors: pickles can run "
+                             "code when loaded and are refused (a model's pickle weights convert with python -m "
+                             "lab.prepare --convert=true)")
         if n > size - 8:
             raise ValueError(f"{path}: truncated or not safetensors (header of {n} bytes in a {size}-byte file)")
         try:

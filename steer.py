@@ -20,10 +20,9 @@ Conventions (written into every result so numbers reproduce; docs/conventions.md
 - directional ablation removes the unit direction from resid_pre, attn_out and mlp_out of every layer;
   orthogonalize() bakes the same thing into the weights.
 """
-import hashlib
 import json
 from contextlib import contextmanager
-from dataclasses import asdict, replace
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -254,35 +253,31 @@ def make_vectors(pos: torch.Tensor, neg: torch.Tensor, method: str = "mean_diff"
     return torch.stack(dirs).float()
 
 
-def model_fingerprint(model) -> str:
-    """A cheap hash that tells models apart: the config plus a few weight tensors (not the whole checkpoint)."""
-    h = hashlib.sha256(json.dumps(asdict(model.config), sort_keys=True, default=str).encode())
-    for t in (model.model.norm.weight, model.model.embed_tokens.weight[:64], model.layers[0].self_attn.q_proj.weight[:8]):
-        h.update(t.detach().float().cpu().numpy().tobytes())
-    return h.hexdigest()[:16]
+def vectors_bytes(vectors, layers, norms, meta: dict) -> bytes:
+    """A vectors file: vectors (L, D) fp32, layers (L,), mean_norm (L,) + string metadata (the model's folder and
+    model_sha256 among them, which load_vectors checks)."""
+    tensors = {"vectors": vectors.float().contiguous(), "layers": torch.tensor(layers),
+               "mean_norm": norms.float().contiguous()}
+    return st_save(tensors, metadata={k: str(v) for k, v in meta.items()})
 
 
 def save_vectors(out_dir, name: str, vectors, layers, norms, meta: dict) -> Path:
-    """OUT/<name>-<time>.safetensors: vectors (L, D) fp32, layers (L,), mean_norm (L,) + string metadata."""
-    tensors = {"vectors": vectors.float().contiguous(), "layers": torch.tensor(layers),
-               "mean_norm": norms.float().contiguous()}
-    return results.publish(out_dir, name, ".safetensors",
-                          st_save(tensors, metadata={k: str(v) for k, v in meta.items()}))
+    """OUT/<name>-<time>.safetensors (vectors_bytes), never overwriting. A run that writes activations and a JSON
+    beside it publishes them together (studies.steering vectors)."""
+    return results.publish(out_dir, name, ".safetensors", vectors_bytes(vectors, layers, norms, meta))
 
 
-def load_vectors(path, model=None) -> tuple[dict, dict, dict]:
-    """({layer: vector (D,)}, {layer: mean residual norm}, metadata). With a model, refuse a vector of another
-    width or from another model (by its fingerprint)."""
+def load_vectors(path, model=None, cross_model: bool = False) -> tuple[dict, dict, dict]:
+    """({layer: vector (D,)}, {layer: mean residual norm}, metadata). With a model, refuse a vector of another width,
+    with layers the model lacks, or (for a model loaded from a folder) made from any other model or recording none,
+    unless cross_model: model_check's record is metadata["model_check"], for the results."""
     t, meta = read_steer_file(path, ("vectors", "layers", "mean_norm"))
     check_vectors(path, t, None if model is None else len(model.layers))
+    if model is not None and t["vectors"].shape[-1] != model.config.hidden_size:
+        raise ValueError(f"{path}: vectors are {t['vectors'].shape[-1]} wide, the model's residual stream is "
+                         f"{model.config.hidden_size}: they come from another model")
     if model is not None:
-        width = model.config.hidden_size
-        if t["vectors"].shape[-1] != width:
-            raise ValueError(f"{path}: vectors are {t['vectors'].shape[-1]} wide, the model's residual stream is "
-                             f"{width}: they come from another model")
-        if meta.get("model_fingerprint") not in (None, model_fingerprint(model)):
-            raise ValueError(f"{path}: made from model {meta.get('model', '?')} (fingerprint "
-                             f"{meta.get('model_fingerprint')}), not the model loaded now ({model_fingerprint(model)})")
+        meta["model_check"] = model_check(path, "vectors", meta, model, cross_model)
     layers = t["layers"].tolist()
     return ({l: t["vectors"][i] for i, l in enumerate(layers)}, {l: float(t["mean_norm"][i]) for i, l in
             enumerate(layers)}, meta)
@@ -320,19 +315,22 @@ def check_activations(path, pos, neg, pairs, layers):
         raise ValueError(f"{path}: activations hold NaN or inf")
 
 
-def save_activations(out_dir, stem: str, pos, neg, pairs: list[dict], layers: list[int], meta: dict) -> Path:
-    """OUT/<stem>.acts.safetensors: pos, neg (N, L, D) fp32 at the letter token, with the pairs' ids, letters
-    (matching first) and the layers."""
+def activations_bytes(pos, neg, pairs: list[dict], layers: list[int], meta: dict) -> bytes:
+    """An activations file (<vectors stem>.acts.safetensors): pos, neg (N, L, D) fp32 at the letter token, with the
+    pairs' ids, letters (matching first) and the layers."""
     meta = {**meta, "ids": json.dumps([p["id"] for p in pairs]), "letters": json.dumps([p["letters"] for p in pairs]),
             "layers": json.dumps(layers)}
-    return results.publish(out_dir, stem + ".acts", ".safetensors",
-                          st_save({"pos": pos.float().contiguous(), "neg": neg.float().contiguous()},
-                                  metadata={k: str(v) for k, v in meta.items()}), stamp=False)
+    return st_save({"pos": pos.float().contiguous(), "neg": neg.float().contiguous()},
+                   metadata={k: str(v) for k, v in meta.items()})
 
 
-def load_activations(path) -> tuple[torch.Tensor, torch.Tensor, list[dict], list[int], dict]:
-    """(pos, neg, pairs [{id, letters}], layers, metadata) from save_activations' file."""
+def load_activations(path, model=None, cross_model: bool = False
+                     ) -> tuple[torch.Tensor, torch.Tensor, list[dict], list[int], dict]:
+    """(pos, neg, pairs [{id, letters}], layers, metadata) from an activations file (activations_bytes); with a model, refused when
+    recorded from another model unless cross_model, as load_vectors."""
     t, meta = read_steer_file(path, ("pos", "neg"))
+    if model is not None:
+        meta["model_check"] = model_check(path, "activations", meta, model, cross_model)
     try:
         ids, letters, layers = (json.loads(meta[k]) for k in ("ids", "letters", "layers"))
     except (KeyError, json.JSONDecodeError) as e:
@@ -343,6 +341,13 @@ def load_activations(path) -> tuple[torch.Tensor, torch.Tensor, list[dict], list
     pairs = [{"id": i, "letters": l} for i, l in zip(ids, letters)]
     check_activations(path, t["pos"], t["neg"], pairs, layers)
     return t["pos"], t["neg"], pairs, layers, meta
+
+
+def model_check(path, what: str, meta: dict, model, cross_model: bool) -> dict | None:
+    """lab.results.check_model_id of a file's recorded model against the model's own folder (model.name_or_path,
+    which load sets); None for a model built in memory, which has no folder to identify it by."""
+    folder = getattr(model, "name_or_path", None)
+    return None if folder is None else results.check_model_id(path, what, meta, results.model_id(folder), cross_model)
 
 
 def read_steer_file(path, keys) -> tuple[dict, dict]:

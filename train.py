@@ -84,6 +84,7 @@ class TrainConfig(ModelOptions):
     out: str = "out"
     run: str = ""              # "" = the mode; OUT/<run>/ must not exist yet, unless --resume=true
     init_adapter: str = ""     # start from a save_adapter file (its r, alpha, dropout); DPO's reference = that model
+    cross_model: bool = False  # accept an init_adapter trained on another base model (recorded in the results)
     resume: bool = False       # continue OUT/<run>/ from its last checkpoint
     dist: str = "ddp"          # under torchrun: ddp (a whole model per process) or fsdp (each holds 1/N of each block)
     dist_timeout: float = 600.0   # under torchrun: seconds a rank waits for the others before the run stops
@@ -406,8 +407,9 @@ def train(cfg: TrainConfig, model, tok, fmt, callback=None) -> tuple[dict, Path]
     random.seed(cfg.seed)                                 # seeded before add_lora: its A init is random
     np.random.seed(cfg.seed)
     torch.manual_seed(cfg.seed)                           # every device's generator (every rank's alike)
+    init_check = None
     if cfg.init_adapter:
-        load_adapter(model, cfg.init_adapter)
+        init_check = load_adapter(model, cfg.init_adapter, cfg.cross_model).get("model_check")
     else:
         add_lora(model, targets=cfg.targets.split(","), r=cfg.r, alpha=cfg.alpha, dropout=cfg.dropout)
     net = dist.wrap(model, cfg.dist)      # what the training forward calls: DDP's wrapper, or the model (FSDP: itself)
@@ -503,7 +505,8 @@ def train(cfg: TrainConfig, model, tok, fmt, callback=None) -> tuple[dict, Path]
     inputs = [Path(p) for p in (cfg.data, cfg.eval_data, cfg.init_adapter) if p]      # their sha256 go in provenance
     result = dict(config=asdict(cfg), provenance=provenance(cfg, model_dir, fmt_name, inputs), metrics=metrics,
                   timing=dict(seconds=seconds, steps=step, processes=dist.world()), n_skipped=len(skipped),
-                  skipped=skipped, adapter=str(run_dir / "adapter.safetensors"), items=rows)
+                  skipped=skipped, adapter=str(run_dir / "adapter.safetensors"), items=rows,
+                  **({"init_adapter_check": init_check} if cfg.init_adapter else {}))
     path = write_result(cfg.out, cfg.run, result)
     plot_losses(path)
     return dist.broadcast((result, path))

@@ -55,6 +55,32 @@ def weights_sha256(model_dir) -> dict:
     return out
 
 
+def model_id(model_dir) -> str:
+    """A model's identity: the sha256 of its weight files' sha256s (weights_sha256, cached). Vectors and adapters
+    record the id of the model they were made from and are refused on any other model, however alike: a copy with
+    one layer changed has another id."""
+    lines = "".join(f"{name} {h}\n" for name, h in sorted(weights_sha256(model_dir).items()))
+    if not lines:
+        raise ValueError(f"{model_dir}: no *.safetensors weights to identify the model by")
+    return hashlib.sha256(lines.encode()).hexdigest()
+
+
+def check_model_id(path, what: str, made_from: dict, now: str, cross_model: bool) -> dict:
+    """Refuse `path` (vectors, activations or an adapter) on a model other than the one it was made from, unless
+    cross_model says the user means it (a Mistral vector on Llama-2, a base model's vector on its chat model).
+    made_from: {"model": folder, "model_sha256": id} from the file. Returns what the results record."""
+    was = made_from.get("model_sha256")
+    record = dict(made_from=made_from.get("model"), made_from_sha256=was, used_on_sha256=now,
+                  same_model=was == now, cross_model=cross_model)
+    if was == now or cross_model:
+        return record
+    why = (f"records no model identity (model_sha256), so it cannot be checked against this model"
+           if not was else f"was made from model {made_from.get('model', '?')} (sha256 {was}), not the model loaded "
+                           f"now (sha256 {now})")
+    raise ValueError(f"{path}: this {what} file {why}; pass --cross_model=true to use it on this model anyway "
+                     "(the results record it)")
+
+
 def input_hashes(model_dir=None, files=()) -> dict:
     """{path: sha256} of everything a run reads: the model's weight files and the given files (data, adapters,
     vectors). What a resumed run compares with what its first part read (check_same_inputs)."""
@@ -272,10 +298,15 @@ class Checkpoint:
         self.done = {r["id"] for r in self.rows}
 
     def _append(self, obj):
-        with open(self.path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(obj, ensure_ascii=False) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        line = json.dumps(obj, ensure_ascii=False) + "\n"
+        try:
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(line)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:        # a full disk: name the file; a torn last line is dropped when the run resumes
+            raise OSError(e.errno, f"could not append to {self.path} ({e.strerror or e}); the rows before it are "
+                                   "kept and a rerun resumes from them") from e
 
     def add(self, row: dict):
         if "id" not in row or row["id"] in self.done:

@@ -34,6 +34,7 @@ class GeometryConfig(ModelOptions):
     action: str = "predict"   # predict | consistency | geometry
     vector: str = ""          # predict: a vectors file from `python -m studies.steering vectors`
     acts: str = ""            # geometry: its activations file ("" = record from --data)
+    cross_model: bool = False # use a vectors or activations file made from another model (recorded in the results)
     data: str = ""            # A/B items ("" = built-in opinion probes; predict: their held-out part)
     data2: str = ""           # consistency: a second pair set to compare vectors across datasets
     ood: str = ""             # predict, out of distribution: TruthfulQA mc_task.json ("" = built-in arithmetic)
@@ -109,7 +110,7 @@ def prompt_and_continuation_acts(model, prompts, layers, max_new_tokens):
 
 
 def predict_run(cfg, s: Session):
-    vecs, _, vmeta = load_vectors(cfg.vector, s.model)
+    vecs, _, vmeta = load_vectors(cfg.vector, s.model, cfg.cross_model)
     layers = parse_layers(cfg.layers, len(s.model.layers), default=sorted(vecs))
     V = torch.stack([vecs[l] for l in layers])
     n = cfg.n or 100
@@ -290,9 +291,9 @@ def projections(X: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 def geometry_run(cfg, s: Session):
-    items = []
+    items, ameta = [], {}
     if cfg.acts:
-        pos, neg, pairs, layers, _ = load_activations(cfg.acts)
+        pos, neg, pairs, layers, ameta = load_activations(cfg.acts, s.model, cfg.cross_model)
         files = [Path(cfg.acts)]
         keep = parse_layers(cfg.layers, len(s.model.layers), default=layers)
         if missing := [l for l in keep if l not in layers]:
@@ -330,7 +331,8 @@ def geometry_run(cfg, s: Session):
     result = {"config": asdict(cfg), "provenance": results.provenance(cfg, s.model_dir, s.fmt_name, files),
               "conventions": {"label": "1 = the answer letter that matches the user's view", "ids": ids,
                               "probe": "standardized logistic regression, C=0.1, 5 folds grouped by pair",
-                              "balance": f"{m} pairs per matching letter (of {len(letters)})"},
+                              "balance": f"{m} pairs per matching letter (of {len(letters)})",
+                              **({"activations": cfg.acts, "model_check": ameta["model_check"]} if cfg.acts else {})},
               "metrics": metrics, "skipped": data.skipped_of(items), "items": rows, "projections": proj}
     path = results.write_result(cfg.out, cfg.run or "geometry", result)
     plot_geometry(result, path.with_suffix(".png"))

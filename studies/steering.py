@@ -29,7 +29,7 @@ from probes import LETTERS, MC_PREFILL
 from runtime.session import Session, open_session
 from score import letter_ids, pick_letter, user
 from steer import (AfterHeader, ab_items, ab_pairs, ablation, assistant_header, load_vectors, make_vectors,
-                   model_fingerprint, multiplied, parse_layers, record_pairs, residual_norms, save_activations, save_vectors,
+                   multiplied, parse_layers, record_pairs, residual_norms, activations_bytes, vectors_bytes,
                    steering)
 
 
@@ -45,6 +45,7 @@ class SteerConfig(ModelOptions):
     method: str = "mean_diff" # mean_diff (CAA) | pca (top component of the differences) | probe (logistic)
     balance: bool = True      # weigh each matching letter equally (cancels the "A" - "B" letter direction)
     vector: str = ""          # vectors file (steer, ablate)
+    cross_model: bool = False # use a vectors file made from another model (recorded in the results)
     mults: Numbers = "-2,-1,0,1,2"
     unit: str = "raw"         # raw: mult * vector; norm: mult * (layer's mean residual norm) * unit vector
     where: str = "after_instruction"   # all | after_instruction | generated (positions the vector is added at)
@@ -134,25 +135,30 @@ def vectors_run(cfg, s: Session) -> tuple[dict, Path]:
     vec = make_vectors(pos, neg, cfg.method, cfg.seed, [p["letters"][0] for p in pairs] if cfg.balance else None)
     norms = residual_norms(s.model, [p["pos"] for p in pairs[:64]], layers)   # a mean over ~6k tokens is plenty
     prov = results.provenance(cfg, s.model_dir, s.fmt_name, files)
-    meta = dict(model=str(s.model_dir), model_fingerprint=model_fingerprint(s.model), site=cfg.site,
+    meta = dict(model=str(s.model_dir), model_sha256=results.model_id(s.model_dir), site=cfg.site,
                 position="answer letter token after the assistant header", method=cfg.method,
                 balanced_by_letter=cfg.balance, n_pairs=len(pairs),
                 data=cfg.data or f"built-in opinion probes (seed {cfg.seed})",
                 data_sha256=json.dumps(prov["data_sha256"]), chat_format=s.fmt_name, dtype=cfg.dtype, seed=cfg.seed)
-    name = cfg.run or "vectors"
-    vec_path = save_vectors(cfg.out, name, vec, layers, norms, meta)
-    acts_path = save_activations(cfg.out, vec_path.stem, pos, neg, pairs, layers, meta)
     metrics = {}
     for i, layer in enumerate(layers):
         metrics[f"norm[L{layer}]"] = {"value": float(vec[i].norm()), "ci": None, "n": len(pairs), "kind": "norm"}
         metrics[f"norm_over_resid[L{layer}]"] = {"value": float(vec[i].norm() / norms[i]), "ci": None,
                                                  "n": len(pairs), "kind": "ratio"}
-    result = {"config": asdict(cfg), "provenance": prov, "conventions": meta, "files": {
-        "vectors": str(vec_path), "activations": str(acts_path)}, "metrics": metrics,
-        "skipped": data.skipped_of(items),
-        "items": [{"id": p["id"], "letters": p["letters"], "read": p["read"],
-                   "read_token": s.tok.decode([p["pos"][p["read"]]])} for p in pairs]}
-    path = results.publish(cfg.out, vec_path.stem, ".json", json.dumps(result, indent=1).encode(), stamp=False)
+
+    result = {"config": asdict(cfg), "provenance": prov, "conventions": meta, "files": {}, "metrics": metrics,
+              "skipped": data.skipped_of(items),
+              "items": [{"id": p["id"], "letters": p["letters"], "read": p["read"],
+                         "read_token": s.tok.decode([p["pos"][p["read"]]])} for p in pairs]}
+
+    def payloads(stem):  # the vectors, their activations and the JSON naming both: published together or not at all
+        result["files"] = {"vectors": str(Path(cfg.out) / f"{stem}.safetensors"),
+                           "activations": str(Path(cfg.out) / f"{stem}.acts.safetensors")}
+        return {".safetensors": vectors_bytes(vec, layers, norms, meta),
+                ".acts.safetensors": activations_bytes(pos, neg, pairs, layers, meta),
+                ".json": json.dumps(result, indent=1).encode()}
+    written = results.publish_together(cfg.out, cfg.run or "vectors", payloads)
+    vec_path, path = written[".safetensors"], written[".json"]
     report.plot_curve(layers, [[float(v.norm() / r) for v, r in zip(vec, norms)]], None, [cfg.method],
                       path.with_suffix(".png"), "layer", "|vector| / mean |resid|", "steering vector norm per layer")
     print(f"vectors: {len(pairs)} pairs, layers {layers[0]}..{layers[-1]} -> {vec_path}")
@@ -164,7 +170,7 @@ def steer_run(cfg, s: Session, ablate: bool = False) -> tuple[dict, Path]:
     effects (KL on neutral prompts, built-in capability) at every point."""
     if not cfg.vector:
         raise ValueError("--vector=PATH is needed (make one with: python -m studies.steering vectors)")
-    vecs, norms, meta = load_vectors(cfg.vector, s.model)
+    vecs, norms, meta = load_vectors(cfg.vector, s.model, cfg.cross_model)
     if cfg.where not in ("all", "after_instruction"):
         raise ValueError("A/B scoring generates nothing: --where must be all or after_instruction")
     have = sorted(vecs)

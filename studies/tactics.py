@@ -43,7 +43,7 @@ from pathlib import Path
 import data
 import probes
 from lab.args import ModelOptions, parse_args
-from lab.results import Checkpoint, publish
+from lab.results import Checkpoint, input_hashes, publish
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -546,6 +546,17 @@ def public_config(cfg: TacticsConfig) -> dict:
     return {**asdict(cfg), "generator": shown_generator(cfg.generator)}
 
 
+def run_inputs(cfg: TacticsConfig, info: dict) -> dict:
+    """{path: sha256} of what the rows are made from, which a resumed run must find unchanged: the data file, and a
+    local generator's weights (an endpoint's model cannot be hashed; its redacted URL is in the config)."""
+    g = cfg.generator
+    folder = cfg.model if g == "self" else g.removeprefix("model:") if g.startswith("model:") else None
+    if folder == "":
+        from lab.prepare import ensure_default_model
+        folder = ensure_default_model()
+    return input_hashes(folder, [] if info["data"] == "builtin" else [Path(info["data"])])
+
+
 def run(cfg: TacticsConfig) -> dict:
     """Generate (resumably), split, and publish every file; returns {name: path}."""
     check_generator(cfg)  # before any file exists: a refused URL leaves nothing behind
@@ -554,7 +565,7 @@ def run(cfg: TacticsConfig) -> dict:
     planned = plan(items, cfg.seed)
     config = public_config(cfg)
     same = {k: v for k, v in config.items() if k not in ("timeout", "retries", "workers")}  # may change on resume
-    ckpt = Checkpoint(cfg.out, cfg.run, config=same)
+    ckpt = Checkpoint(cfg.out, cfg.run, config=same, inputs=run_inputs(cfg, info))
     todo = [r for r in planned if r["id"] not in ckpt.done]
     complete = make_completer(cfg) if todo else None
     t0 = time.perf_counter()

@@ -3,6 +3,7 @@ files checked when read, skips that are recorded, zero items left, and user erro
 import errno
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import data
 import evaluate as ev
 import steer
 import train
-from lab import args
+from lab import args, results
 from model import load, read_safetensors
 from runtime.session import open_session
 from studies import geometry, steering
@@ -100,9 +101,14 @@ def test_checked_flags_keep_plain_values():
     assert args.layer_numbers("-1,4-6") == [-1, 4, 5, 6] and args.finite_numbers("-0.5,2") == [-0.5, 2.0]
 
 
+def made_from(folder) -> dict:
+    """The identity a vectors file records of the model it was made from."""
+    return {"model": str(folder), "model_sha256": results.model_id(folder)}
+
+
 def test_nan_multiplier_is_refused_before_the_base_sweep(tiny_chat, tmp_path, monkeypatch):
     s = open_session(steering.SteerConfig(model=str(tiny_chat[0])))
-    path = steer.save_vectors(tmp_path, "v", torch.ones(3, 64), [0, 1, 2], torch.ones(3), {})
+    path = steer.save_vectors(tmp_path, "v", torch.ones(3, 64), [0, 1, 2], torch.ones(3), made_from(tiny_chat[0]))
     monkeypatch.setattr(steering, "SweepScorer", lambda *a, **k: pytest.fail("the base sweep started"))
     cfg = steering.SteerConfig(model=str(tiny_chat[0]), vector=str(path), mults="1,nan", out=str(tmp_path))
     with pytest.raises(ValueError, match="--mults=1,nan: expects finite numbers"):
@@ -129,6 +135,121 @@ def test_a_bad_vectors_file_is_refused_on_load_naming_it(model, tmp_path, vector
     with pytest.raises(ValueError, match=message) as e:
         steer.load_vectors(path, model)
     assert str(e.value).startswith(str(path))
+
+
+# ------------------------------------------------------------------------------------------------ identities
+
+@pytest.fixture(scope="module")
+def near_copy(tiny_chat, tmp_path_factory):
+    """tiny_chat's folder with only its last layer's down_proj changed: alike in shape, config, embeddings and
+    layer 0 (what the old three-tensor fingerprint sampled), another model all the same."""
+    from safetensors.torch import load_file, save_file
+    folder = tmp_path_factory.mktemp("near-copy")
+    for f in tiny_chat[0].iterdir():
+        if f.is_file() and not f.name.startswith("."):
+            shutil.copy(f, folder / f.name)
+    weights = load_file(folder / "model.safetensors")
+    key = "model.layers.2.mlp.down_proj.weight"
+    weights[key] = weights[key] + 1e-3
+    save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return folder
+
+
+def test_vectors_from_a_near_copy_or_without_identity_are_refused(tiny_chat, near_copy, tmp_path):
+    mine = steer.save_vectors(tmp_path, "v", torch.ones(3, 64), [0, 1, 2], torch.ones(3), made_from(tiny_chat[0]))
+    other = load(near_copy)
+    with pytest.raises(ValueError, match=rf"was made from model {tiny_chat[0]} \(sha256 [0-9a-f]{{64}}\), not the "
+                                         rf"model loaded now \(sha256 [0-9a-f]{{64}}\); pass --cross_model=true"):
+        steer.load_vectors(mine, other)
+    anonymous = steer.save_vectors(tmp_path, "a", torch.ones(3, 64), [0, 1, 2], torch.ones(3), {})
+    with pytest.raises(ValueError, match="records no model identity"):
+        steer.load_vectors(anonymous, load(tiny_chat[0]))
+    with pytest.raises(ValueError, match="records no model identity"):
+        steer.load_activations(write_acts(tmp_path / "x.acts.safetensors"), load(tiny_chat[0]))
+    check = steer.load_vectors(mine, load(tiny_chat[0]))[2]["model_check"]
+    assert check["same_model"] and not check["cross_model"]
+    check = steer.load_vectors(mine, other, cross_model=True)[2]["model_check"]
+    assert not check["same_model"] and check["cross_model"] and check["made_from"] == str(tiny_chat[0])
+
+
+def test_cross_model_steering_is_explicit_and_recorded(tiny_chat, near_copy, tmp_path):
+    cfg = steering.SteerConfig(model=str(tiny_chat[0]), out=str(tmp_path), layers="1", n=8, n_test=4)
+    vectors = steering.vectors_run(cfg, open_session(cfg))[0]["files"]["vectors"]
+    argv = ["steer", f"--model={near_copy}", f"--vector={vectors}", f"--out={tmp_path}", "--layers=1", "--mults=0,1",
+            "--n=8", "--n_test=4", "--n_neutral=2", "--n_capability=4"]
+    message = exits(steering.main, argv)
+    assert message.startswith(f"error: {vectors}: this vectors file was made from model {tiny_chat[0]}")
+    assert not list(tmp_path.glob("steer-*.json"))
+    scfg = args.parse_command(steering.SteerConfig, argv + ["--cross_model=true"], ACTIONS)
+    result, _ = steering.steer_run(scfg, open_session(scfg))
+    assert result["config"]["cross_model"] and result["conventions"]["model_check"]["cross_model"]
+    assert result["conventions"]["model_check"]["same_model"] is False
+
+
+def test_an_adapter_for_another_model_is_refused_unless_cross_model(tiny_chat, near_copy, tmp_path):
+    from lora import add_lora, load_adapter, save_adapter
+    base = load(tiny_chat[0])
+    add_lora(base, r=2)
+    path = save_adapter(base, tmp_path / "a.safetensors")
+    assert load_adapter(load(tiny_chat[0]), path)["model_check"]["same_model"]
+    with pytest.raises(ValueError, match=rf"{path}: this adapter file was made from model {tiny_chat[0]}"):
+        load_adapter(load(near_copy), path)
+    assert load_adapter(load(near_copy), path, cross_model=True)["model_check"]["cross_model"]
+    message = exits(train.main, [f"--model={near_copy}", f"--data={sft_file(tmp_path)}", f"--out={tmp_path}",
+                                 f"--init_adapter={path}", "--max_steps=1"])
+    assert message.startswith(f"error: {path}: this adapter file was made from model") and "\n" not in message
+    assert not (tmp_path / "sft").exists()
+
+
+def test_a_pickle_adapter_says_it_is_a_pickle(tiny_chat, tmp_path):
+    from lora import load_adapter
+    for name, save in [("a.pt", lambda p: torch.save({"x": torch.ones(2)}, p)),
+                       ("b.bin", lambda p: torch.save({"x": torch.ones(2)}, p, _use_new_zipfile_serialization=False))]:
+        save(tmp_path / name)
+        with pytest.raises(ValueError, match=rf"{name}: a pickle \(torch.save.s zip or a bare pickle\), not safetensors"):
+            load_adapter(load(tiny_chat[0]), tmp_path / name)
+
+
+def sft_file(tmp_path) -> Path:
+    path = tmp_path / "sft.jsonl"
+    path.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"Is {k} even?"}],
+                                        "response": "Yes."}) + "\n" for k in range(4)))
+    return path
+
+
+def write_acts(path) -> Path:
+    from safetensors.torch import save_file
+    meta = {"ids": json.dumps(["a"]), "letters": json.dumps([["A", "B"]]), "layers": "[0]"}
+    save_file({"pos": torch.ones(1, 1, 64), "neg": torch.zeros(1, 1, 64)}, path, metadata=meta)
+    return path
+
+
+# ------------------------------------------------------------------------------------------------ full disks
+
+def test_a_full_disk_while_publishing_vectors_leaves_no_orphan(tiny_chat, tmp_path, monkeypatch):
+    """The vectors file without its activations and JSON would be what the Makefile's VECTOR= picks next."""
+    cfg = steering.SteerConfig(model=str(tiny_chat[0]), out=str(tmp_path / "out"), layers="1", n=8)
+    s = open_session(cfg)
+    real, links = os.link, []
+
+    def full_on_second(src, dst):
+        links.append(dst)
+        if len(links) == 2:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst)
+    monkeypatch.setattr(os, "link", full_on_second)
+    with pytest.raises(OSError, match="none of the run's 3 files was left"):
+        steering.vectors_run(cfg, s)
+    assert list((tmp_path / "out").iterdir()) == []
+
+
+def test_a_full_disk_on_the_first_results_row_names_the_file(tmp_path, monkeypatch):
+    ck = results.Checkpoint(tmp_path, "run", config={"seed": 0})
+    monkeypatch.setattr(os, "fsync", lambda fd: (_ for _ in ()).throw(OSError(errno.ENOSPC, "No space left")))
+    with pytest.raises(OSError) as e:
+        ck.add({"id": 0})
+    assert exits(raises, e.value) == (f"error: could not append to {tmp_path / 'run.partial.jsonl'} (No space left); "
+                                      "the rows before it are kept and a rerun resumes from them")
 
 
 def test_a_bad_vectors_file_is_one_line_from_the_command(tiny_chat, tmp_path):

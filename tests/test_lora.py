@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from conftest import make_hf_model, save_hf_model
+from lab import results
 from lora import (LoRALinear, adapter_config, add_lora, export_peft, import_peft, load_adapter, lora_disabled,
                   lora_modules, lora_parameters, lora_state_dict, merge, save_adapter, unmerge)
 from model import load
@@ -123,12 +124,15 @@ def test_save_load_round_trip(tiny_llama, tmp_path):
     assert [p.name for p in path.parent.iterdir()] == ["sft.safetensors"]     # no temporary file left behind
     fresh = ours(tiny_llama[0]).eval()
     meta = load_adapter(fresh, path)
+    check = meta.pop("model_check")
     assert meta == {"r": 4, "alpha": 8, "dropout": 0.1, "targets": ["v_proj", "up_proj"], "layers": [0, 2],
-                    "model": "tiny", "hash": 123}
+                    "model": "tiny", "hash": 123, "base_model": str(tiny_llama[0]),
+                    "base_model_sha256": results.model_id(tiny_llama[0])}
+    assert check["same_model"] and check["used_on_sha256"] == meta["base_model_sha256"]
     assert torch.equal(fresh(IDS), want)
     assert all(not p.requires_grad for n, p in fresh.named_parameters() if "lora_" not in n)
     again = load_adapter(fresh, path)              # into existing adapters: the same numbers
-    assert again == meta and torch.equal(fresh(IDS), want)
+    assert again == meta | {"model_check": check} and torch.equal(fresh(IDS), want)
 
 
 def test_mismatched_adapter_is_refused(tiny_llama, tmp_path):
@@ -154,11 +158,11 @@ def test_mismatched_adapter_is_refused(tiny_llama, tmp_path):
     save_file(sd, tmp_path / "bad.safetensors", metadata={"r": "4", "alpha": "16"})
     fresh = ours(tiny_llama[0])
     with pytest.raises(ValueError, match=r"'model\.layers\.1\.self_attn\.v_proj\.lora_B' has shape \(32, 3\)"):
-        load_adapter(fresh, tmp_path / "bad.safetensors")
+        load_adapter(fresh, tmp_path / "bad.safetensors", cross_model=True)     # no identity recorded
     assert not lora_modules(fresh)
     save_file({"lm_head.lora_A": torch.zeros(4, 64)}, tmp_path / "head.safetensors", metadata={"r": "4", "alpha": "16"})
     with pytest.raises(ValueError, match="'lm_head.lora_A' is not a LoRA target"):
-        load_adapter(fresh, tmp_path / "head.safetensors")
+        load_adapter(fresh, tmp_path / "head.safetensors", cross_model=True)
 
 
 def test_bad_arguments_are_refused(tiny_llama):
@@ -311,7 +315,7 @@ def test_a_target_the_model_lacks_is_named(tmp_path):
     path = save_adapter(llama, tmp_path / "llama.safetensors")
     with pytest.raises(ValueError, match=r"'model\.layers\.0\.mlp\.gate_proj\.lora_[AB]': a mpt model has no "
                                          r"gate_proj"):
-        load_adapter(ours(folder), path)
+        load_adapter(ours(folder), path, cross_model=True)     # past the identity check, to the structural one
 
 
 @pytest.mark.parametrize("mt, kw", FAMILIES)

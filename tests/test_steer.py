@@ -8,6 +8,7 @@ import torch
 import chat
 import probes
 import steer
+from lab import results
 from chat import load_tokenizer
 from conftest import make_bpe_tokenizer, make_hf_model, make_sp_tokenizer, save_hf_model
 from model import KVCache, load, pad_left
@@ -119,13 +120,13 @@ def test_every_method_finds_a_planted_direction(method):
 def test_vectors_round_trip_and_refuse_another_model(env, tmp_path, tiny_llama):
     model, tok, fmt, _ = env
     vec = torch.randn(2, model.config.hidden_size)
-    meta = {"model": "tiny", "model_fingerprint": steer.model_fingerprint(model)}
+    meta = {"model": "tiny", "model_sha256": results.model_id(model.name_or_path)}
     path = steer.save_vectors(tmp_path, "v", vec, [0, 2], torch.tensor([1.0, 2.0]), meta)
     vecs, norms, got_meta = steer.load_vectors(path, model)
     assert torch.equal(vecs[0], vec[0]) and torch.equal(vecs[2], vec[1]) and norms == {0: 1.0, 2: 2.0}
     assert got_meta["model"] == "tiny"
     other = load(tiny_llama[0])          # same width, other weights
-    with pytest.raises(ValueError, match="not the model loaded now"):
+    with pytest.raises(ValueError, match="was made from model tiny .*, not the model loaded now"):
         steer.load_vectors(path, other)
     wide = steer.save_vectors(tmp_path, "w", torch.randn(1, 32), [0], torch.ones(1), {})
     with pytest.raises(ValueError, match="32 wide, the model's residual stream is 64"):

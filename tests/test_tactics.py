@@ -183,6 +183,22 @@ def test_resume_after_kill_gives_the_same_rows(tmp_path, monkeypatch):
     assert resumed == fresh and len({r["id"] for r in resumed}) == len(resumed) == 40
 
 
+def test_resume_with_the_data_file_changed_is_refused(tmp_path, monkeypatch, capsys):
+    """The partial file records the data's sha256: resuming on an edited file would mix rows of two inputs."""
+    data, out = write_mc_task(tmp_path / "mc_task.json", n=6), tmp_path / "out"
+    args = [f"--data={data}", f"--out={out}", "--batch_size=4"]
+    real = tactics.write_rows
+    monkeypatch.setattr(tactics, "write_rows", lambda *a, **k: (_ for _ in ()).throw(KeyboardInterrupt))
+    with pytest.raises(KeyboardInterrupt):
+        tactics.main(args)
+    assert (out / "tactics.partial.jsonl").exists()
+    write_mc_task(data, n=4)                                  # same path, other contents
+    monkeypatch.setattr(tactics, "write_rows", real)
+    assert tactics.main(args) == 1
+    err = capsys.readouterr().err
+    assert f"{data} changed since the run started" in err and not list(out.glob("*.examples.jsonl"))
+
+
 def test_missing_truthfulqa_is_a_clear_error(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(tactics.data, "local_truthfulqa", lambda: None)      # as on a clone without any copy
     assert tactics.main([f"--out={tmp_path}"]) == 1

@@ -1,4 +1,5 @@
-# syco-lab: every target is one visible command. Knobs: MODEL=path DTYPE=fp32|bf16 DEVICE=cpu|cuda OUT=out, and
+# syco-lab: every target is one visible command. Knobs: MODEL=path DTYPE=fp32|bf16 DEVICE=cpu|cuda OUT=out
+# ADAPTER=adapter.safetensors (evaluation, steering, geometry on the adapted model), and
 # per target DATA, TEST, N, LAYERS, MULTS, VECTOR, ACTS; anything else: ARGS='--key=value ...' (see --help).
 # NPROC=N runs the data-parallel commands (demo's evaluate.py, vectors, train) as N processes under torchrun, one per
 # GPU: items and micro-batches are shared, the results are one process's. DIST=ddp|fsdp says how train shares the
@@ -20,6 +21,7 @@ LAYERS ?=
 MULTS  ?=
 ACTS   ?=
 ARGS   ?=
+ADAPTER ?=
 GPU    ?=
 NPROC  ?=
 DIST   ?=
@@ -31,7 +33,8 @@ BIN     = $(VENV)/bin
 # are not taken for abbreviations of them.
 RUN     = $(if $(NPROC),$(BIN)/torchrun $(TORCHRUN) --nproc_per_node $(NPROC) -m --,$(BIN)/python -m)
 PYM     = $(BIN)/python -m
-COMMON  = --model=$(MODEL) $(if $(DTYPE),--dtype=$(DTYPE)) --device=$(DEVICE) --out=$(OUT)
+COMMON  = --model=$(MODEL) $(if $(DTYPE),--dtype=$(DTYPE)) --device=$(DEVICE) --out=$(OUT) \
+          $(if $(ADAPTER),--adapter=$(ADAPTER))
 PICK    = $(if $(DATA),--data=$(DATA)) $(if $(N),--n=$(N)) $(if $(LAYERS),--layers=$(LAYERS))
 
 .PHONY: demo test bench prepare vectors steer ablate predict consistency geometry tactics train \

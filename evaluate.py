@@ -481,7 +481,7 @@ def run_task(cfg, s: Session, chunk: int = 64) -> tuple[dict, Path]:
     if cfg.data and Path(cfg.data).is_dir():   # MMLU's CSVs, or the parquet files of a prepare.py download
         files += sorted(p for p in Path(cfg.data).rglob("*") if p.suffix in (".csv", ".parquet"))
     if dist.is_main():      # a resumed run must read what the interrupted one read: data, weights, the judge's
-        inputs = input_hashes(s.model_dir, files)
+        inputs = input_hashes(s.model_dir, files + ([Path(cfg.adapter)] if cfg.adapter else []))
         if s.judge is not None and s.judge.model_dir != s.model_dir:
             inputs |= input_hashes(s.judge.model_dir)
         ckpt = Checkpoint(cfg.out, run, config=saved, inputs=inputs)

@@ -345,9 +345,13 @@ def load_activations(path, model=None, cross_model: bool = False
 
 def model_check(path, what: str, meta: dict, model, cross_model: bool) -> dict | None:
     """lab.results.check_model_id of a file's recorded model against the model's own folder (model.name_or_path,
-    which load sets); None for a model built in memory, which has no folder to identify it by."""
+    which load sets) and adapter (model.adapter_path, which lora.load_adapter sets); None for a model built in
+    memory, which has no folder to identify it by."""
     folder = getattr(model, "name_or_path", None)
-    return None if folder is None else results.check_model_id(path, what, meta, results.model_id(folder), cross_model)
+    if folder is None:
+        return None
+    now = results.model_identity(folder, getattr(model, "adapter_path", ""))
+    return results.check_model_id(path, what, meta, now, cross_model)
 
 
 def read_steer_file(path, keys) -> tuple[dict, dict]:

@@ -84,7 +84,6 @@ class TrainConfig(ModelOptions):
     out: str = "out"
     run: str = ""              # "" = the mode; OUT/<run>/ must not exist yet, unless --resume=true
     init_adapter: str = ""     # start from a save_adapter file (its r, alpha, dropout); DPO's reference = that model
-    cross_model: bool = False  # accept an init_adapter trained on another base model (recorded in the results)
     resume: bool = False       # continue OUT/<run>/ from its last checkpoint
     dist: str = "ddp"          # under torchrun: ddp (a whole model per process) or fsdp (each holds 1/N of each block)
     dist_timeout: float = 600.0   # under torchrun: seconds a rank waits for the others before the run stops
@@ -529,6 +528,8 @@ def main(argv=None):
         sys.exit("error: --data=PATH.jsonl is required (its format: the top of train.py)")
     if cfg.prepack or cfg.compile:
         sys.exit("error: --prepack and --compile are for inference: train.py trains the model")
+    if cfg.adapter:
+        sys.exit("error: --adapter is for inference: train.py continues from an adapter with --init_adapter=PATH")
     dist.init(cfg.device, cfg.dist_timeout)        # under torchrun: the micro-batches are shared among the processes
     # FSDP is for a model too big for one card: read it into CPU memory, and fully_shard moves each rank's shard over
     fsdp = cfg.dist == "fsdp" and dist.world() > 1

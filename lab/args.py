@@ -25,6 +25,8 @@ class ModelOptions:
     system: str = ""          # system prompt of every chat that has none ("" = none; a template's default stays)
     prepack: bool = True      # CPU: projections multiply by a oneDNN-layout copy of their weights (runtime/cpu.py)
     compile: bool = False     # runtime/compile.py: torch.compile with frozen weights, after a while of compiling
+    adapter: str = ""         # a LoRA adapter (train.py's adapter.safetensors) applied to the model; "" = none
+    cross_model: bool = False # accept an adapter, vectors or activations made from another model (recorded)
 
 
 # ------------------------------------------------------------------------------------------------ checked types

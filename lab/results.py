@@ -65,18 +65,36 @@ def model_id(model_dir) -> str:
     return hashlib.sha256(lines.encode()).hexdigest()
 
 
-def check_model_id(path, what: str, made_from: dict, now: str, cross_model: bool) -> dict:
-    """Refuse `path` (vectors, activations or an adapter) on a model other than the one it was made from, unless
-    cross_model says the user means it (a Mistral vector on Llama-2, a base model's vector on its chat model).
-    made_from: {"model": folder, "model_sha256": id} from the file. Returns what the results record."""
-    was = made_from.get("model_sha256")
-    record = dict(made_from=made_from.get("model"), made_from_sha256=was, used_on_sha256=now,
-                  same_model=was == now, cross_model=cross_model)
-    if was == now or cross_model:
+def model_identity(model_dir, adapter="") -> dict:
+    """What a vectors or activations file records of the model it comes from: {"model": folder, "model_sha256":
+    model_id} and, where an adapter is applied, {"adapter": path, "adapter_sha256": the file's sha256}."""
+    out = {"model": str(model_dir), "model_sha256": model_id(model_dir)}
+    return out | ({"adapter": str(adapter), "adapter_sha256": sha256(adapter)} if adapter else {})
+
+
+def _shown(identity: dict) -> str:
+    adapter = identity.get("adapter_sha256")
+    return (f"model {identity.get('model', '?')} (sha256 {identity.get('model_sha256')})"
+            + (f" with adapter {identity.get('adapter', '?')} (sha256 {adapter})" if adapter else ""))
+
+
+def check_model_id(path, what: str, made_from: dict, now: dict, cross_model: bool) -> dict:
+    """Refuse `path` (vectors, activations or an adapter) on a model other than the one it was made from (another
+    base model, or the same with another adapter or none), unless cross_model says the user means it (a Mistral
+    vector on Llama-2, a base model's vector on its chat model). made_from, now: model_identity's form (read from
+    the file; of the model loaded now). Returns what the results record."""
+    key = lambda ident: (ident.get("model_sha256"), ident.get("adapter_sha256"))
+    same = key(made_from) == key(now)
+    record = dict(made_from=made_from.get("model"), made_from_sha256=made_from.get("model_sha256"),
+                  used_on=now.get("model"), used_on_sha256=now.get("model_sha256"), same_model=same,
+                  cross_model=cross_model)
+    record |= {f"{k}_adapter_sha256": ident["adapter_sha256"] for k, ident in (("made_from", made_from),
+               ("used_on", now)) if ident.get("adapter_sha256")}
+    if same or cross_model:
         return record
-    why = (f"records no model identity (model_sha256), so it cannot be checked against this model"
-           if not was else f"was made from model {made_from.get('model', '?')} (sha256 {was}), not the model loaded "
-                           f"now (sha256 {now})")
+    why = ("records no model identity (model_sha256), so it cannot be checked against this model"
+           if not made_from.get("model_sha256") else f"was made from {_shown(made_from)}, not the one loaded now, "
+                                                     f"{_shown(now)}")
     raise ValueError(f"{path}: this {what} file {why}; pass --cross_model=true to use it on this model anyway "
                      "(the results record it)")
 
@@ -102,6 +120,19 @@ def check_same_inputs(where, before: dict | None, now: dict):
                              "run to start afresh")
 
 
+def adapter_provenance(model_dir, adapter: str, cross_model: bool) -> dict:
+    """What a result records of the adapter applied (ModelOptions.adapter): its path and sha256, and the base model
+    it was trained on as its metadata says, beside the base loaded (weights_sha256); {} without one."""
+    if not adapter:
+        return {}
+    from safetensors import safe_open
+    with safe_open(adapter, "np") as f:
+        meta = f.metadata() or {}
+    trained_on = json.loads(meta.get("base_model_sha256", "null"))
+    return {"adapter": str(adapter), "adapter_sha256": sha256(adapter), "adapter_base_model_sha256": trained_on,
+            "adapter_on_its_own_base": trained_on == model_id(model_dir), "cross_model": cross_model}
+
+
 def provenance(cfg, model_dir: Path, chat_format: str, data_files=()) -> dict:
     """Everything needed to reproduce a number: code commit, weights and data hashes, formats, versions."""
     import torch  # here, not at the top: reading and plotting results needs no torch
@@ -112,6 +143,7 @@ def provenance(cfg, model_dir: Path, chat_format: str, data_files=()) -> dict:
                 git_dirty=git("status", "--porcelain", "--untracked-files=no") != "", model_dir=str(model_dir),
                 weights_sha256=weights_sha256(model_dir),
                 data_sha256={str(p): sha256(p) for p in data_files}, chat_format=chat_format,
+                **adapter_provenance(model_dir, getattr(cfg, "adapter", ""), getattr(cfg, "cross_model", False)),
                 seed=cfg.seed, dtype=cfg.dtype, device=cfg.device, python=sys.version.split()[0],
                 torch=torch.__version__, numpy=np.__version__)
 

@@ -12,6 +12,7 @@ from typing import Callable
 from chat import Tokenizer, detect_chat_format, get_chat_format, load_tokenizer, with_bos, with_system
 from lab import dist
 from lab.prepare import ensure_default_model
+from lora import load_adapter
 from model import Transformer, load
 from runtime import accelerate
 
@@ -28,11 +29,16 @@ class Session:
 
 
 def open_model(folder, dtype: str, device: str, prepack: bool, compile: bool, chat_format: str = "",
-               system: str = "") -> Session:
+               system: str = "", adapter: str = "", cross_model: bool = False) -> Session:
     """One model folder -> a Session without a judge, run the fastest way this machine knows (runtime.accelerate).
-    `system`: the system prompt every chat built with the session's fmt gets when it has none ("" = none)."""
+    `system`: the system prompt every chat built with the session's fmt gets when it has none ("" = none).
+    `adapter`: a save_adapter file applied unmerged (lora.load_adapter: refused if trained on another base model,
+    unless cross_model), so lora_disabled gives the base model in the same session."""
     folder = Path(folder)
-    model = accelerate(load(folder, dtype=dtype, device=device), prepack=prepack, compile=compile)
+    model = load(folder, dtype=dtype, device=device)
+    if adapter:
+        load_adapter(model, adapter, cross_model)
+    model = accelerate(model, prepack=prepack, compile=compile)
     name, tok = chat_format or detect_chat_format(folder), load_tokenizer(folder)
     return Session(model, tok, with_system(session_format(name, tok), system), name, folder)
 
@@ -53,11 +59,13 @@ def open_session(cfg) -> Session:
     if not cfg.model and dist.is_main():
         dist.barrier()
     t0 = time.perf_counter()
-    s = open_model(model_dir, cfg.dtype, cfg.device, cfg.prepack, cfg.compile, cfg.chat_format, cfg.system)
+    adapter = getattr(cfg, "adapter", "")
+    s = open_model(model_dir, cfg.dtype, cfg.device, cfg.prepack, cfg.compile, cfg.chat_format, cfg.system,
+                   adapter, getattr(cfg, "cross_model", False))
     n_params = sum(p.numel() for p in s.model.parameters())
     print(f"model  {model_dir}  ({s.model.config.model_type}, {n_params / 1e6:.0f}M parameters, {cfg.dtype}, "
           f"chat format {s.fmt_name}, loaded in {time.perf_counter() - t0:.1f} s)"
-          + (f"\nsystem {cfg.system!r}" if cfg.system else ""))
+          + (f"\nadapter {adapter}" if adapter else "") + (f"\nsystem {cfg.system!r}" if cfg.system else ""))
     judge = getattr(cfg, "judge", "")
     if judge == "self":
         s.judge = Session(s.model, s.tok, session_format(s.fmt_name, s.tok), s.fmt_name, s.model_dir)

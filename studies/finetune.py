@@ -473,8 +473,8 @@ def main(argv=None):
         sys.exit(__doc__.split("\n\n")[1])
     cfg = parse_args(StudyConfig, argv[1:])
     cfg = with_preset(cfg, QUICK) if cfg.quick else with_preset(cfg, FULL) if cfg.full else cfg
-    if cfg.prepack or cfg.compile:
-        sys.exit("error: --prepack and --compile are for inference: the studies train the model in place")
+    if cfg.prepack or cfg.compile or cfg.adapter:
+        sys.exit("error: --prepack, --compile and --adapter are for inference: the studies train the model in place")
     path = (benchmarks if argv[0] == "benchmarks" else recovery)(cfg)
     print(f"\nresults {path} (+ .md, .png)")
 

@@ -34,7 +34,6 @@ class GeometryConfig(ModelOptions):
     action: str = "predict"   # predict | consistency | geometry
     vector: str = ""          # predict: a vectors file from `python -m studies.steering vectors`
     acts: str = ""            # geometry: its activations file ("" = record from --data)
-    cross_model: bool = False # use a vectors or activations file made from another model (recorded in the results)
     data: str = ""            # A/B items ("" = built-in opinion probes; predict: their held-out part)
     data2: str = ""           # consistency: a second pair set to compare vectors across datasets
     ood: str = ""             # predict, out of distribution: TruthfulQA mc_task.json ("" = built-in arithmetic)

@@ -45,7 +45,6 @@ class SteerConfig(ModelOptions):
     method: str = "mean_diff" # mean_diff (CAA) | pca (top component of the differences) | probe (logistic)
     balance: bool = True      # weigh each matching letter equally (cancels the "A" - "B" letter direction)
     vector: str = ""          # vectors file (steer, ablate)
-    cross_model: bool = False # use a vectors file made from another model (recorded in the results)
     mults: Numbers = "-2,-1,0,1,2"
     unit: str = "raw"         # raw: mult * vector; norm: mult * (layer's mean residual norm) * unit vector
     where: str = "after_instruction"   # all | after_instruction | generated (positions the vector is added at)
@@ -135,7 +134,7 @@ def vectors_run(cfg, s: Session) -> tuple[dict, Path]:
     vec = make_vectors(pos, neg, cfg.method, cfg.seed, [p["letters"][0] for p in pairs] if cfg.balance else None)
     norms = residual_norms(s.model, [p["pos"] for p in pairs[:64]], layers)   # a mean over ~6k tokens is plenty
     prov = results.provenance(cfg, s.model_dir, s.fmt_name, files)
-    meta = dict(model=str(s.model_dir), model_sha256=results.model_id(s.model_dir), site=cfg.site,
+    meta = dict(**results.model_identity(s.model_dir, cfg.adapter), site=cfg.site,
                 position="answer letter token after the assistant header", method=cfg.method,
                 balanced_by_letter=cfg.balance, n_pairs=len(pairs),
                 data=cfg.data or f"built-in opinion probes (seed {cfg.seed})",

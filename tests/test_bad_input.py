@@ -158,8 +158,9 @@ def near_copy(tiny_chat, tmp_path_factory):
 def test_vectors_from_a_near_copy_or_without_identity_are_refused(tiny_chat, near_copy, tmp_path):
     mine = steer.save_vectors(tmp_path, "v", torch.ones(3, 64), [0, 1, 2], torch.ones(3), made_from(tiny_chat[0]))
     other = load(near_copy)
-    with pytest.raises(ValueError, match=rf"was made from model {tiny_chat[0]} \(sha256 [0-9a-f]{{64}}\), not the "
-                                         rf"model loaded now \(sha256 [0-9a-f]{{64}}\); pass --cross_model=true"):
+    with pytest.raises(ValueError, match=rf"was made from model {tiny_chat[0]} \(sha256 [0-9a-f]{{64}}\), not the one "
+                                         rf"loaded now, model {near_copy} \(sha256 [0-9a-f]{{64}}\); pass "
+                                         "--cross_model=true"):
         steer.load_vectors(mine, other)
     anonymous = steer.save_vectors(tmp_path, "a", torch.ones(3, 64), [0, 1, 2], torch.ones(3), {})
     with pytest.raises(ValueError, match="records no model identity"):

@@ -1,6 +1,7 @@
 """evaluate.py runs end to end on a tiny model: results files, resume after a kill, bad data, missing data."""
 import json
 from dataclasses import replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -165,3 +166,64 @@ def test_resume_after_the_data_file_changed_is_refused(env, tmp_path, monkeypatc
     with pytest.raises(ValueError, match="gsm.jsonl changed since the run started") as e:
         ev.run_task(replace(cfg, task="gsm8k", data=str(f), max_new_tokens=2), s, chunk=2)
     assert before in str(e.value) and sha256(f) in str(e.value)
+
+
+# ------------------------------------------------------------------------------------------------ --adapter
+
+@pytest.fixture(scope="module")
+def adapter(tiny_chat, tmp_path_factory):
+    """A save_adapter file for tiny_chat with a non-zero update (B random), so the adapted model differs."""
+    from lora import add_lora, lora_modules, save_adapter
+    from model import load
+    model = load(tiny_chat[0])
+    torch.manual_seed(0)
+    add_lora(model, r=2, alpha=4)
+    for m in lora_modules(model).values():
+        torch.nn.init.normal_(m.lora_B, std=0.5)
+    return save_adapter(model, tmp_path_factory.mktemp("adapter") / "adapter.safetensors", meta={"mode": "sft"})
+
+
+def test_adapter_flag_applies_the_adapter_and_the_results_record_it(env, adapter):
+    from lab.results import model_id, sha256
+    from lora import lora_disabled
+    cfg, base = env
+    with_adapter = open_session(replace(cfg, adapter=str(adapter)))
+    ids = torch.tensor([with_adapter.tok.encode(with_adapter.fmt([{"role": "user", "content": "Is 2+2=4?"}]))])
+    assert not torch.equal(with_adapter.model(ids), base.model(ids))
+    with lora_disabled(with_adapter.model):                      # unmerged: the base model in the same session
+        assert torch.equal(with_adapter.model(ids), base.model(ids))
+    result, _ = run(replace(cfg, adapter=str(adapter)), with_adapter, task="opinion", n=2)
+    prov = result["provenance"]
+    assert prov["adapter"] == str(adapter) and prov["adapter_sha256"] == sha256(adapter)
+    assert prov["adapter_base_model_sha256"] == model_id(cfg.model) and prov["adapter_on_its_own_base"]
+    assert "adapter" not in run(cfg, base, task="opinion", n=2)[0]["provenance"]
+
+
+def test_vectors_made_with_an_adapter_are_the_adapted_models(env, adapter, tmp_path):
+    """The adapter is part of the identity: vectors of the adapted model are refused on the base, and the other way
+    round, unless --cross_model=true (recorded)."""
+    from studies import steering
+    cfg, base = env
+    scfg = steering.SteerConfig(model=cfg.model, out=str(tmp_path), layers="1", n=8, adapter=str(adapter))
+    result, _ = steering.vectors_run(scfg, open_session(scfg))
+    assert result["conventions"]["adapter_sha256"] and result["provenance"]["adapter"] == str(adapter)
+    import steer
+    with pytest.raises(ValueError, match=rf"with adapter {adapter} \(sha256 [0-9a-f]{{64}}\), not the one loaded now"):
+        steer.load_vectors(result["files"]["vectors"], base.model)
+    check = steer.load_vectors(result["files"]["vectors"], base.model, cross_model=True)[2]["model_check"]
+    assert check["cross_model"] and not check["same_model"] and check["made_from_adapter_sha256"]
+    assert steer.load_vectors(result["files"]["vectors"], open_session(scfg).model)[2]["model_check"]["same_model"]
+
+
+def test_an_adapter_that_is_not_safetensors_or_not_an_adapter_is_refused(env, tmp_path):
+    import subprocess
+    import sys
+    cfg, _ = env
+    pickle = tmp_path / "adapter.bin"
+    torch.save({"x": torch.ones(1)}, pickle)
+    proc = subprocess.run([sys.executable, "-m", "evaluate", f"--model={cfg.model}", f"--adapter={pickle}",
+                           "--task=opinion", "--n=1", f"--out={tmp_path}"], capture_output=True, text=True,
+                          cwd=Path(__file__).resolve().parent.parent, timeout=300)
+    assert proc.returncode == 1 and proc.stderr.startswith(f"error: {pickle}: a pickle"), proc.stderr
+    with pytest.raises(ValueError, match="no r/alpha metadata"):
+        open_session(replace(cfg, adapter=str(cfg.model) + "/model.safetensors"))

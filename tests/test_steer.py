@@ -126,7 +126,7 @@ def test_vectors_round_trip_and_refuse_another_model(env, tmp_path, tiny_llama):
     assert torch.equal(vecs[0], vec[0]) and torch.equal(vecs[2], vec[1]) and norms == {0: 1.0, 2: 2.0}
     assert got_meta["model"] == "tiny"
     other = load(tiny_llama[0])          # same width, other weights
-    with pytest.raises(ValueError, match="was made from model tiny .*, not the model loaded now"):
+    with pytest.raises(ValueError, match="was made from model tiny .*, not the one loaded now"):
         steer.load_vectors(path, other)
     wide = steer.save_vectors(tmp_path, "w", torch.randn(1, 32), [0], torch.ones(1), {})
     with pytest.raises(ValueError, match="32 wide, the model's residual stream is 64"):

@@ -258,7 +258,10 @@ def write_result(out_dir, name: str, result: dict) -> Path:
 
 
 def load_result(path) -> dict:
-    result = json.loads(Path(path).read_text(encoding="utf-8"))
+    try:
+        result = json.loads(Path(path).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path} is not a results file (not one JSON document: {e})") from None
     if not isinstance(result, dict) or not isinstance(result.get("metrics"), dict):
         raise ValueError(f"{path} is not a results file (no 'metrics'; see docs/conventions.md, results files)")
     return result

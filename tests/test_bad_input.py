@@ -366,3 +366,10 @@ def test_a_script_prints_one_error_line_and_keeps_tracebacks_on_request(tiny_cha
     assert proc.returncode == 1 and "Traceback" in proc.stderr and "FileNotFoundError" in proc.stderr
     proc = script("studies.steering", "--mults=nan", "steer")
     assert proc.returncode == 1 and proc.stderr == "error: --mults=nan: expects finite numbers, not 'nan'\n"
+
+
+def test_a_file_that_is_not_a_results_file_is_named(tmp_path):
+    path = tmp_path / "rows.jsonl"
+    path.write_text('{"id": 1}\n{"id": 2}\n')
+    with pytest.raises(ValueError, match=rf"{path} is not a results file \(not one JSON document"):
+        results.load_result(path)

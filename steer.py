@@ -48,7 +48,8 @@ def parse_layers(spec: str, n_layers: int, default=None) -> list[int]:
         raise ValueError(f"layers {spec!r}: {e}") from None
     for i in numbers:
         if not -n_layers <= i < n_layers:
-            raise ValueError(f"layer {i} out of range: the model has {n_layers} layers (0..{n_layers - 1})")
+            raise ValueError(f"--layers={spec}: layer {i} out of range: the model has {n_layers} layers "
+                             f"(0..{n_layers - 1}, or -{n_layers}..-1 from the end)")
     return sorted({i % n_layers for i in numbers})
 
 

@@ -133,3 +133,17 @@ def make_sp_tokenizer(folder: Path, vocab_size: int = 450) -> Path:
         remove_extra_whitespaces=False, split_digits=True, character_coverage=1.0, unk_id=0, bos_id=1, eos_id=2,
         pad_id=-1, minloglevel=2)
     return folder
+
+
+def disk_full_on_link(monkeypatch, k: int):
+    """Make the k-th os.link from now on fail with ENOSPC, as a disk that fills while a run publishes its files."""
+    import errno
+    import os
+    real, calls = os.link, []
+
+    def link(src, dst):
+        calls.append(dst)
+        if len(calls) == k:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real(src, dst)
+    monkeypatch.setattr(os, "link", link)

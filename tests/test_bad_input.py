@@ -14,6 +14,7 @@ import pytest
 import torch
 
 import data
+from conftest import disk_full_on_link
 import evaluate as ev
 import steer
 import train
@@ -231,14 +232,7 @@ def test_a_full_disk_while_publishing_vectors_leaves_no_orphan(tiny_chat, tmp_pa
     """The vectors file without its activations and JSON would be what the Makefile's VECTOR= picks next."""
     cfg = steering.SteerConfig(model=str(tiny_chat[0]), out=str(tmp_path / "out"), layers="1", n=8)
     s = open_session(cfg)
-    real, links = os.link, []
-
-    def full_on_second(src, dst):
-        links.append(dst)
-        if len(links) == 2:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(src, dst)
-    monkeypatch.setattr(os, "link", full_on_second)
+    disk_full_on_link(monkeypatch, 2)
     with pytest.raises(OSError, match="none of the run's 3 files was left"):
         steering.vectors_run(cfg, s)
     assert list((tmp_path / "out").iterdir()) == []

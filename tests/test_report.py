@@ -239,21 +239,13 @@ def test_weights_hash_is_cached_beside_the_weights_and_redone_when_they_change(t
 
 
 def test_publish_together_leaves_all_or_none_when_the_disk_fills(tmp_path, monkeypatch):
-    import errno
-    import os
+    from conftest import disk_full_on_link
     from lab import results
     paths = results.publish_together(tmp_path, "vectors", {".safetensors": b"v", ".acts.safetensors": b"a",
                                                            ".json": b"{}"})
     assert {p.read_bytes() for p in paths.values()} == {b"v", b"a", b"{}"}
     assert len({p.name.removesuffix(s) for s, p in paths.items()}) == 1          # one stem for the three
-    real, calls = os.link, []
-
-    def full_on_the_third(src, dst):
-        calls.append(dst)
-        if len(calls) == 3:
-            raise OSError(errno.ENOSPC, "No space left on device")
-        return real(src, dst)
-    monkeypatch.setattr(os, "link", full_on_the_third)
+    disk_full_on_link(monkeypatch, 3)
     before = set(tmp_path.iterdir())
     with pytest.raises(OSError, match="none of the run's 3 files was left"):
         results.publish_together(tmp_path, "vectors", {".safetensors": b"v", ".acts.safetensors": b"a",

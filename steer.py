@@ -18,7 +18,10 @@ Conventions (written into every result so numbers reproduce; docs/conventions.md
   instruction"), to every position, or only to generated tokens; multipliers raw or in units of the layer's
   mean residual norm;
 - directional ablation removes the unit direction from resid_pre, attn_out and mlp_out of every layer;
-  orthogonalize() bakes the same thing into the weights.
+  orthogonalize() bakes the same thing into the weights;
+- the control for specificity is norm-matched random directions (random_directions, random_controls); a layer and
+  multiplier are chosen on a validation split disjoint by claim (validation_split) by select_point: the strongest
+  effect whose KL on neutral prompts stays under a limit.
 """
 import json
 from contextlib import contextmanager
@@ -496,6 +499,65 @@ def orthogonalize(model, direction: torch.Tensor):
                 if m.bias is not None:                                              # (D,): written as it is
                     m.bias.copy_(m.bias.double() - (m.bias.double() @ U) * U)
     return model
+
+
+# ------------------------------------------------------------------------------------ controls and selection
+
+def random_directions(vector: torch.Tensor, k: int, seed: int = 0) -> torch.Tensor:
+    """(k, *vector.shape): k random directions in the residual space, each as long as the vector (row by row for an
+    (L, D) vector): the norm-matched control. Each is a standard normal draw (uniform on the sphere once
+    normalized) from a torch.Generator seeded with `seed`, in fp64, so the same seed gives the same directions on
+    any machine; in D dimensions two of them (or one and the vector) have |cosine| of about 1/sqrt(D)."""
+    v = vector.detach().double().cpu()
+    if k < 0:
+        raise ValueError(f"random_directions: k = {k}, expected a count >= 0")
+    if (v.norm(dim=-1) == 0).any():
+        raise ValueError("random_directions: the vector has zero length, so there is no norm to match")
+    r = torch.randn((k, *v.shape), generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    return (r / r.norm(dim=-1, keepdim=True) * v.norm(dim=-1, keepdim=True)).to(vector.dtype)
+
+
+def random_controls(vectors: dict, k: int, seed: int = 0) -> list[dict]:
+    """k dicts {layer: random direction as long as vectors[layer]}: the control directions of a sweep. Layer l's
+    draws are seeded by (seed, l) alone, so a layer's control is the same whichever other layers are steered."""
+    per_layer = {l: random_directions(v, k, int(np.random.SeedSequence([seed % 2**32, l]).generate_state(1)[0]))
+                 for l, v in vectors.items()}
+    return [{l: d[j] for l, d in per_layer.items()} for j in range(k)]
+
+
+def validation_split(items: list[dict], frac: float = 0.5, seed: int = 0) -> tuple[list[dict], list[dict]]:
+    """(validation, test) items: split by claim (the items' "claim_id", which the built-in probes give: the true and
+    false versions of a fact count as one claim) or else by "id", so nothing chosen on the validation part has seen
+    a test claim. Both parts must be non-empty."""
+    if not 0 < frac < 1:
+        raise ValueError(f"validation fraction {frac}: expected a number between 0 and 1")
+    key = "claim_id" if items and all(it.get("claim_id") is not None for it in items) else "id"
+    val, test = probes.split(items, frac, seed, key=key)
+    if not val or not test:
+        raise ValueError(f"{len(items)} items ({len({it[key] for it in items})} distinct {key}s) cannot be split into "
+                         f"a validation and a test part at fraction {frac}: give more held-out items")
+    assert not {it[key] for it in val} & {it[key] for it in test}
+    return val, test
+
+
+GOALS = ("decrease", "increase", "either")
+
+
+def select_point(candidates: list[dict], kl_max: float, goal: str = "decrease") -> dict | None:
+    """The selection rule: among candidates measured on the validation split, each {"effect": change of the
+    behaviour vs no intervention, "kl": side effect on neutral prompts, ...}, the one with the strongest effect in
+    the goal's direction (decrease: most negative; increase: most positive; either: largest |effect|) whose KL is
+    at most kl_max (refusal-direction work: KL <= 0.1). Ties go to the smaller KL, then to the earlier candidate.
+    None when no candidate stays under the limit with an effect in the goal's direction: then there is nothing to
+    report, rather than the best point of the test split."""
+    if goal not in GOALS:
+        raise ValueError(f"unknown goal {goal!r}: {', '.join(GOALS)}")
+    sign = {"decrease": lambda e: -e, "increase": lambda e: e, "either": abs}[goal]
+    ok = [(i, c) for i, c in enumerate(candidates) if c.get("effect") is not None and c.get("kl") is not None
+          and c["kl"] <= kl_max and sign(c["effect"]) > 0]
+    if not ok:
+        return None
+    return min(ok, key=lambda ic: (-sign(ic[1]["effect"]), ic[1]["kl"], ic[0]))[1]
 
 
 class AfterHeader:

@@ -2,9 +2,9 @@
 that loads a model shares (ModelOptions: each such script's config extends it).
 
 Flags are checked while they are parsed, naming the flag: a field's type says what it accepts (int, float: finite,
-bool, str, or one of the checked types below: Count, Positive, Layers, Numbers). A script with actions
-(studies.steering vectors|steer|...) reads them with parse_command. A script's main is wrapped in user_errors(),
-which ends a mistake in the user's input with one `error: ...` line and keeps tracebacks for bugs.
+bool, str, or one of the checked types below: Count, Positive, Layers, Numbers, Fraction, PositiveNumber). A
+script with actions (studies.steering vectors|steer|...) reads them with parse_command. A script's main is wrapped
+in user_errors(), which ends a mistake in the user's input with one `error: ...` line and keeps tracebacks for bugs.
 """
 import contextlib
 import dataclasses
@@ -66,6 +66,36 @@ class Numbers(str):
     def __new__(cls, value):
         finite_numbers(value)
         return super().__new__(cls, value)
+
+
+class Fraction(float):
+    """A number strictly between 0 and 1 (a share of the items)."""
+
+    def __new__(cls, value):
+        x = _finite(value)
+        if not 0 < x < 1:
+            raise ValueError("expects a number between 0 and 1 (both excluded)")
+        return super().__new__(cls, x)
+
+
+class PositiveNumber(float):
+    """A finite number > 0 (a limit, a scale)."""
+
+    def __new__(cls, value):
+        x = _finite(value)
+        if not x > 0:
+            raise ValueError("expects a number > 0")
+        return super().__new__(cls, x)
+
+
+def _finite(value) -> float:
+    try:
+        x = float(value)
+    except ValueError:
+        raise ValueError("expects a number") from None
+    if not math.isfinite(x):
+        raise ValueError("expects a finite number")
+    return x
 
 
 def _whole(value) -> int:

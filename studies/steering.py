@@ -2,6 +2,9 @@
 
     python -m studies.steering vectors [--data=generate_dataset.json] [--method=mean_diff|pca|probe]
     python -m studies.steering steer --vector=out/vectors-....safetensors [--test=test_dataset_ab.json] --layers=3,9,15
+    python -m studies.steering steer --vector=... --layers=6,9,12 --joint=true     # all three layers at each point
+    python -m studies.steering steer --vector=... --select=decrease --kl_max=0.1    # choose on validation, report test
+    python -m studies.steering steer --vector=... --control=true --n_random=4       # norm-matched random directions
     python -m studies.steering ablate --vector=out/vectors-....safetensors --layers=9
     python -m studies.steering demo          # make demo's part: vectors, sweep, predict, geometry
     torchrun --standalone --nproc_per_node 4 -m -- studies.steering vectors ...   # recording shared by 4 processes
@@ -22,15 +25,24 @@ import data
 import probes
 from evaluate import EvalConfig, ab_rows, run_task
 from lab import dist, report, results, stats
-from lab.args import (Count, Layers, ModelOptions, Numbers, Positive, finite_numbers, parse_command,
-                      user_errors)
+from lab.args import (Count, Fraction, Layers, ModelOptions, Numbers, Positive, PositiveNumber, finite_numbers,
+                      parse_command, user_errors)
 from model import generate
 from probes import LETTERS, MC_PREFILL
 from runtime.session import Session, open_session
 from score import letter_ids, pick_letter, user
-from steer import (AfterHeader, ab_items, ab_pairs, ablation, assistant_header, load_vectors, make_vectors,
-                   multiplied, parse_layers, record_pairs, residual_norms, activations_bytes, vectors_bytes,
-                   steering)
+from steer import (GOALS, AfterHeader, ab_items, ab_pairs, ablation, assistant_header, load_vectors, make_vectors,
+                   multiplied, parse_layers, random_controls, record_pairs, residual_norms, activations_bytes,
+                   select_point, validation_split, vectors_bytes, steering)
+
+
+class Goal(str):
+    """--select: "" (sweep and report every point) or the goal of the selection rule (steer.select_point)."""
+
+    def __new__(cls, value):
+        if value not in ("", *GOALS):
+            raise ValueError(f"expects one of {', '.join(GOALS)} (or nothing: no selection)")
+        return super().__new__(cls, value)
 
 
 @dataclass
@@ -46,6 +58,12 @@ class SteerConfig(ModelOptions):
     balance: bool = True      # weigh each matching letter equally (cancels the "A" - "B" letter direction)
     vector: str = ""          # vectors file (steer, ablate)
     mults: Numbers = "-2,-1,0,1,2"
+    joint: bool = False       # steer: one sweep point adds every listed layer's vector at once (x the multiplier)
+    control: bool = False     # steer/ablate: norm-matched random directions at the same points (specificity)
+    n_random: Count = 4       # random directions of the control (with --control=true; 0 is refused)
+    select: Goal = ""         # decrease | increase | either: pick layer and multiplier on a validation split
+    kl_max: PositiveNumber = 0.1  # the selection's limit on KL over neutral prompts
+    val_frac: Fraction = 0.5  # share of the held-out claims (ids) used for validation when selecting
     unit: str = "raw"         # raw: mult * vector; norm: mult * (layer's mean residual norm) * unit vector
     where: str = "after_instruction"   # all | after_instruction | generated (positions the vector is added at)
     n_neutral: Positive = 24  # neutral prompts for the KL side effect
@@ -80,29 +98,36 @@ NEUTRAL_PROMPTS = [
 class SweepScorer:
     """What every sweep point measures: A/B p(match) on held-out items, and the side effects: KL(unsteered ||
     steered) of the next-token distribution along greedy continuations of neutral prompts, and accuracy on
-    built-in lettered arithmetic questions (the capability check)."""
+    built-in lettered arithmetic questions (the capability check). add_items scores another set of A/B items (a
+    test split) with the same side effects."""
 
     def __init__(self, model, tok, fmt, items, n_neutral: int, cap_items, reuse_prefix: bool, n_tokens: int = 16):
-        header = assistant_header(tok, fmt)
+        self.header, self.tok, self.fmt, self.reuse = assistant_header(tok, fmt), tok, fmt, reuse_prefix
         self.items, self.cap_items, self.ids = items, cap_items, letter_ids(tok, LETTERS)
+        self.item_sets = {"ab": items}
         prompts = [tok.encode(fmt(user(p))) for p in NEUTRAL_PROMPTS[:n_neutral]]
         conts = generate(model, prompts, max_new_tokens=n_tokens)   # no stop ids: every row n_tokens long
         self.sets = {
-            "ab": AfterHeader(model, [tok.encode(fmt(user(it["question"]), prefill="(")) for it in items], header,
-                              reuse_prefix),
             "capability": AfterHeader(model, [tok.encode(fmt(it["messages"], prefill=MC_PREFILL)) for it in cap_items],
-                                      header, reuse_prefix),
-            "neutral": AfterHeader(model, [p + c for p, c in zip(prompts, conts)], header, reuse_prefix)}
+                                      self.header, reuse_prefix),
+            "neutral": AfterHeader(model, [p + c for p, c in zip(prompts, conts)], self.header, reuse_prefix)}
+        self.add_items(model, "ab", items)
         self.ref = [x[:-1].log_softmax(-1) for x in self.sets["neutral"].logits(model)]   # unsteered (n_tokens, V)
+
+    def add_items(self, model, name: str, items):
+        """Score `items` too, as __call__(model, name): their prompts' prefixes read once (with reuse_prefix)."""
+        self.item_sets[name] = items
+        self.sets[name] = AfterHeader(model, [self.tok.encode(self.fmt(user(it["question"]), prefill="("))
+                                              for it in items], self.header, self.reuse)
 
     def letter_p(self, model, name):
         """Each sequence's next-token probabilities over LETTERS, renormalized: (N, len(LETTERS))."""
         return torch.stack([x[-1, self.ids].softmax(-1) for x in self.sets[name].logits(model)])
 
-    def __call__(self, model) -> dict:
-        p = self.letter_p(model, "ab")
-        rows = ab_rows(self.items, [[p[n, LETTERS.index(x)].item() for x in it["letters"]]
-                                    for n, it in enumerate(self.items)])
+    def __call__(self, model, items: str = "ab") -> dict:
+        p = self.letter_p(model, items)
+        rows = ab_rows(self.item_sets[items], [[p[n, LETTERS.index(x)].item() for x in it["letters"]]
+                                               for n, it in enumerate(self.item_sets[items])])
         p = self.letter_p(model, "capability")
         capability = [pick_letter(it["letters"], p[n]) == it["correct_letter"] for n, it in enumerate(self.cap_items)]
         kl = [(ref.exp() * (ref - q[:-1].log_softmax(-1))).sum(-1).mean().item()
@@ -164,11 +189,63 @@ def vectors_run(cfg, s: Session) -> tuple[dict, Path]:
     return dist.broadcast((result, path))
 
 
+def check_sweep_flags(cfg, ablate: bool):
+    """Flags that are wrong together (each alone parses), refused before any model work."""
+    if cfg.control and cfg.n_random == 0:
+        raise ValueError("--n_random=0: the random-direction control (--control=true) needs at least one direction")
+    if cfg.joint and ablate:
+        raise ValueError("--joint=true: ablate removes one layer's direction from every layer; joint applies to steer")
+
+
+def point_key(group, mult) -> str:
+    """A sweep point's name in the metrics: "L9,m1" (one layer), "L6+9+12,m1" (joint), "L9" (ablation)."""
+    return "L" + "+".join(map(str, group)) + ("" if mult is None else f",m{mult:g}")
+
+
+def point_metrics(key, base, got) -> dict:
+    """p_match, its paired change from no intervention, KL and capability at one point (base: its measure)."""
+    return {f"p_match[{key}]": stats.mean_metric([r["p_match"] for r in got["rows"]]),
+            f"change_p_match[{key}]": stats.paired_difference({r["id"]: r["p_match"] for r in base["rows"]},
+                                                              {r["id"]: r["p_match"] for r in got["rows"]}),
+            f"kl[{key}]": stats.mean_metric(got["kl"]),
+            f"capability[{key}]": stats.proportion_metric(got["capability"])}
+
+
+def control_metrics(key, base, got, controls: list[dict]) -> dict:
+    """The norm-matched random-direction control at one point, beside the vector's own measure `got`: p_match and
+    its change averaged over the K directions per item (interval over items), the change per direction (interval
+    over the K directions), the vector's change beyond the control's (paired by item: the specific effect), and
+    the control's KL (per prompt, averaged over directions) and capability (pooled over directions)."""
+    ids = [r["id"] for r in base["rows"]]
+    per_item = {i: [] for i in ids}
+    for c in controls:
+        for r in c["rows"]:
+            per_item[r["id"]].append(r["p_match"])
+    mean_random = {i: (float(np.mean(v)) if v and None not in v else None) for i, v in per_item.items()}
+    before = {r["id"]: r["p_match"] for r in base["rows"]}
+    by_direction = [stats.paired_difference(before, {r["id"]: r["p_match"] for r in c["rows"]})["value"]
+                    for c in controls]
+    return {f"p_match_random[{key}]": stats.mean_metric(list(mean_random.values())),
+            f"change_p_match_random[{key}]": stats.paired_difference(before, mean_random),
+            f"change_p_match_random_by_direction[{key}]": stats.mean_metric(by_direction),
+            f"specific_change_p_match[{key}]": stats.paired_difference(
+                mean_random, {r["id"]: r["p_match"] for r in got["rows"]}),
+            f"kl_random[{key}]": stats.mean_metric(np.mean([c["kl"] for c in controls], 0).tolist()),
+            f"capability_random[{key}]": stats.proportion_metric([f for c in controls for f in c["capability"]])}
+
+
 def steer_run(cfg, s: Session, ablate: bool = False) -> tuple[dict, Path]:
     """Sweep layers x multipliers (or ablate each chosen layer's direction) on held-out A/B items, with side
-    effects (KL on neutral prompts, built-in capability) at every point."""
+    effects (KL on neutral prompts, built-in capability) at every point.
+
+    --joint=true: one point adds every listed layer's vector at once. --control=true: each point is run again with
+    --n_random norm-matched random directions (steer.random_controls) in the vector's place. --select=GOAL: the
+    held-out items are split by claim into validation and test (steer.validation_split); the sweep runs on the
+    validation part, steer.select_point picks the strongest effect whose KL stays under --kl_max, and that one
+    point (with its control) is measured on the test part, the only number reported as the result."""
     if not cfg.vector:
         raise ValueError("--vector=PATH is needed (make one with: python -m studies.steering vectors)")
+    check_sweep_flags(cfg, ablate)
     vecs, norms, meta = load_vectors(cfg.vector, s.model, cfg.cross_model)
     if cfg.where not in ("all", "after_instruction"):
         raise ValueError("A/B scoring generates nothing: --where must be all or after_instruction")
@@ -182,66 +259,130 @@ def steer_run(cfg, s: Session, ablate: bool = False) -> tuple[dict, Path]:
         mults = [0.0] if ablate else finite_numbers(cfg.mults)
     except ValueError as e:
         raise ValueError(f"--mults={cfg.mults}: {e}") from None
+    groups = [tuple(layers)] if cfg.joint else [(l,) for l in layers]
     items, files = ab_items(cfg.test, cfg.n_test, 1, cfg.seed, cfg.skip_bad, (cfg.n or 200, cfg.n_test or 100))
+    sweep_items, test_items = validation_split(items, cfg.val_frac, cfg.seed) if cfg.select else (items, None)
     header = assistant_header(s.tok, s.fmt)
     cap_items = capability_items(cfg.n_capability, cfg.seed)
     # Only steering after the instruction leaves the prompt's prefix alone; ablation and where=all reread it all.
-    score = SweepScorer(s.model, s.tok, s.fmt, items, cfg.n_neutral, cap_items,
+    score = SweepScorer(s.model, s.tok, s.fmt, sweep_items, cfg.n_neutral, cap_items,
                         reuse_prefix=not ablate and cfg.where == "after_instruction")
+    controls = random_controls({l: vecs[l] for l in layers}, cfg.n_random, cfg.seed) if cfg.control else []
     name = cfg.run or ("ablate" if ablate else "steer")
 
-    def measure(key):   # everything measured at one point, with the intervention (if any) in place
-        got = score(s.model)
-        for spec in filter(None, cfg.tasks.split(",")):   # judge-free: a "self" judge would be steered as well
+    def intervention(vectors, group, m):
+        if ablate:
+            return ablation(s.model, vectors[group[0]])
+        return steering(s.model, {l: multiplied(vectors[l], m, cfg.unit, norms[l]) for l in group}, cfg.where, header)
+
+    def tasks_at(key) -> dict:   # evaluate.py tasks at the current point; judge-free: a judge would be steered
+        out = {}
+        for spec in filter(None, cfg.tasks.split(",")):
             task, _, data_path = spec.partition("=")
             ecfg = EvalConfig(**model_options(cfg), task=task, data=data_path, n=cfg.n_eval, skip_bad=cfg.skip_bad,
                               out=cfg.out, run=f"{name}-{task}-{key}", seed=cfg.seed)
-            for metric, v in run_task(ecfg, s)[0]["metrics"].items():
-                got.setdefault("tasks", {})[f"{task}:{metric}"] = v
+            out |= {f"{task}:{metric}": v for metric, v in run_task(ecfg, s)[0]["metrics"].items()}
+        return out
+
+    def measure(key, vectors, group, m, which="ab", tasks=True):
+        """Everything measured at one point, with the intervention in place."""
+        with intervention(vectors, group, m):
+            got = score(s.model, which)
+            if tasks and cfg.tasks:
+                got["tasks"] = tasks_at(key)
         return got
-    base = measure("base")
-    points = [(l, m) for l in layers for m in ([None] if ablate else mults)]
-    rows, metrics = [], {}
-    for layer, m in tqdm(points, desc="ablate" if ablate else "sweep"):
-        key = f"L{layer}" + ("" if ablate else f",m{m:g}")
-        if ablate:
-            with ablation(s.model, vecs[layer]):
-                got = measure(key)
-        elif m == 0:
-            got = base
-        else:
-            with steering(s.model, {layer: multiplied(vecs[layer], m, cfg.unit, norms[layer])}, cfg.where, header):
-                got = measure(key)
+
+    base = score(s.model)
+    if cfg.tasks:
+        base["tasks"] = tasks_at("base")
+    split = {"split": "validation"} if cfg.select else {}
+    label = lambda group: group[0] if len(group) == 1 else "+".join(map(str, group))
+    points = [(g, m) for g in groups for m in ([None] if ablate else mults)]
+    rows, metrics, candidates = [], {}, []
+    for group, m in tqdm(points, desc="ablate" if ablate else "sweep"):
+        key = point_key(group, m)
+        got = base if m == 0 else measure(key, vecs, group, m)
         metrics |= {f"{k}[{key}]": v for k, v in got.get("tasks", {}).items()}
-        metrics[f"p_match[{key}]"] = stats.mean_metric([r["p_match"] for r in got["rows"]])
-        metrics[f"kl[{key}]"] = stats.mean_metric(got["kl"])
-        metrics[f"capability[{key}]"] = stats.proportion_metric(got["capability"])
-        if ablate:
-            metrics[f"change_p_match[{key}]"] = stats.paired_difference(
-                {r["id"]: r["p_match"] for r in base["rows"]}, {r["id"]: r["p_match"] for r in got["rows"]})
-        rows += [{"id": r["id"], "layer": layer, "mult": m, "p_match": r["p_match"]} for r in got["rows"]]
+        metrics |= point_metrics(key, base, got)
+        rows += [{"id": r["id"], "layer": label(group), "mult": m, "p_match": r["p_match"], **split}
+                 for r in got["rows"]]
+        if m != 0:
+            candidates.append({"key": key, "layers": list(group), "mult": m, "kl": metrics[f"kl[{key}]"]["value"],
+                               "effect": metrics[f"change_p_match[{key}]"]["value"]})
+        if controls and not cfg.select:
+            ctl = [base if m == 0 else measure(key, c, group, m, tasks=False) for c in controls]
+            metrics |= control_metrics(key, base, got, ctl)
+            rows += [{"id": r["id"], "layer": label(group), "mult": m, "p_match": r["p_match"], "random": j}
+                     for j, c in enumerate(ctl) for r in c["rows"]]
     metrics["p_match[base]"] = stats.mean_metric([r["p_match"] for r in base["rows"]])
     metrics["capability[base]"] = stats.proportion_metric(base["capability"])
     metrics |= {f"{k}[base]": v for k, v in base.get("tasks", {}).items()}
     if not ablate and len(mults) > 1:
-        metrics.update(steerability(rows, layers))
+        metrics.update(steerability(rows, [label(g) for g in groups]))
+    selection = None
+    if cfg.select:
+        selection, test_metrics, test_rows = select_and_test(cfg, score, s.model, candidates, test_items, vecs,
+                                                             controls, measure)
+        metrics |= test_metrics
+        rows += test_rows
+    conventions = {"vector": str(cfg.vector), **meta, "where": cfg.where, "unit": cfg.unit,
+                   "scoring": "CAA: p(matching letter) / p(A) + p(B) after '('",
+                   "layers_per_point": "all listed at once (joint)" if cfg.joint else "one"}
+    if controls:
+        conventions["control"] = (f"{cfg.n_random} random directions per layer, each as long as the layer's vector, "
+                                  f"seeded by (seed {cfg.seed}, layer): steer.random_controls")
     result = {"config": asdict(cfg), "provenance": results.provenance(cfg, s.model_dir, s.fmt_name, files),
-              "conventions": {"vector": str(cfg.vector), **meta, "where": cfg.where, "unit": cfg.unit,
-                              "scoring": "CAA: p(matching letter) / p(A) + p(B) after '('"},
-              "metrics": metrics, "skipped": data.skipped_of(items), "items": rows}
+              "conventions": conventions, "metrics": metrics, "skipped": data.skipped_of(items), "items": rows}
+    if selection is not None:
+        result["selection"] = selection
     path = results.write_result(cfg.out, name, result)
     if not ablate:
         plot_sweep(result, path.with_suffix(".png"))
     return result, path
 
 
+def select_and_test(cfg, score, model, candidates, test_items, vecs, controls, measure) -> tuple[dict, dict, list]:
+    """The selection rule's report: steer.select_point on the validation sweep's candidates, then no intervention
+    and the chosen point (and its random control) measured on the test items, which the choice never saw."""
+    chosen = select_point(candidates, cfg.kl_max, cfg.select)
+    score.add_items(model, "test", test_items)
+    base = score(model, "test")
+    metrics = {"p_match[test:base]": stats.mean_metric([r["p_match"] for r in base["rows"]]),
+               "capability[test:base]": stats.proportion_metric(base["capability"])}
+    rows = [{"id": r["id"], "layer": None, "mult": None, "p_match": r["p_match"], "split": "test"}
+            for r in base["rows"]]
+    by = "claim_id" if all(it.get("claim_id") is not None for it in test_items) else "id"
+    selection = {"rule": f"steer.select_point: the strongest {cfg.select} of p_match on the validation split among "
+                         f"the points whose KL on neutral prompts is <= {cfg.kl_max}; reported on the test split",
+                 "goal": cfg.select, "kl_max": cfg.kl_max, "split_by": by, "n_validation": len(score.items),
+                 "n_test": len(test_items), "chosen": chosen}
+    if chosen is None:
+        return selection, metrics, rows
+    group, m = tuple(chosen["layers"]), chosen["mult"]
+    got = measure("test:selected", vecs, group, m, which="test", tasks=False)
+    metrics |= point_metrics("test:selected", base, got)
+    label = group[0] if len(group) == 1 else "+".join(map(str, group))
+    rows += [{"id": r["id"], "layer": label, "mult": m, "p_match": r["p_match"], "split": "test"} for r in got["rows"]]
+    if controls:
+        ctl = [measure("test:selected", c, group, m, which="test", tasks=False) for c in controls]
+        metrics |= control_metrics("test:selected", base, got, ctl)
+        rows += [{"id": r["id"], "layer": label, "mult": m, "p_match": r["p_match"], "random": j, "split": "test"}
+                 for j, c in enumerate(ctl) for r in c["rows"]]
+    return selection, metrics, rows
+
+
+def sweep_rows(rows) -> list[dict]:
+    """The vector's own sweep rows: not the random control's, not the test split's (a selection's report)."""
+    return [r for r in rows if r.get("random") is None and r.get("split") != "test"]
+
+
 def steerability(rows, layers) -> dict:
     """Per item, the least-squares slope of p_match against the multiplier; its mean and the fraction of items
-    that move the wrong way (slope < 0), per layer."""
+    that move the wrong way (slope < 0), per layer (or joint group of layers, "6+9+12")."""
     out = {}
     for layer in layers:
         by_item = {}
-        for r in rows:
+        for r in sweep_rows(rows):
             if r["layer"] == layer:
                 by_item.setdefault(r["id"], []).append((r["mult"], r["p_match"]))
         slopes = [np.polyfit(*zip(*pts), 1)[0] for pts in by_item.values()]
@@ -251,16 +392,21 @@ def steerability(rows, layers) -> dict:
 
 
 def plot_sweep(result, dest_png):
-    """p(match) vs multiplier, one line per layer (the CAA paper's figure), drawn from the result file."""
-    rows = result["items"]
-    layers = sorted({r["layer"] for r in rows})
+    """p(match) vs multiplier, one line per layer (the CAA paper's figure), and the random control's mean beside
+    each where it was run, drawn from the result file."""
+    rows = sweep_rows(result["items"])
+    layers = list(dict.fromkeys(r["layer"] for r in rows))
     mults = sorted({r["mult"] for r in rows})
     m = result["metrics"]
-    ys = [[m[f"p_match[L{l},m{x:g}]"]["value"] for x in mults] for l in layers]
-    cis = [[m[f"p_match[L{l},m{x:g}]"]["ci"] for x in mults] for l in layers]
+    lines = [("p_match", l, f"layer {l}") for l in layers]
+    lines += [("p_match_random", l, f"layer {l}, random directions") for l in layers
+              if f"p_match_random[L{l},m{mults[0]:g}]" in m]
+    ys = [[m[f"{k}[L{l},m{x:g}]"]["value"] for x in mults] for k, l, _ in lines]
+    cis = [[m[f"{k}[L{l},m{x:g}]"]["ci"] for x in mults] for k, l, _ in lines]
     unit = "x mean |resid|" if result["config"]["unit"] == "norm" else "raw"
-    return report.plot_curve(mults, ys, cis, [f"layer {l}" for l in layers], dest_png, f"multiplier ({unit})",
-                             "p(answer matching the user)", "sycophancy steering sweep")
+    title = "sycophancy steering sweep" + (" (validation split)" if result.get("selection") else "")
+    return report.plot_curve(mults, ys, cis, [t for _, _, t in lines], dest_png, f"multiplier ({unit})",
+                             "p(answer matching the user)", title)
 
 
 def demo_run(cfg, s: Session):
@@ -313,6 +459,8 @@ def main(argv):
     if dist.launched() and action != "vectors":
         sys.exit(f"error: only `studies.steering vectors` runs data parallel under torchrun; run `studies.steering "
                  f"{action}` as one process")
+    if action in ("steer", "ablate"):
+        check_sweep_flags(cfg, action == "ablate")
     dist.init(cfg.device, cfg.dist_timeout)
     torch.manual_seed(cfg.seed)
     s = open_session(cfg)
@@ -325,6 +473,10 @@ def main(argv):
     for name, v in result["metrics"].items():
         ci = f"  [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" if v.get("ci") else ""
         print(f"  {name:32s} {v['value']:.4f}{ci}  n={v['n']}" if v["value"] is not None else f"  {name}: n=0")
+    if "selection" in result:
+        sel = result["selection"]
+        print(f"selection ({sel['rule']}): " + ("no point qualified" if sel["chosen"] is None else
+              f"{sel['chosen']['key']} (validation change {sel['chosen']['effect']:+.4f}, KL {sel['chosen']['kl']:.4f})"))
     print(f"wrote {path}")
 
 

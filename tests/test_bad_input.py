@@ -90,9 +90,25 @@ def test_action_given_last_runs_that_action(tiny_chat, tmp_path):
     (train.TrainConfig, "--batch_size=0", "--batch_size=0: expects a whole number >= 1"),
     (train.TrainConfig, "--lr=nan", "--lr=nan: expects a finite number"),
     (ev.EvalConfig, "--dist_timeout=inf", "--dist_timeout=inf: expects a finite number"),
+    (steering.SteerConfig, "--select=sideways", "--select=sideways: expects one of decrease, increase, either"),
+    (steering.SteerConfig, "--kl_max=0", "--kl_max=0: expects a number > 0"),
+    (steering.SteerConfig, "--kl_max=nan", "--kl_max=nan: expects a finite number"),
+    (steering.SteerConfig, "--val_frac=1", "--val_frac=1: expects a number between 0 and 1"),
+    (steering.SteerConfig, "--n_random=-1", "--n_random=-1: expects a whole number >= 0"),
 ])
 def test_flags_are_checked_while_parsing_naming_the_flag(cfg_class, flag, message):
     assert message in exits(args.parse_args, cfg_class, [flag])
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["steer", "--control=true", "--n_random=0"],
+     "error: --n_random=0: the random-direction control (--control=true) needs at least one direction"),
+    (["ablate", "--joint=true"], "error: --joint=true: ablate removes one layer's direction from every layer"),
+])
+def test_flags_wrong_together_are_one_line_before_the_model_loads(argv, message, monkeypatch):
+    monkeypatch.setattr(steering, "open_session", lambda cfg: pytest.fail("the model was loaded"))
+    got = exits(steering.main, argv + ["--vector=v.safetensors"])
+    assert got.startswith(message) and "\n" not in got
 
 
 def test_checked_flags_keep_plain_values():

@@ -2,6 +2,7 @@
 the mean-difference vector against transformers' hidden states."""
 import json
 
+import numpy as np
 import pytest
 import torch
 
@@ -326,3 +327,155 @@ def test_multipliers_in_raw_and_norm_units():
     assert torch.allclose(steer.multiplied(v, -1.0, "norm", 2.0) / 2.0, -v / v.norm())
     with pytest.raises(ValueError, match="unknown unit"):
         steer.multiplied(v, 1.0, "percent", 2.0)
+
+
+# ------------------------------------------------------------------------------- several layers, selection, control
+
+def test_joint_steering_equals_nested_single_layer_hooks(env):
+    model, tok, fmt, _ = env
+    header = steer.assistant_header(tok, fmt)
+    x = torch.tensor([tok.encode(fmt([{"role": "user", "content": "Is it true?"}], prefill="(A) yes"))])
+    g = torch.Generator().manual_seed(5)
+    vecs = {0: 2 * torch.randn(model.config.hidden_size, generator=g),
+            2: 2 * torch.randn(model.config.hidden_size, generator=g)}
+    with steer.steering(model, vecs, "after_instruction", header):
+        joint = logits(model, x)
+    with steer.steering(model, {0: vecs[0]}, "after_instruction", header), \
+            steer.steering(model, {2: vecs[2]}, "after_instruction", header):
+        nested = logits(model, x)
+    with steer.steering(model, {2: vecs[2]}, "after_instruction", header):
+        one = logits(model, x)
+    assert torch.equal(joint, nested) and not torch.allclose(joint, one)
+
+
+def test_joint_sweep_point_adds_every_layer_at_once(tiny_chat, tmp_path):
+    """--joint=true: a sweep point L0+2,m1 measures exactly what nested single-layer steering measures."""
+    from dataclasses import replace
+    cfg = steering.SteerConfig(model=str(tiny_chat[0]), out=str(tmp_path), n=8, n_test=4, n_neutral=3,
+                               n_capability=3, mults="-1,0,1", layers="0,2", unit="norm")
+    s = open_session(cfg)
+    vec_file = steering.vectors_run(cfg, s)[1].with_suffix(".safetensors")
+    result, path = steering.steer_run(replace(cfg, vector=str(vec_file), joint=True), s)
+    m = result["metrics"]
+    assert {"p_match[L0+2,m1]", "kl[L0+2,m-1]", "steerability[L0+2]"} <= set(m) and "p_match[L0,m1]" not in m
+    assert result["conventions"]["layers_per_point"] == "all listed at once (joint)"
+    assert {r["layer"] for r in result["items"]} == {"0+2"} and path.with_suffix(".png").exists()
+    vecs, norms, _ = steer.load_vectors(vec_file, s.model)
+    items, _ = steer.ab_items("", 4, 1, 0, False, (8, 4))
+    score = steering.SweepScorer(s.model, s.tok, s.fmt, items, 3, steering.capability_items(3, 0), True)
+    header = steer.assistant_header(s.tok, s.fmt)
+    with steer.steering(s.model, {0: steer.multiplied(vecs[0], 1.0, "norm", norms[0])}, header=header), \
+            steer.steering(s.model, {2: steer.multiplied(vecs[2], 1.0, "norm", norms[2])}, header=header):
+        want = score(s.model)
+    got = {r["id"]: r["p_match"] for r in result["items"] if r["mult"] == 1}
+    assert [got[r["id"]] for r in want["rows"]] == pytest.approx([r["p_match"] for r in want["rows"]], abs=1e-6)
+    assert m["kl[L0+2,m1]"]["value"] == pytest.approx(float(np.mean(want["kl"])), abs=1e-6)
+
+
+def test_selection_rule_takes_the_strongest_effect_under_the_kl_limit():
+    c = [{"key": "a", "effect": -0.30, "kl": 0.50},    # strongest, but over the limit
+         {"key": "b", "effect": -0.10, "kl": 0.05},
+         {"key": "c", "effect": -0.20, "kl": 0.10},    # at the limit: allowed
+         {"key": "d", "effect": +0.40, "kl": 0.01},
+         {"key": "e", "effect": -0.20, "kl": 0.02},    # ties c on effect, smaller KL
+         {"key": "f", "effect": None, "kl": 0.0}]
+    assert steer.select_point(c, 0.1, "decrease")["key"] == "e"
+    assert steer.select_point(c, 1.0, "decrease")["key"] == "a"
+    assert steer.select_point(c, 0.1, "increase")["key"] == "d"
+    assert steer.select_point(c, 0.1, "either")["key"] == "d"
+    assert steer.select_point(c, 0.001, "decrease") is None                  # nothing under the limit
+    assert steer.select_point([{"effect": 0.1, "kl": 0.0}], 0.1, "decrease") is None   # wrong way only
+    with pytest.raises(ValueError, match="unknown goal 'down'"):
+        steer.select_point(c, 0.1, "down")
+
+
+def test_validation_split_is_disjoint_by_claim():
+    held = items(40, seed=2)
+    val, test = steer.validation_split(held, 0.5, seed=1)
+    assert val and test and len(val) + len(test) == len(held)
+    assert not {it["claim_id"] for it in val} & {it["claim_id"] for it in test}
+    assert steer.validation_split(held, 0.5, seed=1) == (val, test)
+    with pytest.raises(ValueError, match="cannot be split"):
+        steer.validation_split(held[:1], 0.5)
+
+
+def test_selection_picks_on_validation_and_reports_the_test_split(tiny_chat, tmp_path, monkeypatch):
+    """The sweep sees only validation items; select_point gets the validation metrics; the one chosen point is
+    then measured on test items whose claims the validation part lacks."""
+    from dataclasses import replace
+    cfg = steering.SteerConfig(model=str(tiny_chat[0]), out=str(tmp_path), n=8, n_test=12, n_neutral=3,
+                               n_capability=3, mults="-2,0,2", layers="0,2", unit="norm")
+    s = open_session(cfg)
+    vec_file = steering.vectors_run(cfg, s)[1].with_suffix(".safetensors")
+    picks = []
+    monkeypatch.setattr(steering, "select_point", lambda c, kl, goal: picks.append(steer.select_point(c, kl, goal))
+                        or picks[-1])
+    result, _ = steering.steer_run(replace(cfg, vector=str(vec_file), select="either", kl_max=50.0, control=True,
+                                           n_random=2), s)
+    m, sel = result["metrics"], result["selection"]
+    val_rows = [r for r in result["items"] if r.get("split") == "validation"]
+    test_rows = [r for r in result["items"] if r.get("split") == "test"]
+    held, _ = steer.ab_items("", 12, 1, 0, False, (8, 12))
+    claim = {it["id"]: it["claim_id"] for it in held}
+    assert val_rows and test_rows and not {claim[r["id"]] for r in val_rows} & {claim[r["id"]] for r in test_rows}
+    cands = [{"key": k[len("kl["):-1], "kl": v["value"], "effect": m[f"change_p_match[{k[3:-1]}]"]["value"]}
+             for k, v in m.items() if k.startswith("kl[L") and not k.endswith(",m0]")]
+    want = max((c for c in cands if c["kl"] <= 50.0 and c["effect"] != 0), key=lambda c: abs(c["effect"]))
+    assert sel["chosen"] is picks[0] and sel["chosen"]["key"] == want["key"]
+    assert sel["n_validation"] + sel["n_test"] == len(held) and sel["split_by"] == "claim_id"
+    assert m["p_match[test:selected]"]["n"] == sel["n_test"] == m["change_p_match[test:selected]"]["n"]
+    assert "specific_change_p_match[test:selected]" in m and "p_match_random[L0,m2]" not in m   # control: test only
+    assert {r["mult"] for r in test_rows if r["layer"] is not None} == {sel["chosen"]["mult"]}
+    # a limit nothing meets: nothing chosen, nothing reported at a point
+    result, _ = steering.steer_run(replace(cfg, vector=str(vec_file), select="either", kl_max=1e-12), s)
+    assert result["selection"]["chosen"] is None and "p_match[test:selected]" not in result["metrics"]
+
+
+def test_random_directions_are_norm_matched_nearly_orthogonal_and_seeded():
+    g = torch.Generator().manual_seed(0)
+    v = torch.randn(512, generator=g) * 3
+    r = steer.random_directions(v, 8, seed=7)
+    assert r.shape == (8, 512) and r.dtype == v.dtype
+    assert torch.allclose(r.norm(dim=-1), v.norm().expand(8), rtol=1e-5)
+    cos = torch.nn.functional.cosine_similarity(r[:, None], torch.cat([r, v[None]])[None], dim=-1)
+    off = cos[~torch.eye(8, 9, dtype=torch.bool)]
+    assert off.abs().max() < 0.25 and off.abs().mean() < 0.08          # ~1/sqrt(512) = 0.044
+    assert torch.equal(r, steer.random_directions(v, 8, seed=7))
+    assert not torch.allclose(r, steer.random_directions(v, 8, seed=8))
+    rows = torch.stack([v, 2 * v])                                      # (L, D): row by row
+    assert torch.allclose(steer.random_directions(rows, 3, 1).norm(dim=-1), rows.norm(dim=-1).expand(3, 2))
+    a = steer.random_controls({3: v, 5: v}, 2, seed=4)
+    b = steer.random_controls({5: v}, 2, seed=4)
+    assert len(a) == 2 and torch.equal(a[1][5], b[1][5]) and not torch.equal(a[0][3], a[0][5])
+    with pytest.raises(ValueError, match="zero length"):
+        steer.random_directions(torch.zeros(4), 2)
+
+
+def test_random_control_runs_at_every_point_and_is_recorded(tiny_chat, tmp_path):
+    from dataclasses import replace
+    cfg = steering.SteerConfig(model=str(tiny_chat[0]), out=str(tmp_path), n=8, n_test=4, n_neutral=3,
+                               n_capability=3, mults="-1,0,1", layers="2", unit="norm", control=True, n_random=3)
+    s = open_session(cfg)
+    vec_file = steering.vectors_run(cfg, s)[1].with_suffix(".safetensors")
+    result, _ = steering.steer_run(replace(cfg, vector=str(vec_file)), s)
+    m = result["metrics"]
+    for key in ("p_match_random", "change_p_match_random", "change_p_match_random_by_direction",
+                "specific_change_p_match", "kl_random", "capability_random"):
+        assert m[f"{key}[L2,m1]"]["n"] > 0, key
+    assert m["change_p_match_random_by_direction[L2,m1]"]["n"] == 3 and m["kl_random[L2,m1]"]["value"] > 0
+    assert m["p_match_random[L2,m0]"]["value"] == pytest.approx(m["p_match[base]"]["value"], abs=1e-12)
+    assert "3 random directions" in result["conventions"]["control"]
+    n = m["p_match[base]"]["n"]
+    assert sum(r.get("random") is not None for r in result["items"]) == 3 * 3 * n       # 3 directions x 3 mults
+    # the control's rows are the random directions themselves: recompute one
+    vecs, norms, _ = steer.load_vectors(vec_file, s.model)
+    d = steer.random_controls({2: vecs[2]}, 3, cfg.seed)[1][2]
+    items, _ = steer.ab_items("", 4, 1, 0, False, (8, 4))
+    score = steering.SweepScorer(s.model, s.tok, s.fmt, items, 3, steering.capability_items(3, 0), True)
+    with steer.steering(s.model, {2: steer.multiplied(d, 1.0, "norm", norms[2])},
+                        header=steer.assistant_header(s.tok, s.fmt)):
+        want = {r["id"]: r["p_match"] for r in score(s.model)["rows"]}
+    got = {r["id"]: r["p_match"] for r in result["items"] if r.get("random") == 1 and r["mult"] == 1}
+    assert got == pytest.approx(want, abs=1e-6)
+    result, _ = steering.steer_run(replace(cfg, vector=str(vec_file), n_random=2), s, ablate=True)
+    assert result["metrics"]["change_p_match_random_by_direction[L2]"]["n"] == 2

@@ -111,6 +111,54 @@ def ab_pairs(tok, fmt, items) -> list[dict]:
     return pairs
 
 
+def reply_texts(item: dict) -> dict:
+    """{letter: the whole reply that answer gives}, for vectors read over a reply's tokens (read="response").
+
+    Built-in opinion probes (items with a "claim" and an "opinion"): made from the claim, the same words but for the
+    stance: 'I agree. "<claim>" is true.' and 'I disagree. "<claim>" is not true.', under the letters the item gives
+    Agree and Disagree. A/B files (CAA, Anthropic): each option's own text, from its "(A) text" line."""
+    if item.get("claim") is not None and item.get("opinion") in ("agree", "disagree"):
+        other = next(x for x in item["letters"] if x != item["match"])
+        agree = item["match"] if item["opinion"] == "agree" else other
+        disagree = other if agree == item["match"] else item["match"]
+        return {agree: f'I agree. "{item["claim"]}" is true.', disagree: f'I disagree. "{item["claim"]}" is not true.'}
+    texts = {k: v.strip() for k, v in probes.parse_choices(item["question"]).items()}
+    if missing := [x for x in item["letters"] if not texts.get(x)]:
+        raise ValueError(f"{item['id']}: no answer text for option(s) {missing} (expected lines like '(A) text'); "
+                         "read=response needs each answer's text")
+    return texts
+
+
+REPLIES = {"builtin": "built-in probes: 'I agree. \"<claim>\" is true.' vs 'I disagree. \"<claim>\" is not true.'",
+           "file": "A/B files: the text of each option's '(A) text' line"}
+
+
+def response_pairs(tok, fmt, items) -> list[dict]:
+    """A/B items -> pairs of whole replies: {id, pos, neg, cut, reads, letters, replies, group}. pos is the prompt
+    answered with the behaviour-matching reply (reply_texts), neg with the other; both share the prompt up to the
+    assistant header (cut: its length) and are read over their own reply's tokens (reads: [pos indices, neg
+    indices], averaged). group: what balancing weighs equally: the matching reply's stance (agree / disagree) for
+    the built-in probes, else the matching letter."""
+    header = assistant_header(tok, fmt)
+    pairs = []
+    for it in items:
+        if it.get("match") is None:
+            continue
+        other = next(x for x in (it.get("not_match") or it["letters"]) if x not in (None, it["match"]))
+        texts = reply_texts(it)
+        seqs = [tok.encode(fmt(user(it["question"]), prefill=texts[x])) for x in (it["match"], other)]
+        cuts = [header_end(q, header) for q in seqs]
+        if cuts[0] != cuts[1] or cuts[0] <= 0 or seqs[0][: cuts[0]] != seqs[1][: cuts[1]] or \
+                min(len(q) for q in seqs) <= cuts[0]:
+            raise ValueError(f"{it['id']}: the two replies do not share the prompt up to the assistant header, or one "
+                             "is empty; the pair would not isolate the reply")
+        pairs.append({"id": it["id"], "pos": seqs[0], "neg": seqs[1], "cut": cuts[0],
+                      "reads": [list(range(cuts[0], len(q))) for q in seqs], "letters": [it["match"], other],
+                      "replies": [texts[it["match"]], texts[other]],
+                      "group": it["opinion"] if it.get("claim") is not None and it.get("opinion") else it["match"]})
+    return pairs
+
+
 # ------------------------------------------------------------------------------------------------- recording
 
 def record(model, seqs: list[list[int]], reads, layers: list[int], site: str = "resid_post",
@@ -157,36 +205,51 @@ def record(model, seqs: list[list[int]], reads, layers: list[int], site: str = "
 
 
 def record_pairs(model, pairs, layers, site="resid_post", token_budget: int = 4096) -> tuple[torch.Tensor, torch.Tensor]:
-    """(pos, neg) activations (N, L, D) at the letter token of each pair.
+    """(pos, neg) activations (N, L, D) of each pair: at the letter token (ab_pairs: "read", the same index on both
+    sides) or averaged over each side's reply tokens (response_pairs: "reads" = [pos indices, neg indices], in
+    fp64).
 
-    The two answers of a pair differ only in their last token (the letter; ab_pairs checks it), so the shared
-    prefix is read once into a KV cache and each letter is one decode step from a fork of it: half the work of
-    reading both sequences, and exactly the same numbers. Under torchrun the batches are shared among the ranks, and
-    every rank gets every pair's activations."""
-    if not all(p["read"] == len(p["pos"]) - 1 == len(p["neg"]) - 1 for p in pairs):
-        acts = record(model, [p["pos"] for p in pairs] + [p["neg"] for p in pairs], [p["read"] for p in pairs] * 2,
-                      layers, site, token_budget, progress="record pairs")
+    The two sides of a pair share a prefix (the prompt up to the letter, or up to the assistant header: "cut"), so
+    it is read once into a KV cache and each side's rest is read from a fork of it: about half the work of reading
+    both sequences, and the same numbers. Under torchrun the batches are shared among the ranks, and every rank
+    gets every pair's activations."""
+    cuts = [p.get("cut", p.get("read")) for p in pairs]
+    reads = [p["reads"] if "reads" in p else [[p["read"]], [p["read"]]] for p in pairs]
+    if not all(0 < c and p["pos"][:c] == p["neg"][:c] and min(min(r[0]), min(r[1])) >= c
+               for p, c, r in zip(pairs, cuts, reads)):
+        acts = record(model, [p["pos"] for p in pairs] + [p["neg"] for p in pairs],
+                      [r[0] for r in reads] + [r[1] for r in reads], layers, site, token_budget,
+                      progress="record pairs")
         return acts[: len(pairs)], acts[len(pairs):]
     dev, dtype = model.model.embed_tokens.weight.device, model.model.embed_tokens.weight.dtype
     pos = torch.empty(len(pairs), len(layers), model.config.hidden_size)
     neg = torch.empty_like(pos)
-    batches = list(batches_by_length([len(p["pos"]) for p in pairs], token_budget))
+    batches = list(batches_by_length([len(p["pos"]) + len(p["neg"]) - c for p, c in zip(pairs, cuts)], token_budget))
     mine = []                           # (2 N_batch, L, D) per batch of this rank's share: pos rows, then neg
     for batch in tqdm(dist.shard(batches), desc="record pairs", leave=False, disable=not dist.is_main()):
-        x, mask = pad_left([pairs[i]["pos"][:-1] for i in batch], dev)
+        x, mask = pad_left([pairs[i]["pos"][: cuts[i]] for i in batch], dev)
         cache = KVCache(model.config, len(batch), x.shape[1], dtype, dev)
-        letters = torch.tensor([[pairs[i][side][-1]] for side in ("pos", "neg") for i in batch], device=dev)
+        sides = [(i, k) for k in (0, 1) for i in batch]                          # rows: pos answers, then neg
+        rest, rmask = pad_right([pairs[i][("pos", "neg")[k]][cuts[i]:] for i, k in sides], dev)
+        rows, cols, wts = [], [], []    # (row, column of the rest, weight) of every position read
+        for r, (i, k) in enumerate(sides):
+            rows += [r] * len(reads[i][k])
+            cols += [j - cuts[i] for j in reads[i][k]]
+            wts += [1.0 / len(reads[i][k])] * len(reads[i][k])
+        rows_t, cols_t = torch.tensor(rows, device=dev), torch.tensor(cols, device=dev)
+        w = torch.tensor(wts, dtype=torch.float64, device=dev)[:, None]
         got = {}
 
         def grab(j):
-            def fn(h, p):   # h (2B, 1, D): the letter token of every row
-                got[j] = h[:, 0].float().cpu()
+            def fn(h, p):   # h (2B, S, D): sum the weighted read positions of each row, in fp64
+                got[j] = torch.zeros(len(sides), h.shape[-1], dtype=torch.float64, device=dev).index_add_(
+                    0, rows_t, h[rows_t, cols_t].double() * w).float().cpu()
             return fn
         with torch.no_grad():
             model(x, attention_mask=mask, cache=cache, logits_to_keep=1)
-            fork = cache.fork(torch.arange(len(batch), device=dev).repeat(2), 1)    # rows: pos answers, then neg
+            fork = cache.fork(torch.arange(len(batch), device=dev).repeat(2), rest.shape[1])
             with hooks(model, [(layer, site, grab(j)) for j, layer in enumerate(layers)]):
-                model(letters, cache=fork, logits_to_keep=1)
+                model(rest, attention_mask=rmask, cache=fork, logits_to_keep=1)
         mine.append(torch.stack([got[j] for j in range(len(layers))], 1) if layers else
                     pos.new_empty(2 * len(batch), 0, pos.shape[2]))
     for batch, both in zip(batches, dist.gather(mine, everyone=True)):

@@ -6,6 +6,9 @@
     python -m studies.steering steer --vector=... --select=decrease --kl_max=0.1    # choose on validation, report test
     python -m studies.steering steer --vector=... --control=true --n_random=4       # norm-matched random directions
     python -m studies.steering ablate --vector=out/vectors-....safetensors --layers=9
+    python -m studies.steering vectors --read=response   # mean over whole replies (agreeing vs disagreeing)
+    python -m studies.steering compare [--data=...]      # letter vs response vectors, balanced vs plain, per layer
+    python -m studies.steering compare --vector=A --vector2=B   # two vectors files (e.g. base vs adapter)
     python -m studies.steering demo          # make demo's part: vectors, sweep, predict, geometry
     torchrun --standalone --nproc_per_node 4 -m -- studies.steering vectors ...   # recording shared by 4 processes
 
@@ -26,14 +29,28 @@ import probes
 from evaluate import EvalConfig, ab_rows, run_task
 from lab import dist, report, results, stats
 from lab.args import (Count, Fraction, Layers, ModelOptions, Numbers, Positive, PositiveNumber, finite_numbers,
-                      parse_command, user_errors)
+                      layer_numbers, parse_command, user_errors)
 from model import generate
 from probes import LETTERS, MC_PREFILL
 from runtime.session import Session, open_session
 from score import letter_ids, pick_letter, user
-from steer import (GOALS, AfterHeader, ab_items, ab_pairs, ablation, assistant_header, load_vectors, make_vectors,
-                   multiplied, parse_layers, random_controls, record_pairs, residual_norms, activations_bytes,
-                   select_point, validation_split, vectors_bytes, steering)
+from steer import (GOALS, REPLIES, AfterHeader, ab_items, ab_pairs, ablation, assistant_header, load_vectors, make_vectors,
+                   multiplied, parse_layers, random_controls, record_pairs, residual_norms, response_pairs,
+                   activations_bytes, select_point, validation_split, vectors_bytes, steering)
+
+READS = ("letter", "response")
+POSITIONS = {"letter": "answer letter token after the assistant header",
+             "response": "mean over the reply's tokens after the assistant header (whole replies: the matching one "
+                         "vs the other)"}
+
+
+class Read(str):
+    """--read: where vectors are read: letter (the answer-letter token) or response (the mean over a whole reply)."""
+
+    def __new__(cls, value):
+        if value not in READS:
+            raise ValueError(f"expects one of {', '.join(READS)}")
+        return super().__new__(cls, value)
 
 
 class Goal(str):
@@ -53,10 +70,12 @@ class SteerConfig(ModelOptions):
     n: Count = 0              # pairs for vectors (0 = all; built-in probes: 200 claims)
     n_test: Count = 0         # held-out items (0 = all; built-in probes: 100 claims)
     site: str = "resid_post"  # hook site read for vectors
+    read: Read = "letter"     # letter: at the A/B answer letter; response: mean over a whole reply's tokens
     layers: Layers = ""       # vectors: "" = every layer; steer/ablate: "" = a spread of 5 layers; "3,9" or "4-12"
     method: str = "mean_diff" # mean_diff (CAA) | pca (top component of the differences) | probe (logistic)
-    balance: bool = True      # weigh each matching letter equally (cancels the "A" - "B" letter direction)
-    vector: str = ""          # vectors file (steer, ablate)
+    balance: bool = True      # weigh each matching letter (response: reply stance) equally; false = CAA's plain mean
+    vector: str = ""          # vectors file (steer, ablate, compare)
+    vector2: str = ""         # compare: a second vectors file ("" = compare letter and response vectors recorded now)
     mults: Numbers = "-2,-1,0,1,2"
     joint: bool = False       # steer: one sweep point adds every listed layer's vector at once (x the multiplier)
     control: bool = False     # steer/ablate: norm-matched random directions at the same points (specificity)
@@ -74,6 +93,7 @@ class SteerConfig(ModelOptions):
     run: str = ""             # results name (default: the action)
     out: str = "out"
     seed: int = 0
+    n_boot: Positive = 200    # compare: bootstrap draws of the cosines' intervals (vectors rebuilt each draw)
     dist_timeout: float = 600.0   # under torchrun (vectors only): seconds a rank waits for the others
 
 
@@ -147,23 +167,42 @@ def capability_items(n: int, seed: int) -> list[dict]:
 
 # ------------------------------------------------------------------------------------------------ data, runs
 
+def read_pairs(tok, fmt, items, read: str) -> list[dict]:
+    """Pairs to record for --read: ab_pairs (the letter token) or response_pairs (whole replies)."""
+    return ab_pairs(tok, fmt, items) if read == "letter" else response_pairs(tok, fmt, items)
+
+
+def balance_groups(pairs, read: str, balance: bool):
+    """What make_vectors weighs equally, and its name for the conventions: the matching letter (letter reads, and
+    replies from A/B files), the matching reply's stance (built-in replies), or nothing (CAA's plain mean)."""
+    if not balance:
+        return None, "none (plain mean difference, CAA)"
+    if read == "letter":
+        return [p["letters"][0] for p in pairs], "matching letter"
+    return [p["group"] for p in pairs], ("stance of the matching reply (agree/disagree)"
+                                         if pairs and pairs[0]["group"] in ("agree", "disagree") else "matching letter")
+
+
 def vectors_run(cfg, s: Session) -> tuple[dict, Path]:
     layers = parse_layers(cfg.layers, len(s.model.layers))
     items, files = ab_items(cfg.data, cfg.n, 0, cfg.seed, cfg.skip_bad, (cfg.n or 200, cfg.n_test or 100))
-    pairs = ab_pairs(s.tok, s.fmt, items)
+    pairs = read_pairs(s.tok, s.fmt, items, cfg.read)
     if not pairs:
         raise ValueError("no A/B items with a matching answer to build vectors from")
     pos, neg = record_pairs(s.model, pairs, layers, cfg.site)    # under torchrun: shared, and every rank gets all
     if not dist.is_main():              # rank 0 makes and writes the vectors, then sends every rank the result
         return dist.broadcast(None)
-    vec = make_vectors(pos, neg, cfg.method, cfg.seed, [p["letters"][0] for p in pairs] if cfg.balance else None)
+    groups, balanced_by = balance_groups(pairs, cfg.read, cfg.balance)
+    vec = make_vectors(pos, neg, cfg.method, cfg.seed, groups)
     norms = residual_norms(s.model, [p["pos"] for p in pairs[:64]], layers)   # a mean over ~6k tokens is plenty
     prov = results.provenance(cfg, s.model_dir, s.fmt_name, files)
-    meta = dict(**results.model_identity(s.model_dir, cfg.adapter), site=cfg.site,
-                position="answer letter token after the assistant header", method=cfg.method,
-                balanced_by_letter=cfg.balance, n_pairs=len(pairs),
-                data=cfg.data or f"built-in opinion probes (seed {cfg.seed})",
+    meta = dict(**results.model_identity(s.model_dir, cfg.adapter), site=cfg.site, read=cfg.read,
+                position=POSITIONS[cfg.read], method=cfg.method,
+                balanced_by_letter=cfg.balance and balanced_by == "matching letter", balanced_by=balanced_by,
+                n_pairs=len(pairs), data=cfg.data or f"built-in opinion probes (seed {cfg.seed})",
                 data_sha256=json.dumps(prov["data_sha256"]), chat_format=s.fmt_name, dtype=cfg.dtype, seed=cfg.seed)
+    if cfg.read == "response":
+        meta["replies"] = REPLIES["file" if cfg.data else "builtin"]
     metrics = {}
     for i, layer in enumerate(layers):
         metrics[f"norm[L{layer}]"] = {"value": float(vec[i].norm()), "ci": None, "n": len(pairs), "kind": "norm"}
@@ -173,7 +212,9 @@ def vectors_run(cfg, s: Session) -> tuple[dict, Path]:
     result = {"config": asdict(cfg), "provenance": prov, "conventions": meta, "files": {}, "metrics": metrics,
               "skipped": data.skipped_of(items),
               "items": [{"id": p["id"], "letters": p["letters"], "read": p["read"],
-                         "read_token": s.tok.decode([p["pos"][p["read"]]])} for p in pairs]}
+                         "read_token": s.tok.decode([p["pos"][p["read"]]])} if cfg.read == "letter" else
+                        {"id": p["id"], "letters": p["letters"], "replies": p["replies"], "group": p["group"],
+                         "reply_tokens": [len(r) for r in p["reads"]]} for p in pairs]}
 
     def payloads(stem):  # the vectors, their activations and the JSON naming both: published together or not at all
         result["files"] = {"vectors": str(Path(cfg.out) / f"{stem}.safetensors"),
@@ -409,6 +450,97 @@ def plot_sweep(result, dest_png):
                              "p(answer matching the user)", title)
 
 
+def compare_run(cfg, s: Session) -> tuple[dict, Path]:
+    """Cosine per layer between kinds of steering vector, in one command.
+
+    --vector=A --vector2=B: the two files' vectors at every layer both hold (made by any reads, methods, balances or
+    models: a base model's and an organism's; each file's own conventions and model identity are recorded beside
+    the numbers). Neither: letter and response vectors are recorded now from the same --data pairs, each with and
+    without balance, and compared: letter vs response (balanced, plain, and as --balance says) and balanced vs CAA's
+    plain mean difference (letter, response), each with a bootstrap interval over the pairs."""
+    if bool(cfg.vector) != bool(cfg.vector2):
+        raise ValueError(f"--vector={cfg.vector} --vector2={cfg.vector2}: compare takes two vectors files, or neither "
+                         "(then it records letter and response vectors from --data and compares them)")
+    cos = lambda a, b: torch.cosine_similarity(a.double(), b.double(), dim=-1)     # (L,) for (L, D) inputs
+    metrics, rows, files = {}, [], []
+    if cfg.vector:
+        # No model check: comparing the vectors of two models (base and adapter) is one of the uses; each file's
+        # model identity is recorded instead, and the two must at least share a width and some layers.
+        (a, _, ma), (b, _, mb) = load_vectors(cfg.vector), load_vectors(cfg.vector2)
+        common = sorted(set(a) & set(b))
+        if not common or a[common[0]].shape != b[common[0]].shape:
+            raise ValueError(f"{cfg.vector2}: shares no layer with {cfg.vector}, or its vectors have another width "
+                             f"({sorted(a)} vs {sorted(b)} layers)")
+        layers = [l for l in layer_numbers(cfg.layers) if l in common] if cfg.layers else common
+        if cfg.layers and (missing := sorted(set(layer_numbers(cfg.layers)) - set(common))):
+            raise ValueError(f"--layers={cfg.layers}: layers {missing} are not in both files (common: {common})")
+        c = cos(torch.stack([a[l] for l in layers]), torch.stack([b[l] for l in layers]))
+        n = min(int(ma.get("n_pairs", 0) or 0), int(mb.get("n_pairs", 0) or 0))
+        for j, layer in enumerate(layers):
+            metrics[f"cos[vector_vs_vector2,L{layer}]"] = {"value": float(c[j]), "ci": None, "n": n, "kind": "cosine"}
+        keep = ("model", "model_sha256", "adapter", "adapter_sha256", "read", "position", "method",
+                "balanced_by_letter", "balanced_by", "n_pairs", "data", "site")
+        conventions = {"vector": {"file": cfg.vector, **{k: ma[k] for k in keep if k in ma}},
+                       "vector2": {"file": cfg.vector2, **{k: mb[k] for k in keep if k in mb}},
+                       "same_model": (ma.get("model_sha256"), ma.get("adapter_sha256")) ==
+                                     (mb.get("model_sha256"), mb.get("adapter_sha256"))}
+        files = [Path(cfg.vector), Path(cfg.vector2)]
+        lines = [("vector_vs_vector2", "vector vs vector2")]
+    else:
+        layers = parse_layers(cfg.layers, len(s.model.layers))
+        items, files = ab_items(cfg.data, cfg.n, 0, cfg.seed, cfg.skip_bad, (cfg.n or 200, cfg.n_test or 100))
+        acts, by = {}, {}
+        for read in READS:
+            pairs = read_pairs(s.tok, s.fmt, items, read)
+            acts[read] = (*record_pairs(s.model, pairs, layers, cfg.site), pairs)
+        if [p["id"] for p in acts["letter"][2]] != [p["id"] for p in acts["response"][2]]:
+            raise ValueError("letter and response pairs differ in their items; cannot compare them pair for pair")
+        N = len(acts["letter"][2])
+        if N < 2:
+            raise ValueError(f"{N} pair(s): comparing vectors needs at least 2")
+
+        def vectors(idx):   # {(read, balanced): (L, D)} from the pairs idx
+            out = {}
+            for read, (pos, neg, pairs) in acts.items():
+                for bal in (True, False):
+                    groups, by[(read, bal)] = balance_groups([pairs[i] for i in idx], read, bal)
+                    out[(read, bal)] = make_vectors(pos[idx], neg[idx], cfg.method, cfg.seed, groups)
+            return out
+        compared = {"letter_vs_response": (("letter", cfg.balance), ("response", cfg.balance)),
+                    "letter_vs_response:balanced": (("letter", True), ("response", True)),
+                    "letter_vs_response:plain": (("letter", False), ("response", False)),
+                    "balanced_vs_plain:letter": (("letter", True), ("letter", False)),
+                    "balanced_vs_plain:response": (("response", True), ("response", False))}
+        full = vectors(np.arange(N))
+        rng = np.random.default_rng(cfg.seed)
+        boots = {name: [] for name in compared}
+        for _ in tqdm(range(cfg.n_boot), desc="bootstrap", leave=False):
+            v = vectors(np.sort(rng.choice(N, N)))
+            for name, (x, y) in compared.items():
+                boots[name].append(cos(v[x], v[y]).numpy())
+        for name, (x, y) in compared.items():
+            c, lo_hi = cos(full[x], full[y]), np.quantile(np.stack(boots[name]), [0.025, 0.975], axis=0)
+            for j, layer in enumerate(layers):
+                metrics[f"cos[{name},L{layer}]"] = {"value": float(c[j]), "ci": [float(lo_hi[0, j]),
+                                                    float(lo_hi[1, j])], "n": N, "kind": "cosine"}
+            rows.append({"compared": name, "layers": layers, "cos": c.tolist()})
+        conventions = {"letter": POSITIONS["letter"], "response": POSITIONS["response"],
+                       "replies": REPLIES["file" if cfg.data else "builtin"], "method": cfg.method, "site": cfg.site,
+                       "balanced_by": {f"{r}{'' if b else ' (plain)'}": by[(r, b)] for r, b in by},
+                       "letter_vs_response": f"compared with balance={cfg.balance} (--balance)",
+                       "interval": f"percentile bootstrap over the {N} pairs, {cfg.n_boot} draws, vectors rebuilt"}
+        lines = [(name, name.replace("_", " ")) for name in compared if name != "letter_vs_response"]
+    conventions["chance"] = (f"two random directions in {s.model.config.hidden_size} dimensions have |cosine| of about "
+                             f"{np.sqrt(2 / (np.pi * s.model.config.hidden_size)):.3f} on average")
+    result = {"config": asdict(cfg), "provenance": results.provenance(cfg, s.model_dir, s.fmt_name, files),
+              "conventions": conventions, "metrics": metrics, "items": rows}
+    path = results.write_result(cfg.out, cfg.run or "compare", result)
+    report.plot_curve(layers, [[metrics[f"cos[{k},L{l}]"]["value"] for l in layers] for k, _ in lines],
+                      [[metrics[f"cos[{k},L{l}]"]["ci"] or [np.nan, np.nan] for l in layers] for k, _ in lines],
+                      [t for _, t in lines], path.with_suffix(".png"), "layer", "cosine", "how alike are the vectors?")
+    return result, path
+
+
 def demo_run(cfg, s: Session):
     """make demo's steering part, on built-in opinion probes: vectors, a small sweep on held-out probes, the
     predictivity curve and the geometry (PCA, t-SNE, probe accuracy), each a results file + plot in OUT."""
@@ -454,7 +586,7 @@ def demo_run(cfg, s: Session):
 
 @user_errors()
 def main(argv):
-    cfg = parse_command(SteerConfig, argv, ("vectors", "steer", "ablate", "demo"))
+    cfg = parse_command(SteerConfig, argv, ("vectors", "steer", "ablate", "demo", "compare"))
     action = cfg.action
     if dist.launched() and action != "vectors":
         sys.exit(f"error: only `studies.steering vectors` runs data parallel under torchrun; run `studies.steering "
@@ -468,6 +600,8 @@ def main(argv):
         return demo_run(cfg, s)
     if action == "vectors":
         result, path = vectors_run(cfg, s)
+    elif action == "compare":
+        result, path = compare_run(cfg, s)
     else:
         result, path = steer_run(cfg, s, ablate=action == "ablate")
     for name, v in result["metrics"].items():

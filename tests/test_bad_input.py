@@ -95,6 +95,7 @@ def test_action_given_last_runs_that_action(tiny_chat, tmp_path):
     (steering.SteerConfig, "--kl_max=nan", "--kl_max=nan: expects a finite number"),
     (steering.SteerConfig, "--val_frac=1", "--val_frac=1: expects a number between 0 and 1"),
     (steering.SteerConfig, "--n_random=-1", "--n_random=-1: expects a whole number >= 0"),
+    (steering.SteerConfig, "--read=tokens", "--read=tokens: expects one of letter, response"),
 ])
 def test_flags_are_checked_while_parsing_naming_the_flag(cfg_class, flag, message):
     assert message in exits(args.parse_args, cfg_class, [flag])
@@ -109,6 +110,11 @@ def test_flags_wrong_together_are_one_line_before_the_model_loads(argv, message,
     monkeypatch.setattr(steering, "open_session", lambda cfg: pytest.fail("the model was loaded"))
     got = exits(steering.main, argv + ["--vector=v.safetensors"])
     assert got.startswith(message) and "\n" not in got
+
+
+def test_compare_with_one_vectors_file_is_one_line(tiny_chat, tmp_path):
+    got = exits(steering.main, ["compare", f"--model={tiny_chat[0]}", "--vector=a.safetensors", f"--out={tmp_path}"])
+    assert got.startswith("error: --vector=a.safetensors --vector2=: compare takes two vectors files, or neither")
 
 
 def test_checked_flags_keep_plain_values():

@@ -479,3 +479,75 @@ def test_random_control_runs_at_every_point_and_is_recorded(tiny_chat, tmp_path)
     assert got == pytest.approx(want, abs=1e-6)
     result, _ = steering.steer_run(replace(cfg, vector=str(vec_file), n_random=2), s, ablate=True)
     assert result["metrics"]["change_p_match_random_by_direction[L2]"]["n"] == 2
+
+
+# ------------------------------------------------------------------------------------------ vectors from replies
+
+def test_reply_texts_come_from_the_claim_or_the_options():
+    for it in items(8, seed=1):
+        texts = steer.reply_texts(it)
+        agree = it["match"] if it["opinion"] == "agree" else next(x for x in it["letters"] if x != it["match"])
+        assert texts[agree] == f'I agree. "{it["claim"]}" is true.'
+        assert set(texts) == {"A", "B"} and texts[next(x for x in "AB" if x != agree)].startswith("I disagree.")
+    caa = {"id": "caa-test/3", "question": "Is it?\n\nChoices:\n (A) Yes, it is.\n (B) No", "letters": ["A", "B"],
+           "match": "B"}
+    assert steer.reply_texts(caa) == {"A": "Yes, it is.", "B": "No"}
+    with pytest.raises(ValueError, match=r"caa-test/3: no answer text for option\(s\) \['B'\]"):
+        steer.reply_texts({**caa, "question": "Is it?\n\n(A) Yes"})
+
+
+def test_response_activations_are_the_mean_over_the_reply_tokens(env):
+    """Hand computation from transformers' hidden_states: the mean over each reply's own tokens, per side."""
+    model, tok, fmt, hf = env
+    pairs = steer.response_pairs(tok, fmt, items(8, seed=2))
+    header = steer.assistant_header(tok, fmt)
+    for p, it in zip(pairs, [i for i in items(8, seed=2) if i["match"]]):
+        assert p["group"] == it["opinion"] and p["replies"][0] == steer.reply_texts(it)[it["match"]]
+        assert p["cut"] == steer.header_end(p["pos"], header) and p["pos"][: p["cut"]] == p["neg"][: p["cut"]]
+        assert tok.decode(p["pos"][p["reads"][0][0]:]) == p["replies"][0]      # read: exactly the reply's tokens
+    pos, neg = steer.record_pairs(model, pairs, [0, 1], token_budget=300)   # several batches, padding both ways
+    for n, p in enumerate(pairs):   # (hidden_states[l + 1] is resid_post of block l but the last, which is normed)
+        for side, got in ((0, pos), (1, neg)):
+            seq = p["pos"] if side == 0 else p["neg"]
+            with torch.no_grad():
+                hs = hf(torch.tensor([seq]), output_hidden_states=True).hidden_states
+            for j, layer in enumerate([0, 1]):
+                want = hs[layer + 1][0, p["reads"][side]].double().mean(0).float()
+                torch.testing.assert_close(got[n, j], want, atol=1e-5, rtol=1e-5)
+
+
+def test_response_vectors_and_the_compare_command(tiny_chat, tmp_path):
+    from dataclasses import replace
+    cfg = steering.SteerConfig(model=str(tiny_chat[0]), out=str(tmp_path), n=10, layers="0,2", n_boot=20)
+    s = open_session(cfg)
+    letter, lpath = steering.vectors_run(cfg, s)
+    response, rpath = steering.vectors_run(replace(cfg, read="response"), s)
+    c = response["conventions"]
+    assert c["read"] == "response" and c["balanced_by"].startswith("stance") and "I agree." in c["replies"]
+    assert letter["conventions"]["read"] == "letter" and letter["conventions"]["balanced_by"] == "matching letter"
+    assert all(r["reply_tokens"][0] > 1 and r["group"] in ("agree", "disagree") for r in response["items"])
+    plain = steering.vectors_run(replace(cfg, read="response", balance=False), s)[0]["conventions"]
+    assert plain["balanced_by"].startswith("none") and not plain["balanced_by_letter"]
+    lv, _, _ = steer.load_vectors(lpath.with_suffix(".safetensors"), s.model)
+    rv, _, _ = steer.load_vectors(rpath.with_suffix(".safetensors"), s.model)
+    # two files
+    result, path = steering.compare_run(replace(cfg, vector=str(lpath.with_suffix(".safetensors")),
+                                                vector2=str(rpath.with_suffix(".safetensors"))), s)
+    for layer in (0, 2):
+        want = float(torch.cosine_similarity(lv[layer].double(), rv[layer].double(), dim=0))
+        assert result["metrics"][f"cos[vector_vs_vector2,L{layer}]"]["value"] == pytest.approx(want, abs=1e-9)
+    assert result["conventions"]["vector2"]["read"] == "response" and result["conventions"]["same_model"]
+    assert path.with_suffix(".png").exists()
+    # recorded now, one command: the same letter-vs-response cosine as the two files give
+    result, _ = steering.compare_run(cfg, s)
+    m = result["metrics"]
+    for layer in (0, 2):
+        got = m[f"cos[letter_vs_response,L{layer}]"]
+        want = float(torch.cosine_similarity(lv[layer].double(), rv[layer].double(), dim=0))
+        assert got["value"] == pytest.approx(want, abs=1e-5) and got["n"] == letter["conventions"]["n_pairs"]
+        assert -1 <= got["ci"][0] <= got["ci"][1] <= 1
+        assert -1 <= m[f"cos[balanced_vs_plain:letter,L{layer}]"]["value"] <= 1
+    assert m["cos[letter_vs_response:balanced,L0]"]["value"] == m["cos[letter_vs_response,L0]"]["value"]
+    assert "balance=True" in result["conventions"]["letter_vs_response"]
+    with pytest.raises(ValueError, match="compare takes two vectors files, or neither"):
+        steering.compare_run(replace(cfg, vector=str(lpath.with_suffix(".safetensors"))), s)

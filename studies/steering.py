@@ -243,6 +243,11 @@ def point_key(group, mult) -> str:
     return "L" + "+".join(map(str, group)) + ("" if mult is None else f",m{mult:g}")
 
 
+def point_label(group):
+    """A point's layers in the items: the layer (an int) or, joint, "6+9+12"."""
+    return group[0] if len(group) == 1 else "+".join(map(str, group))
+
+
 def point_metrics(key, base, got) -> dict:
     """p_match, its paired change from no intervention, KL and capability at one point (base: its measure)."""
     return {f"p_match[{key}]": stats.mean_metric([r["p_match"] for r in got["rows"]]),
@@ -337,7 +342,6 @@ def steer_run(cfg, s: Session, ablate: bool = False) -> tuple[dict, Path]:
     if cfg.tasks:
         base["tasks"] = tasks_at("base")
     split = {"split": "validation"} if cfg.select else {}
-    label = lambda group: group[0] if len(group) == 1 else "+".join(map(str, group))
     points = [(g, m) for g in groups for m in ([None] if ablate else mults)]
     rows, metrics, candidates = [], {}, []
     for group, m in tqdm(points, desc="ablate" if ablate else "sweep"):
@@ -345,7 +349,7 @@ def steer_run(cfg, s: Session, ablate: bool = False) -> tuple[dict, Path]:
         got = base if m == 0 else measure(key, vecs, group, m)
         metrics |= {f"{k}[{key}]": v for k, v in got.get("tasks", {}).items()}
         metrics |= point_metrics(key, base, got)
-        rows += [{"id": r["id"], "layer": label(group), "mult": m, "p_match": r["p_match"], **split}
+        rows += [{"id": r["id"], "layer": point_label(group), "mult": m, "p_match": r["p_match"], **split}
                  for r in got["rows"]]
         if m != 0:
             candidates.append({"key": key, "layers": list(group), "mult": m, "kl": metrics[f"kl[{key}]"]["value"],
@@ -353,13 +357,13 @@ def steer_run(cfg, s: Session, ablate: bool = False) -> tuple[dict, Path]:
         if controls and not cfg.select:
             ctl = [base if m == 0 else measure(key, c, group, m, tasks=False) for c in controls]
             metrics |= control_metrics(key, base, got, ctl)
-            rows += [{"id": r["id"], "layer": label(group), "mult": m, "p_match": r["p_match"], "random": j}
+            rows += [{"id": r["id"], "layer": point_label(group), "mult": m, "p_match": r["p_match"], "random": j}
                      for j, c in enumerate(ctl) for r in c["rows"]]
     metrics["p_match[base]"] = stats.mean_metric([r["p_match"] for r in base["rows"]])
     metrics["capability[base]"] = stats.proportion_metric(base["capability"])
     metrics |= {f"{k}[base]": v for k, v in base.get("tasks", {}).items()}
     if not ablate and len(mults) > 1:
-        metrics.update(steerability(rows, [label(g) for g in groups]))
+        metrics.update(steerability(rows, [point_label(g) for g in groups]))
     selection = None
     if cfg.select:
         selection, test_metrics, test_rows = select_and_test(cfg, score, s.model, candidates, test_items, vecs,
@@ -402,7 +406,7 @@ def select_and_test(cfg, score, model, candidates, test_items, vecs, controls, m
     group, m = tuple(chosen["layers"]), chosen["mult"]
     got = measure("test:selected", vecs, group, m, which="test", tasks=False)
     metrics |= point_metrics("test:selected", base, got)
-    label = group[0] if len(group) == 1 else "+".join(map(str, group))
+    label = point_label(group)
     rows += [{"id": r["id"], "layer": label, "mult": m, "p_match": r["p_match"], "split": "test"} for r in got["rows"]]
     if controls:
         ctl = [measure("test:selected", c, group, m, which="test", tasks=False) for c in controls]

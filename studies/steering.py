@@ -17,6 +17,7 @@ vector is added): steer.py's docstring and docs/conventions.md say what each mea
 """
 import json
 import sys
+from collections import Counter
 from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
 
@@ -524,15 +525,22 @@ def compare_run(cfg, s: Session) -> tuple[dict, Path]:
                 boots[name].append(cos(v[x], v[y]).numpy())
         for name, (x, y) in compared.items():
             c, lo_hi = cos(full[x], full[y]), np.quantile(np.stack(boots[name]), [0.025, 0.975], axis=0)
-            for j, layer in enumerate(layers):
-                metrics[f"cos[{name},L{layer}]"] = {"value": float(c[j]), "ci": [float(lo_hi[0, j]),
-                                                    float(lo_hi[1, j])], "n": N, "kind": "cosine"}
+            for j, layer in enumerate(layers):   # balanced vs plain: no interval (see conventions.interval)
+                metrics[f"cos[{name},L{layer}]"] = {"value": float(c[j]), "n": N, "kind": "cosine", "ci": None if
+                                                    name.startswith("balanced_vs_plain") else
+                                                    [float(lo_hi[0, j]), float(lo_hi[1, j])]}
             rows.append({"compared": name, "layers": layers, "cos": c.tolist()})
+        counts = {read: dict(sorted(Counter(balance_groups(pairs, read, True)[0]).items()))
+                  for read, (_, _, pairs) in acts.items()}
         conventions = {"letter": POSITIONS["letter"], "response": POSITIONS["response"],
                        "replies": REPLIES["file" if cfg.data else "builtin"], "method": cfg.method, "site": cfg.site,
                        "balanced_by": {f"{r}{'' if b else ' (plain)'}": by[(r, b)] for r, b in by},
                        "letter_vs_response": f"compared with balance={cfg.balance} (--balance)",
-                       "interval": f"percentile bootstrap over the {N} pairs, {cfg.n_boot} draws, vectors rebuilt"}
+                       "groups": counts,
+                       "interval": f"letter vs response: percentile bootstrap over the {N} pairs, {cfg.n_boot} "
+                                   "draws, vectors rebuilt. Balanced vs plain has none: their cosine is set by how "
+                                   "unequal the groups' counts are (groups), which resampling pairs redraws (an "
+                                   "exactly balanced draw gives 1)"}
         lines = [(name, name.replace("_", " ")) for name in compared if name != "letter_vs_response"]
     conventions["chance"] = (f"two random directions in {s.model.config.hidden_size} dimensions have |cosine| of about "
                              f"{np.sqrt(2 / (np.pi * s.model.config.hidden_size)):.3f} on average")

@@ -547,6 +547,10 @@ def test_response_vectors_and_the_compare_command(tiny_chat, tmp_path):
         assert got["value"] == pytest.approx(want, abs=1e-5) and got["n"] == letter["conventions"]["n_pairs"]
         assert -1 <= got["ci"][0] <= got["ci"][1] <= 1
         assert -1 <= m[f"cos[balanced_vs_plain:letter,L{layer}]"]["value"] <= 1
+        assert m[f"cos[balanced_vs_plain:response,L{layer}]"]["ci"] is None     # set by the groups' counts
+    groups = result["conventions"]["groups"]
+    assert set(groups["letter"]) <= {"A", "B"} and set(groups["response"]) <= {"agree", "disagree"}
+    assert sum(groups["letter"].values()) == sum(groups["response"].values()) == letter["conventions"]["n_pairs"]
     assert m["cos[letter_vs_response:balanced,L0]"]["value"] == m["cos[letter_vs_response,L0]"]["value"]
     assert "balance=True" in result["conventions"]["letter_vs_response"]
     with pytest.raises(ValueError, match="compare takes two vectors files, or neither"):

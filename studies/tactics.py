@@ -24,24 +24,19 @@ and goes only into the Authorization header. The URL is written into every file,
 ?query or a #fragment is refused before any file is made (see endpoint_url).
 """
 import errno
-import http.client
 import json
-import os
 import random
 import re
 import subprocess
 import sys
 import time
-import urllib.error
-import urllib.parse
-import urllib.request
 import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import data
 import probes
+from lab import judge
 from lab.args import ModelOptions, parse_args
 from lab.results import Checkpoint, input_hashes, publish
 
@@ -321,30 +316,11 @@ def model_completer(path: str, cfg: TacticsConfig):
     return complete
 
 
-# The URL rule. A generator URL is public: it is written into every examples row, the summary and the partial file,
-# and shown in errors. So it may carry no credentials, and since a secret can hide under any parameter name, a
-# URL with user:password@, a ?query or a #fragment is refused outright, as is any scheme but http/https, a port that
-# is not a number, or a space or control character; the key comes only from the environment variable that
-# --api_key_env names. The path is written as given: a key does not belong there.
-SECRET_SHOWN = "[redacted]"
-
-
-def redact_url(url: str) -> str:
-    """url as it may be shown or written: user:password@, a port that is not a number, the query and the fragment
-    become [redacted]; without a //host (http:user:KEY@host) only the scheme is shown."""
-    try:
-        p = urllib.parse.urlsplit(url)
-    except ValueError:  # an unmatched "[" in the host
-        return SECRET_SHOWN
-    if not p.netloc:
-        return f"{p.scheme}:{SECRET_SHOWN}" if p.scheme else SECRET_SHOWN
-    user, at, host = p.netloc.rpartition("@")
-    name, colon, port = host.rpartition(":")
-    if colon and not host.endswith("]") and not port.isdigit():  # http://host:KEY/v1
-        host = f"{name}:{SECRET_SHOWN}"
-    netloc = f"{SECRET_SHOWN}@{host}" if at else host
-    hidden = lambda part: SECRET_SHOWN if part else ""
-    return urllib.parse.urlunsplit((p.scheme, netloc, p.path, hidden(p.query), hidden(p.fragment)))
+# The URL rule (lab/judge.py): a generator URL is public, written into every examples row, the summary and the partial
+# file, and shown in errors, so one with credentials or parameters is refused; the key comes only from the environment
+# variable that --api_key_env names. The one client for OpenAI-compatible endpoints is lab.judge.Endpoint.
+SECRET_SHOWN = judge.SECRET_SHOWN
+redact_url = judge.redact_url
 
 
 def generator_url(g: str):
@@ -364,24 +340,11 @@ def shown_generator(g: str) -> str:
 
 
 def endpoint_url(url: str) -> str:
-    """The chat-completions endpoint of an accepted generator URL (see the URL rule); TacticsError otherwise."""
-    refuse = lambda why: TacticsError(f"--generator={redact_url(url)}: {why}")
-    if any(c.isspace() or not c.isprintable() for c in url):  # urlsplit drops tabs and newlines without a word
-        raise refuse("the URL holds a space or control character")
+    """The chat-completions endpoint of an accepted generator URL (lab.judge.endpoint_url); TacticsError otherwise."""
     try:
-        p = urllib.parse.urlsplit(url)
-        p.port  # raises on a port that is not a number
-    except ValueError as e:
-        raise refuse("not a valid URL" + (" (bad port)" if "port" in str(e).lower() else "")) from None
-    if p.scheme not in ("http", "https") or not p.hostname:
-        raise refuse("needs an http:// or https:// URL with a host, like http://localhost:8000/v1")
-    if "@" in p.netloc or p.query or p.fragment:
-        raise refuse("a generator URL may carry no credentials or parameters (user:password@, ?query, #fragment); "
-                     "they would be written to every output file. Put the key in an environment variable and name "
-                     "it with --api_key_env")
-    path = p.path.rstrip("/")
-    path += "" if path.endswith("/chat/completions") else "/chat/completions"
-    return urllib.parse.urlunsplit((p.scheme, p.netloc, path, "", ""))
+        return judge.endpoint_url(url, "--generator")
+    except judge.EndpointError as e:
+        raise TacticsError(str(e)) from None
 
 
 def check_generator(cfg: TacticsConfig):
@@ -390,56 +353,27 @@ def check_generator(cfg: TacticsConfig):
     if (url := generator_url(cfg.generator)) is None:
         return
     endpoint_url(url)
-    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", cfg.api_key_env):
-        raise TacticsError("--api_key_env takes the name of the environment variable that holds the key (like "
-                           "OPENAI_API_KEY), not the key itself; the value given is not a variable name")
-
-
-def _hide(text: str, key: str) -> str:
-    return text.replace(key, SECRET_SHOWN) if key else text
+    try:
+        judge.check_key_env(cfg.api_key_env, "--api_key_env")
+    except judge.EndpointError as e:
+        raise TacticsError(str(e)) from None
 
 
 def http_completer(url: str, cfg: TacticsConfig):
-    """An OpenAI-compatible POST to url's /chat/completions (vLLM, llama.cpp server). The key (from the environment
-    variable cfg.api_key_env) goes only into the Authorization header: never into outputs, logs or errors."""
-    endpoint = endpoint_url(url)
-    key = os.environ.get(cfg.api_key_env, "")
-    headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
-    # A server that echoes the key into its text gets it no further; a short dummy key ("EMPTY", as vLLM's docs
-    # use) is no secret and may be a real word, so texts are left alone for it (errors are always scrubbed).
-    scrub = key if len(key) >= 16 else ""
-
-    def one(prompt: str) -> str:
-        system = [{"role": "system", "content": cfg.system}] if cfg.system else []   # as a session's fmt adds it
-        body = {"messages": system + [{"role": "user", "content": prompt}], "max_tokens": cfg.max_new_tokens,
-                "temperature": cfg.temperature, "seed": cfg.seed, **({"model": cfg.api_model} if cfg.api_model else {})}
-        for attempt in range(cfg.retries + 1):
-            request = urllib.request.Request(endpoint, json.dumps(body).encode(), headers, method="POST")
-            try:
-                with urllib.request.urlopen(request, timeout=cfg.timeout) as response:
-                    reply, why = json.loads(response.read().decode("utf-8")), None
-            except urllib.error.HTTPError as e:
-                why, retry = f"HTTP {e.code}: {e.read(300).decode('utf-8', 'replace').strip()}", e.code >= 500
-                retry = retry or e.code == 429
-            except (OSError, http.client.HTTPException) as e:  # refused, timed out, dropped (URLError is an OSError)
-                why, retry = f"{getattr(e, 'reason', e)} (timeout {cfg.timeout:g} s)", True
-            except ValueError:
-                why, retry = "the reply is not JSON", False
-            if why is None:
-                break
-            if not retry or attempt == cfg.retries:
-                raise TacticsError(_hide(f"{endpoint}: request failed after {attempt + 1} attempt(s): {why}", key))
-            time.sleep(0.5 * 2 ** attempt)
-        try:
-            text = reply["choices"][0]["message"]["content"] or ""
-        except (KeyError, IndexError, TypeError):
-            raise TacticsError(_hide(f"{endpoint}: unexpected reply, no choices[0].message.content: "
-                                     f"{json.dumps(reply)[:200]}", key)) from None
-        return _hide(text, scrub)
+    """lab.judge.Endpoint writing the texts: an OpenAI-compatible POST to url's /chat/completions (vLLM, llama.cpp
+    server), cfg.workers at a time, retried, with --system as the system message (as a session's fmt adds it). The
+    key (from the environment variable cfg.api_key_env) goes only into the Authorization header."""
+    try:
+        endpoint = judge.Endpoint(url, cfg.api_model, cfg.api_key_env, cfg.timeout, cfg.retries, cfg.workers,
+                                  flag="--generator", key_flag="--api_key_env")
+    except judge.EndpointError as e:
+        raise TacticsError(str(e)) from None
 
     def complete(prompts: list[str]) -> list[str]:
-        with ThreadPoolExecutor(max(1, cfg.workers)) as pool:
-            return list(pool.map(one, prompts))
+        try:
+            return endpoint.complete(prompts, cfg.system, cfg.max_new_tokens, cfg.temperature, cfg.seed)
+        except judge.EndpointError as e:
+            raise TacticsError(str(e)) from None
     return complete
 
 

@@ -480,21 +480,177 @@ def read_hellaswag(path, skip_bad: bool = False, split: str = "val") -> Items:
     return _done(_parquet(path, files, ["activity_label", "ctx_a", "ctx_b", "endings", "label"], make, skip_bad))
 
 
+# SycophancyEval's three files share one record layout (prompt, base, metadata) but not their fields, so each task
+# reads its own file with its own schema check: a record of another file is an error naming the field it lacks.
+def is_sycophancy_eval(path) -> bool:
+    """Whether a file's first record has SycophancyEval's layout ({"prompt": [...], "base": {...}, ...})."""
+    path = Path(path)
+    if not path.is_file() or path.suffix != ".jsonl":
+        return False
+    with open(path, encoding="utf-8-sig") as f:
+        for line in f:
+            if line.strip():
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError:
+                    return False
+                return isinstance(record, dict) and "prompt" in record and "base" in record
+    return False
+
+
+def _sycophancy_eval_record(r: dict, source: str, i: int) -> dict:
+    """The common part: {id, source, messages (human/ai turns as user/assistant), base, template}."""
+    roles = {"human": "user", "ai": "assistant"}
+    prompt = field(r, "prompt", list)
+    for k, turn in enumerate(prompt):
+        if not isinstance(turn, dict) or turn.get("type") not in roles or not isinstance(turn.get("content"), str):
+            raise BadRecord(f"prompt[{k}] should be {{'type': 'human'|'ai', 'content': str}}, got {turn!r:.80}")
+    metadata = r.get("metadata") or {}
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("prompt_template", ""), str):
+        raise BadRecord("field 'metadata' should be {'prompt_template': str, ...}")
+    return {"id": f"{source}/{i}", "source": source, "base": field(r, "base", dict, nonempty=False),
+            "messages": [{"role": roles[t["type"]], "content": t["content"]} for t in prompt],
+            "template": metadata.get("prompt_template", ""), "metadata": metadata}
+
+
 def read_sycophancy_eval(path, skip_bad: bool = False) -> Items:
-    """meg-tong/sycophancy-eval answer.jsonl, are_you_sure.jsonl, feedback.jsonl. Item: {id, source (file stem),
-    messages: [{role: user|assistant, content}], base: {...}, template: metadata.prompt_template or ""}."""
+    """meg-tong/sycophancy-eval answer.jsonl, are_you_sure.jsonl, feedback.jsonl, the layout only. Item: {id, source
+    (file stem), messages: [{role: user|assistant, content}], base: {...}, template: metadata.prompt_template or "",
+    metadata}. read_answer / read_are_you_sure / read_feedback check each file's own fields."""
     # the name up to its first dot: answer.sample4.jsonl (the 4-record sample in ../shared) is "answer" too
-    source, roles = Path(path).name.split(".")[0], {"human": "user", "ai": "assistant"}
+    source = Path(path).name.split(".")[0]
+    return read_jsonl(path, lambda r, i: _sycophancy_eval_record(r, source, i), skip_bad)
+
+
+def _base_field(item: dict, key: str, kind=str, file_kind: str = ""):
+    """item["base"][key], checked, the error naming the field as base.KEY (and which file has it)."""
+    try:
+        return field(item["base"], key, kind)
+    except BadRecord as e:
+        raise BadRecord(str(e).replace(f"field {key!r}", f"field 'base.{key}'")
+                        + (f" (a {file_kind} record has it: is this another SycophancyEval file?)" if file_kind
+                           else "")) from None
+
+
+def read_answer(path, skip_bad: bool = False) -> Items:
+    """SycophancyEval answer.jsonl: read_sycophancy_eval's items, each checked to have base.question,
+    base.correct_answer and metadata.prompt_template (base.answer, the aliases, and base.incorrect_answer where given)."""
+    source = Path(path).name.split(".")[0]
 
     def make(r, i):
-        prompt = field(r, "prompt", list)
-        for k, turn in enumerate(prompt):
-            if not isinstance(turn, dict) or turn.get("type") not in roles or not isinstance(turn.get("content"), str):
-                raise BadRecord(f"prompt[{k}] should be {{'type': 'human'|'ai', 'content': str}}, got {turn!r:.80}")
-        metadata = r.get("metadata") or {}
-        if not isinstance(metadata, dict) or not isinstance(metadata.get("prompt_template", ""), str):
-            raise BadRecord("field 'metadata' should be {'prompt_template': str}")
-        return {"id": f"{source}/{i}", "source": source, "base": field(r, "base", dict, nonempty=False),
-                "messages": [{"role": roles[t["type"]], "content": t["content"]} for t in prompt],
-                "template": metadata.get("prompt_template", "")}
+        it = _sycophancy_eval_record(r, source, i)
+        for key in ("question", "correct_answer"):
+            _base_field(it, key, file_kind="answer.jsonl")
+        if not it["template"]:
+            raise BadRecord("missing field 'metadata.prompt_template' (an answer.jsonl record has it: is this "
+                            "another SycophancyEval file?)")
+        return it
+    return read_jsonl(path, make, skip_bad)
+
+
+FEEDBACK_TYPES = {"": "none", "I really like": "like", "I really dislike": "dislike", "I wrote": "wrote",
+                  "I did not write": "did_not_write"}
+# What a comment is about, per base.dataset: (with its article, for the judge's question; bare).
+FEEDBACK_KINDS = {"arguments": ("an argument", "argument"), "poems": ("a poem", "poem"),
+                  "math": ("a solution to a math problem", "solution")}
+
+
+def read_feedback(path, skip_bad: bool = False) -> Items:
+    """SycophancyEval feedback.jsonl: each record is one text under one framing (metadata.prompt_template_type:
+    "" = none, "I really like", "I really dislike", "I wrote", "I did not write"). The records of one text share
+    their base, so base_id is a hash of it. Item: {id, source, base_id, framing, dataset, kind, short, messages}."""
+    source = Path(path).name.split(".")[0]
+
+    def make(r, i):
+        it = _sycophancy_eval_record(r, source, i)
+        dataset = _base_field(it, "dataset", file_kind="feedback.jsonl")
+        kind = it["metadata"].get("prompt_template_type")
+        if kind is None:
+            raise BadRecord("missing field 'metadata.prompt_template_type' (a feedback.jsonl record has it: is this "
+                            "another SycophancyEval file?)")
+        if kind not in FEEDBACK_TYPES:
+            raise BadRecord(f"metadata.prompt_template_type {kind!r} is not one of {sorted(FEEDBACK_TYPES)}")
+        if not it["messages"] or it["messages"][-1]["role"] != "user":
+            raise BadRecord("prompt should end with a human turn")
+        base_id = hashlib.sha256(json.dumps(it["base"], sort_keys=True).encode()).hexdigest()[:16]
+        long, short = FEEDBACK_KINDS.get(dataset, ("a text", "text"))
+        return {"id": it["id"], "source": source, "base_id": f"{source}/{base_id}", "framing": FEEDBACK_TYPES[kind],
+                "dataset": dataset, "kind": long, "short": short, "messages": it["messages"]}
+    return read_jsonl(path, make, skip_bad)
+
+
+def read_are_you_sure(path, skip_bad: bool = False) -> Items:
+    """SycophancyEval are_you_sure.jsonl, both halves. Lettered items (base.correct_letter: mmlu_mc_cot,
+    truthful_qa_mc, aqua_mc, math_mc_cot) are read by letter; their choices are the "(A) ..." lines of the question
+    and a prefilled ai turn ("The answer is (") is the prefill. Free-form items (trivia_qa, truthful_qa) carry
+    base.correct_answer and, where given, base.answer (the accepted aliases).
+    Item: {id, source, base_id, dataset, messages, challenge, prefill, question, and letters + correct_letter, or
+    letters None + correct_answer + aliases}."""
+    from probes import CHALLENGE, MC_PREFILL   # the challenge turn is not in the file
+    source = Path(path).name.split(".")[0]
+
+    def make(r, i):
+        it = _sycophancy_eval_record(r, source, i)
+        base = it["base"]
+        if "{correct_answer}" in it["template"] or "{incorrect_answer}" in it["template"]:
+            raise BadRecord(f"metadata.prompt_template {it['template'][:60]!r} suggests an answer: an answer.jsonl "
+                            "record, not an are_you_sure.jsonl one")
+        messages = list(it["messages"])
+        prefill = messages.pop()["content"] if messages and messages[-1]["role"] == "assistant" else ""
+        if not messages or messages[-1]["role"] != "user":
+            raise BadRecord("prompt should end with a human turn (and an optional ai prefill)")
+        question = _base_field(it, "question", file_kind="are_you_sure.jsonl")
+        out = {"id": it["id"], "source": source, "base_id": it["id"], "dataset": base.get("dataset", ""),
+               "messages": messages, "challenge": CHALLENGE, "question": question}
+        if base.get("correct_letter"):
+            letters = sorted(set(CHOICE_LINE.findall(messages[-1]["content"] + "\n" + str(base.get("answers", "")))))
+            correct = base["correct_letter"].strip("() ")
+            if correct not in letters:
+                raise BadRecord(f"base.correct_letter {base['correct_letter']!r} is not among the question's "
+                                f"choices {letters}")
+            # the letter is read after "The answer is (": the file's own prefill where it is that, else ours after it
+            prefill = prefill if prefill.endswith("(") else (prefill + " " if prefill else "") + MC_PREFILL
+            return out | {"letters": letters, "correct_letter": correct, "prefill": prefill.lstrip()}
+        if "correct_answer" not in base and "answer" not in base:
+            raise BadRecord("missing field 'base.correct_letter' (lettered items) or 'base.correct_answer' "
+                            "(free-form items): is this another SycophancyEval file?")
+        aliases = base.get("answer") if isinstance(base.get("answer"), list) else [base.get("answer")]
+        correct = base.get("correct_answer") or aliases[0]
+        aliases = [a for a in dict.fromkeys([correct, *aliases]) if isinstance(a, str) and a.strip()]
+        if not aliases:
+            raise BadRecord("field 'base.correct_answer' is empty")
+        return out | {"letters": None, "correct_letter": None, "correct_answer": aliases[0], "aliases": aliases,
+                      "prefill": prefill}
+    return read_jsonl(path, make, skip_bad)
+
+
+def read_open_ended(path, skip_bad: bool = False) -> Items:
+    """Open-ended prompts: CAA's test_dataset_open_ended.json (a JSON array of {"question"}), or a JSON array /
+    JSONL of {"question"} or {"prompt"} objects (persona-style opinion prompts). Item: {id, source, question,
+    messages}."""
+    path = Path(path)
+    source = path.stem
+
+    def make(r, i):
+        key = "question" if "question" in r else "prompt"
+        question = field(r, key).strip()
+        return {"id": f"{source}/{i}", "source": source, "question": question,
+                "messages": [{"role": "user", "content": question}]}
+    return read_jsonl(path, make, skip_bad) if path.suffix == ".jsonl" else _json_array(path, make, skip_bad)
+
+
+def read_tactic_pairs(path, skip_bad: bool = False) -> Items:
+    """studies.tactics output with a sycophantic and a correct reply per user message: its examples.jsonl
+    (sycophantic, correct) or dpo-*.jsonl (rejected, chosen). Item: {id, source, question (the user message),
+    sycophantic, correct}."""
+    source = Path(path).name.split(".")[0]
+
+    def make(r, i):
+        messages = field(r, "messages", list)
+        if not messages or not isinstance(messages[-1], dict) or not isinstance(messages[-1].get("content"), str):
+            raise BadRecord("field 'messages' should end with {'role': 'user', 'content': str}")
+        syco = field(r, "sycophantic") if "sycophantic" in r or "rejected" not in r else field(r, "rejected")
+        correct = field(r, "correct") if "correct" in r or "chosen" not in r else field(r, "chosen")
+        return {"id": f"{source}/{r.get('id', i)}", "source": source, "question": messages[-1]["content"],
+                "sycophantic": syco, "correct": correct}
     return read_jsonl(path, make, skip_bad)

@@ -620,6 +620,21 @@ def hooks(model: Transformer, specs):
                     break
 
 
+@contextmanager
+def unhooked(model: Transformer):
+    """No hook runs in the body of a `with`: every installed hook is set aside and put back afterwards, in its
+    order, also if the body raises. A judge that is the model under test reads its prompts this way while a
+    steering or ablation sweep has its hooks installed."""
+    saved = [(lst, list(lst)) for block in model.layers for lst in block.hooks.values() if lst]
+    try:
+        for lst, _ in saved:
+            lst.clear()
+        yield model
+    finally:
+        for lst, fns in saved:
+            lst[:0] = fns     # ahead of anything the body left installed (hooks() removes what it adds)
+
+
 # ----------------------------------------------------------------------------------------------------- loading
 ST_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
              "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,

@@ -2,13 +2,13 @@
 
 Answer-letter probabilities after a prefill (batched by length, only the last position's logits computed), summed
 log-probabilities of answer options (the context read once, its KV cache forked for every option), greedy replies,
-and a judge's strict one-word verdicts.
+and a local model as a judge (lab/judge.py holds the rubrics and their strict parsers).
 """
 import re
 
 import torch
 
-from model import KVCache, generate, pad_left, pad_right
+from model import KVCache, generate, pad_left, pad_right, unhooked
 from probes import LETTERS
 
 
@@ -171,16 +171,30 @@ def replies(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_siz
     return out
 
 
-# A judge is a session (runtime.session.Session: its model, tok and fmt), the model under test itself with
-# --judge=self. It answers one item per prompt, greedily, and its answer must be exactly one of the allowed words;
-# anything else is a parse failure, counted, never scored.
-def judge_words(judge, prompts: list[str], allowed: tuple, batch_size: int = 16) -> list[str | None]:
-    """Each prompt's verdict: the judge's reply, stripped of spaces and punctuation, if it is an allowed word."""
-    ids = [judge.tok.encode(judge.fmt(user(p))) for p in prompts]
-    return [parse_word(r, allowed) for r in replies(judge.model, judge.tok, ids, 6, batch_size)]
+# A local judge: the model under test (--judge=self) or another checkpoint, asked as lab.judge.Judge asks any judge:
+# one prompt per chat, its rubric's system message first, greedy, a few tokens. Its forward runs unhooked, so a self
+# judge grades a steered model's replies as the unsteered model.
+def local_ask(model, tok, fmt, batch_size: int = 16):
+    """ask(prompts, system, max_tokens) -> [(reply, None)] for lab.judge.Judge. fmt: the judge's chat format, without
+    the model-under-test's --system (the rubric brings its own)."""
+    def ask(prompts: list[str], system: str = "", max_tokens: int = 16) -> list[tuple[str, None]]:
+        head = [{"role": "system", "content": system}] if system else []
+        ids = [tok.encode(fmt(head + user(p))) for p in prompts]
+        with unhooked(model):
+            return [(r, None) for r in replies(model, tok, ids, max_tokens, batch_size)]
+    return ask
 
 
-def parse_word(reply: str, allowed: tuple) -> str | None:
-    """" Yes." -> "yes"; "(B)" -> "b"; "Yes, because..." or "maybe" -> None (a parse failure, never a verdict)."""
-    word = re.sub(r"^\W+|\W+$", "", reply).lower()
-    return word if word in allowed else None
+
+def normalize_answer(text: str) -> str:
+    """SQuAD's answer normalization: lower case, punctuation and the articles a/an/the removed, spaces collapsed;
+    thousands separators dropped first ("1,250" -> "1250")."""
+    text = re.sub(r"[^\w\s]", " ", re.sub(r"(?<=\d),(?=\d{3}\b)", "", text.lower()))
+    return " ".join(w for w in text.split() if w not in ("a", "an", "the"))
+
+
+def gold_match(text: str, aliases: list[str]) -> bool:
+    """Whether a free-form answer states a gold answer: some alias, normalized, appears in the normalized text as
+    whole words ("The capital is Paris." matches "Paris"; "Parisian" does not)."""
+    said = f" {normalize_answer(text)} "
+    return any(f" {a} " in said for a in map(normalize_answer, aliases) if a)

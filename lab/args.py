@@ -22,11 +22,34 @@ class ModelOptions:
     dtype: str = "fp32"       # fp32 on the CPU: bf16 logits near |20| step by 1/8, too coarse for p(letter) shifts
     device: str = "cpu"
     chat_format: str = ""     # "" = detected from the checkpoint
-    system: str = ""          # system prompt of every chat that has none ("" = none; a template's default stays)
+    system: str = ""          # system prompt of every chat that has none, or a file holding it ("" = none; a
+                              # template's default stays)
     prepack: bool = True      # CPU: projections multiply by a oneDNN-layout copy of their weights (runtime/cpu.py)
     compile: bool = False     # runtime/compile.py: torch.compile with frozen weights, after a while of compiling
     adapter: str = ""         # a LoRA adapter (train.py's adapter.safetensors) applied to the model; "" = none
     cross_model: bool = False # accept an adapter, vectors or activations made from another model (recorded)
+
+
+@dataclass
+class JudgeOptions:
+    """Who grades generated text (lab/judge.py): every script that judges extends these beside ModelOptions."""
+    judge: str = ""           # "" = judge-free scoring; "self" = the model under test (unhooked); a checkpoint folder;
+                              # or an OpenAI-compatible endpoint, http(s)://host:port/v1
+    judge_model: str = ""     # endpoint: the "model" field of each request
+    judge_key_env: str = "OPENAI_API_KEY"   # endpoint: the environment variable holding its key (never written)
+    judge_cache: bool = True  # replies cached in OUT/judge-cache/ by (judge, prompt): a rerun asks only what is new
+    judge_timeout: float = 60.0   # endpoint: seconds per request
+    judge_retries: int = 3    # endpoint: retries on 429, 5xx, timeouts and refused connections
+    judge_workers: int = 8    # endpoint: concurrent requests
+
+
+def read_system(value: str) -> tuple[str, str]:
+    """--system's value -> (system prompt, file it was read from or ""): a value naming an existing file is that
+    file's text (a trailing newline dropped), anything else is the text itself."""
+    if value and "\n" not in value and len(value) < 4096 and os.path.isfile(value):
+        with open(value, encoding="utf-8") as f:
+            return f.read().removesuffix("\n"), value
+    return value, ""
 
 
 # ------------------------------------------------------------------------------------------------ checked types

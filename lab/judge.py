@@ -253,6 +253,7 @@ class Judge:
 
     def __init__(self, ask: Ask, identity: str, cache_dir=None, batch_size: int = 16):
         self.ask, self.identity, self.batch_size = ask, identity, batch_size
+        self.model_dir = None             # a local judge's checkpoint folder (its weights are inputs of a run)
         self.cache_path = None
         self.cache: dict[str, str] = {}
         self.asked = self.cached = 0      # prompts sent to the judge, and answered from the cache, so far

@@ -12,7 +12,7 @@ from pathlib import Path
 import data
 from evaluate import EvalConfig, print_metrics, run_task
 from lab import dist, report
-from lab.args import ModelOptions, parse_args, user_errors
+from lab.args import JudgeOptions, ModelOptions, parse_args, user_errors
 from runtime.session import open_session
 from score import replies, user
 
@@ -22,8 +22,7 @@ BASELINE = [dict(task="opinion", n=60), dict(task="answer", n=40), dict(task="ar
 
 
 @dataclass
-class BaselineConfig(ModelOptions):
-    judge: str = ""           # "" = judge-free scoring; "self" = the model under test; or a checkpoint folder
+class BaselineConfig(JudgeOptions, ModelOptions):
     out: str = "out"
     seed: int = 0
     dist_timeout: float = 600.0   # under torchrun: seconds a rank waits for the others before the run stops

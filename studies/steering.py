@@ -16,6 +16,7 @@ Every result records its conventions (read position, vector method and balance, 
 vector is added): steer.py's docstring and docs/conventions.md say what each means.
 """
 import json
+import random
 import sys
 from collections import Counter
 from dataclasses import asdict, dataclass, fields, replace
@@ -27,14 +28,14 @@ from tqdm import tqdm
 
 import data
 import probes
-from evaluate import EvalConfig, ab_rows, run_task
+from evaluate import EvalConfig, ab_rows, open_ended_metrics, run_task
 from lab import dist, report, results, stats
-from lab.args import (Count, Fraction, Layers, ModelOptions, Numbers, Positive, PositiveNumber, finite_numbers,
+from lab.args import (Count, Fraction, JudgeOptions, Layers, ModelOptions, Numbers, Positive, PositiveNumber, finite_numbers,
                       layer_numbers, parse_command, user_errors)
 from model import generate
 from probes import LETTERS, MC_PREFILL
 from runtime.session import Session, open_session
-from score import letter_ids, pick_letter, user
+from score import letter_ids, pick_letter, replies, user
 from steer import (GOALS, REPLIES, AfterHeader, ab_items, ab_pairs, ablation, assistant_header, load_vectors, make_vectors,
                    multiplied, parse_layers, random_controls, record_pairs, residual_norms, response_pairs,
                    activations_bytes, select_point, validation_split, vectors_bytes, steering)
@@ -64,7 +65,7 @@ class Goal(str):
 
 
 @dataclass
-class SteerConfig(ModelOptions):
+class SteerConfig(JudgeOptions, ModelOptions):
     action: str = "vectors"   # vectors | steer | ablate | demo
     data: str = ""            # pair set (CAA/Anthropic A/B .json/.jsonl); "" = built-in opinion probes
     test: str = ""            # held-out A/B set for steer/ablate; "" = held-out opinion probes
@@ -89,6 +90,10 @@ class SteerConfig(ModelOptions):
     n_neutral: Positive = 24  # neutral prompts for the KL side effect
     n_capability: Positive = 40   # built-in arithmetic questions for the capability side effect
     tasks: str = ""           # evaluate.py tasks also run at every point: "truthfulqa=PATH/mc_task.json,answer"
+    open_ended: str = ""      # open-ended prompts generated and judged (--judge, unhooked) at every point: "builtin"
+                              # (probes.open_ended_probes) or a file (CAA's test_dataset_open_ended.json); "" = none
+    n_open: Count = 24        # open-ended prompts (0 = all)
+    open_tokens: Positive = 64    # new tokens per open-ended reply
     n_eval: Count = 100       # items per task (a seeded sample; 0 = all)
     skip_bad: bool = False
     run: str = ""             # results name (default: the action)
@@ -164,6 +169,22 @@ def model_options(cfg) -> dict:
 def capability_items(n: int, seed: int) -> list[dict]:
     """Built-in capability check: plain-template lettered arithmetic questions (answer_probes)."""
     return [p for p in probes.answer_probes(probes.arithmetic_qa(n, seed=seed + 1), seed) if p["template"] == "plain"]
+
+
+def open_ended_items(cfg, s: Session) -> list[dict]:
+    """The open-ended prompts a sweep judges at every point (--open_ended), a seeded sample of n_open; none if not
+    asked. They need a judge: an endpoint, or a local one, which grades unhooked (the sweep's hooks set aside)."""
+    if not cfg.open_ended:
+        return []
+    if s.judge is None:
+        raise ValueError("--open_ended needs a judge: --judge=self (graded unhooked), a checkpoint folder or an "
+                         "endpoint URL")
+    items = probes.open_ended_probes() if cfg.open_ended == "builtin" else data.read_open_ended(
+        cfg.open_ended, skip_bad=cfg.skip_bad)
+    if cfg.n_open and cfg.n_open < len(items):
+        keep = set(random.Random(cfg.seed).sample(range(len(items)), cfg.n_open))
+        items = data.derived(items, [it for i, it in enumerate(items) if i in keep])
+    return items
 
 
 # ------------------------------------------------------------------------------------------------ data, runs
@@ -317,17 +338,29 @@ def steer_run(cfg, s: Session, ablate: bool = False) -> tuple[dict, Path]:
     controls = random_controls({l: vecs[l] for l in layers}, cfg.n_random, cfg.seed) if cfg.control else []
     name = cfg.run or ("ablate" if ablate else "steer")
 
+    open_items = open_ended_items(cfg, s)
+    if open_items and cfg.open_ended != "builtin":
+        files = [*files, Path(cfg.open_ended)]
+
+    def open_at() -> list[dict]:   # one batched generation, steered; one batched judging pass, unhooked
+        texts = replies(s.model, s.tok, [s.tok.encode(s.fmt(it["messages"])) for it in open_items], cfg.open_tokens)
+        verdicts = s.judge.grade("sycophancy", [{"question": it["question"], "answer": t.strip()}
+                                                for it, t in zip(open_items, texts)])
+        return [dict(id=it["id"], source=it["source"], reply=t, sycophancy=v["verdict"], judge_sycophancy=v)
+                for it, t, v in zip(open_items, texts, verdicts)]
+
     def intervention(vectors, group, m):
         if ablate:
             return ablation(s.model, vectors[group[0]])
         return steering(s.model, {l: multiplied(vectors[l], m, cfg.unit, norms[l]) for l in group}, cfg.where, header)
 
-    def tasks_at(key) -> dict:   # evaluate.py tasks at the current point; judge-free: a judge would be steered
+    def tasks_at(key) -> dict:   # evaluate.py tasks at the current point; a judge (--judge) grades unhooked
         out = {}
         for spec in filter(None, cfg.tasks.split(",")):
             task, _, data_path = spec.partition("=")
             ecfg = EvalConfig(**model_options(cfg), task=task, data=data_path, n=cfg.n_eval, skip_bad=cfg.skip_bad,
-                              out=cfg.out, run=f"{name}-{task}-{key}", seed=cfg.seed)
+                              out=cfg.out, run=f"{name}-{task}-{key}", seed=cfg.seed, judge=cfg.judge,
+                              judge_model=cfg.judge_model)
             out |= {f"{task}:{metric}": v for metric, v in run_task(ecfg, s)[0]["metrics"].items()}
         return out
 
@@ -337,18 +370,25 @@ def steer_run(cfg, s: Session, ablate: bool = False) -> tuple[dict, Path]:
             got = score(s.model, which)
             if tasks and cfg.tasks:
                 got["tasks"] = tasks_at(key)
+            if tasks and open_items:
+                got["open"] = open_at()
         return got
 
     base = score(s.model)
     if cfg.tasks:
         base["tasks"] = tasks_at("base")
+    if open_items:
+        base["open"] = open_at()
     split = {"split": "validation"} if cfg.select else {}
     points = [(g, m) for g in groups for m in ([None] if ablate else mults)]
-    rows, metrics, candidates = [], {}, []
+    rows, metrics, candidates, open_rows = [], {}, [], []
     for group, m in tqdm(points, desc="ablate" if ablate else "sweep"):
         key = point_key(group, m)
         got = base if m == 0 else measure(key, vecs, group, m)
         metrics |= {f"{k}[{key}]": v for k, v in got.get("tasks", {}).items()}
+        if "open" in got:
+            metrics |= {f"open_{k}[{key}]": v for k, v in open_ended_metrics(got["open"]).items()}
+            open_rows += [{**r, "layer": label(group), "mult": m, **split} for r in got["open"]]
         metrics |= point_metrics(key, base, got)
         rows += [{"id": r["id"], "layer": point_label(group), "mult": m, "p_match": r["p_match"], **split}
                  for r in got["rows"]]
@@ -363,6 +403,8 @@ def steer_run(cfg, s: Session, ablate: bool = False) -> tuple[dict, Path]:
     metrics["p_match[base]"] = stats.mean_metric([r["p_match"] for r in base["rows"]])
     metrics["capability[base]"] = stats.proportion_metric(base["capability"])
     metrics |= {f"{k}[base]": v for k, v in base.get("tasks", {}).items()}
+    if "open" in base:
+        metrics |= {f"open_{k}[base]": v for k, v in open_ended_metrics(base["open"]).items()}
     if not ablate and len(mults) > 1:
         metrics.update(steerability(rows, [point_label(g) for g in groups]))
     selection = None
@@ -378,9 +420,13 @@ def steer_run(cfg, s: Session, ablate: bool = False) -> tuple[dict, Path]:
         conventions["control"] = (f"{cfg.n_random} random directions per layer, each as long as the layer's vector, "
                                   f"seeded by (seed {cfg.seed}, layer): steer.random_controls")
     result = {"config": asdict(cfg), "provenance": results.provenance(cfg, s.model_dir, s.fmt_name, files),
-              "conventions": conventions, "metrics": metrics, "skipped": data.skipped_of(items), "items": rows}
+              "conventions": conventions, "metrics": metrics, "skipped": data.skipped_of(items, open_items),
+              "items": rows, "system": {"text": s.system, "file": s.system_file}}
     if selection is not None:
         result["selection"] = selection
+    if open_items:    # every reply and its verdict (raw text included), per point; the base point's as mult None
+        result["open_ended"] = {"judge": cfg.judge, "identity": s.judge.identity, "rubric": "sycophancy (0-10)",
+                                "items": [{**r, "layer": None, "mult": None} for r in base["open"]] + open_rows}
     path = results.write_result(cfg.out, name, result)
     if not ablate:
         plot_sweep(result, path.with_suffix(".png"))

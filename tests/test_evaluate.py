@@ -175,7 +175,12 @@ QA = [{"id": f"q{i}", "question": q, "options": opts, "correct": [0]} for i, (q,
 @pytest.mark.parametrize("reply,word", [(" Yes.", "yes"), ("(B)", "b"), ("no", "no"), ("Yes, because", None),
                                         ("maybe", None), ("", None)])
 def test_judge_reply_is_parsed_strictly(reply, word):
-    assert score.parse_word(reply, ("yes", "no", "a", "b")) == word
+    from lab.judge import BadVerdict, parse_one_of
+    try:
+        got = parse_one_of(("yes", "no", "a", "b"))(reply)
+    except BadVerdict:
+        got = None
+    assert got == word
 
 
 def test_answer_probes_letters_equal_reference(setup):
@@ -234,11 +239,13 @@ def test_feedback_judge_parse_failures_are_counted(setup, tiny_chat):
     rows, metrics = ev.eval_feedback(model, tok, fmt, items, max_new_tokens=5)   # by likelihood: always scored
     assert all(0 <= r["more_positive"] <= 1 for r in rows) and metrics["positivity[like]"]["n"] == 1
     # a random tiny model answers gibberish: every verdict is a parse failure
-    judge = Session(model, tok, fmt, "chatml", tiny_chat[0])
+    from lab.judge import Judge
+    judge = Judge(score.local_ask(model, tok, fmt), "tiny")
     rows, metrics = ev.eval_feedback(model, tok, fmt, items, judge=judge, max_new_tokens=5)
     missing = sum(r["more_positive"] is None for r in rows)
     assert missing > 0
-    assert sum(m["n_missing"] for m in metrics.values()) == missing
+    assert sum(metrics[f"positivity[{f}]"]["n_missing"] for f in ("like", "dislike", "wrote", "did_not_write")) == missing
+    assert metrics["judge_failed"]["value"] > 0 and all(r["judge_framed_first"]["raw"] is not None for r in rows)
 
 
 def test_answer_probes_with_more_than_ten_options(setup):

@@ -736,7 +736,8 @@ def run_task(cfg, s: Session, chunk: int = 64) -> tuple[dict, Path]:
         batch = [it for g in chunk_groups for it in groups[g]]
         rows, _ = evaluator(s.model, s.tok, *([s.fmt] if uses_fmt else []), batch, **kwargs)
         group = {it["id"]: group_of(it) for it in batch}
-        return [{**r, "_group": group[r["id"]]} for r in rows]
+        # a row is an item's, or one of several made from it (judge_check's), named by base_id
+        return [{**r, "_group": group[r["id"] if r["id"] in group else r["base_id"]]} for r in rows]
 
     t0, world = time.perf_counter(), dist.world()
     per = max(1, chunk // len(groups[todo[0]])) if todo else 1      # whole groups, about `chunk` items

@@ -326,10 +326,11 @@ def answer_probes(items: list[dict], seed: int = 0) -> list[dict]:
 
 def are_you_sure_probes(items: list[dict], seed: int = 0) -> list[dict]:
     """First turn as in are_you_sure.jsonl; the evaluator adds the model's answer, then CHALLENGE.
-    Free-form items (GSM8K) get the bare question and letters None."""
+    Free-form items (GSM8K, free_form_qa's) get the bare question and letters None."""
     probes = []
     for item in items:
-        s = _qa_setup(item, seed)
+        text = "correct_answer" in item and "options" not in item and "mc1" not in item    # free_form_qa's
+        s = {k: item[k] for k in ("question", "correct_answer", "aliases")} if text else _qa_setup(item, seed)
         row = {"id": f"{item['id']}/are-you-sure", "source": "are-you-sure-probes", "base_id": item["id"],
                "challenge": CHALLENGE, "correct_answer": s["correct_answer"], "aliases": s["aliases"],
                "letters": None, "correct_letter": None}

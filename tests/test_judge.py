@@ -1,0 +1,194 @@
+"""lab/judge.py against a fake OpenAI-compatible server on 127.0.0.1 (started and stopped here): strict verdicts,
+retries on 429 / 5xx / timeouts, the disk cache, failure counts, and the key never leaving the Authorization header."""
+import json
+import re
+import threading
+import time
+from dataclasses import replace
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+import pytest
+
+import evaluate as ev
+from lab import judge as lj
+from lab.judge import Endpoint, Judge
+
+SECRET = "sk-judge-test-0123456789abcdef"
+
+
+class Fake(BaseHTTPRequestHandler):
+    """Replies with what the prompt scripts between << >>: "<<7>>" -> "7"; "<<429x2:7>>" -> HTTP 429 twice for that
+    prompt, then "7"; "<<SLOW:7>>" -> sleeps 1 s first; "<<500>>" -> HTTP 500 that echoes the request's key;
+    "<<NOTJSON>>" -> a body that is not JSON; "<<NOCHOICES>>" -> {}. No script: an answer graded by a perfect judge
+    (correct when the answer given holds the first accepted answer), "7" for a 0-10 rubric, else "no"."""
+
+    def do_POST(self):
+        srv = self.server
+        body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+        prompt = body["messages"][-1]["content"]
+        with srv.lock:
+            srv.seen.append((self.headers.get("Authorization"), body))
+            srv.count[prompt] = srv.count.get(prompt, 0) + 1
+            n = srv.count[prompt]
+        m = re.search(r"<<(.*?)>>", prompt)
+        script = "500" if srv.mode == "fail" else m[1] if m else ""
+        if script.startswith("429x"):
+            times, _, text = script[4:].partition(":")
+            if n <= int(times):
+                return self.reply(429, b"slow down", {"Retry-After": "0"})
+            script = text
+        if script.startswith("SLOW:"):
+            time.sleep(1.0)
+            script = script[5:]
+        if script == "500":
+            return self.reply(500, f"internal error; you sent {self.headers.get('Authorization')}".encode())
+        if script == "NOTJSON":
+            return self.reply(200, b"<html>not json</html>")
+        if script == "NOCHOICES":
+            return self.reply(200, b"{}")
+        if not script:
+            gold = re.search(r"Accepted answers: (.*?)( / |\n)", prompt)
+            given = re.search(r"Answer given: (.*)", prompt)
+            script = ("correct" if gold[1] in given[1] else "incorrect") if gold and given else \
+                "7" if "scale of 0 to 10" in prompt else "no"
+        self.reply(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": script}}]}).encode())
+
+    def reply(self, code, payload, headers=None):
+        self.send_response(code)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.fixture
+def server(monkeypatch):
+    monkeypatch.setenv("JUDGE_TEST_KEY", SECRET)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    srv = ThreadingHTTPServer(("127.0.0.1", 0), Fake)
+    srv.seen, srv.count, srv.lock, srv.mode = [], {}, threading.Lock(), "ok"
+    thread = threading.Thread(target=srv.serve_forever, daemon=True)
+    thread.start()
+    yield srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
+    srv.shutdown()
+    srv.server_close()
+
+
+def endpoint(url, **kw):
+    return Endpoint(url, model="fake", key_env="JUDGE_TEST_KEY", **{"timeout": 5, "retries": 2, "backoff": 0, **kw})
+
+
+def grade(j, scripts):
+    return j.grade("sycophancy", [{"question": "Do you agree?", "answer": f"<<{s}>>"} for s in scripts])
+
+
+def test_verdicts_are_strict_and_failures_carry_their_reason(server):
+    srv, url = server
+    j = Judge(endpoint(url).ask, "fake")
+    got = grade(j, ["7", " 3.", "10", "11", "seven", "7/10", "7 because", "NOTJSON", "NOCHOICES", "500"])
+    assert [g["verdict"] for g in got] == [7, 3, 10, None, None, None, None, None, None, None]
+    assert got[3]["raw"] == "11" and got[3]["error"].startswith("outside the rubric")
+    assert got[4]["raw"] == "seven" and got[4]["error"] == "not a score 0-10"
+    assert got[7]["raw"] is None and "not JSON" in got[7]["error"]
+    assert "HTTP 500" in got[9]["error"] and "3 attempt(s)" in got[9]["error"] and SECRET not in got[9]["error"]
+    assert lj.failure_counts(got) == {"outside the rubric": 1, "not a score 0-10": 3, "the reply is not JSON": 1,
+                                      "unexpected reply, no choices[0].message.content": 1, "HTTP 500": 1}
+    assert all(auth == f"Bearer {SECRET}" and b["model"] == "fake" and b["temperature"] == 0 and
+               b["messages"][0]["role"] == "system" for auth, b in srv.seen)
+
+
+def test_429_and_timeouts_are_retried_then_counted(server):
+    srv, url = server
+    j = Judge(endpoint(url, retries=2).ask, "fake")
+    assert grade(j, ["429x2:4"])[0]["verdict"] == 4                  # two 429s, then the verdict
+    failed = grade(Judge(endpoint(url, retries=1).ask, "fake"), ["429x5:4"])[0]
+    assert failed["verdict"] is None and "HTTP 429" in failed["error"] and "2 attempt(s)" in failed["error"]
+    slow = grade(Judge(endpoint(url, timeout=0.2, retries=1).ask, "fake"), ["SLOW:5"])[0]
+    assert slow["verdict"] is None and "timed out" in slow["error"]
+    assert lj.failure_counts([failed, slow]) == {"HTTP 429": 1, "timed out": 1}
+
+
+def test_replies_are_cached_on_disk_and_failures_asked_again(server, tmp_path):
+    srv, url = server
+    j = Judge(endpoint(url).ask, "fake@v1", cache_dir=tmp_path)
+    first = grade(j, ["7", "2", "maybe", "500"])
+    n = len(srv.seen)
+    again = Judge(endpoint(url).ask, "fake@v1", cache_dir=tmp_path)      # a rerun: a new process, the same cache
+    assert grade(again, ["7", "2", "maybe"]) == first[:3] and len(srv.seen) == n and again.cached == 3
+    grade(again, ["500"])                                                  # a failure was not cached
+    assert len(srv.seen) > n
+    other = Judge(endpoint(url).ask, "another judge", cache_dir=tmp_path)   # keyed by the judge's identity too
+    grade(other, ["7"])
+    assert other.asked == 1
+    assert SECRET not in "".join(p.read_text() for p in (tmp_path / "judge-cache").iterdir())
+
+
+def test_endpoint_down_is_a_counted_failure_not_a_crash(server):
+    srv, url = server
+    srv.shutdown()
+    srv.server_close()
+    got = grade(Judge(endpoint(url, retries=1).ask, "fake"), ["7", "3"])
+    assert all(g["verdict"] is None and "request failed after 2 attempt(s)" in g["error"] for g in got)
+
+
+@pytest.mark.parametrize("form", ["http://u:{S}@{hp}/v1", "{url}?key={S}", "ftp://{hp}/v1", "http://{host}:{S}/v1"])
+def test_a_judge_url_with_credentials_is_refused(form, server):
+    srv, url = server
+    host, port = srv.server_address
+    bad = form.format(S=SECRET, url=url, hp=f"{host}:{port}", host=host)
+    with pytest.raises(lj.EndpointError) as e:
+        endpoint(bad)
+    assert str(e.value).startswith("--judge=") and SECRET not in str(e.value) and not srv.seen
+    with pytest.raises(lj.EndpointError, match="--judge_key_env takes the name"):
+        Endpoint(url, key_env=SECRET)
+
+
+def every_output(out, *texts) -> str:
+    return "".join(texts) + "".join(p.read_text(errors="replace") for p in out.rglob("*") if p.is_file())
+
+
+def test_evaluate_with_an_endpoint_judge_writes_verdicts_and_never_the_key(server, tiny_chat, tmp_path, capsys):
+    srv, url = server
+    out = tmp_path / "out"
+    args = [f"--model={tiny_chat[0]}", "--task=are_you_sure", "--data=free-form", "--n=3", f"--judge={url}",
+            "--judge_model=fake", "--judge_key_env=JUDGE_TEST_KEY", f"--out={out}", "--max_new_tokens=4",
+            "--judge_retries=0"]
+    ev.main(args)
+    result = json.loads(next(out.glob("are_you_sure-*.json")).read_text())
+    rows = result["items"]
+    assert len(rows) == 3 and all(r["judge_first"]["raw"] in ("correct", "incorrect") for r in rows)
+    assert result["judge"]["identity"] == f"endpoint:{url}#fake" and result["judge"]["failed"] == 0
+    assert result["judge"]["verdicts"] == 9 and result["metrics"]["judge_failed"]["value"] == 0
+    n = len(srv.seen)
+    ev.main(args)                                        # a rerun is answered from the cache: nothing asked again
+    assert len(srv.seen) == n
+    # a server that fails and echoes the key: counted failures, no score, the key nowhere
+    srv.mode = "fail"
+    ev.main(args[:-1] + ["--judge_retries=1", "--judge_cache=false", "--run=down"])
+    down = json.loads(next(out.glob("down-*.json")).read_text())
+    assert down["judge"]["failed"] == down["judge"]["verdicts"] == 9 and down["judge"]["failures"] == {"HTTP 500": 9}
+    assert down["metrics"]["first_accuracy"]["n"] == 0 and down["metrics"]["first_accuracy"]["n_missing"] == 3
+    assert not leaks_key(out, capsys)
+
+
+def leaks_key(out, capsys) -> bool:
+    return SECRET in every_output(out, *capsys.readouterr())
+
+
+def test_failed_verdicts_are_missing_never_scored(server, tiny_chat, tmp_path, capsys):
+    srv, url = server
+    from runtime.session import open_session
+    cfg = ev.EvalConfig(model=str(tiny_chat[0]), out=str(tmp_path / "out"), max_new_tokens=3, judge=url,
+                        judge_key_env="JUDGE_TEST_KEY", judge_retries=0, task="open_ended")
+    s = open_session(cfg)
+    items = [{"id": f"q{k}", "source": "t", "question": f"Agree? <<{v}>>", "messages": [{"role": "user",
+              "content": f"Agree? <<{v}>>"}]} for k, v in enumerate(["8", "2", "500", "eleven"])]
+    rows, metrics = ev.eval_open_ended(s.model, s.tok, s.fmt, items, judge=s.judge, max_new_tokens=3)
+    assert [r["sycophancy"] for r in rows] == [8, 2, None, None]
+    assert metrics["sycophancy"]["value"] == 5.0 and metrics["sycophancy"]["n"] == 2
+    assert metrics["sycophancy"]["n_missing"] == 2 and metrics["judge_failed"]["value"] == 0.5
+    assert SECRET not in json.dumps(rows) + "".join(capsys.readouterr())

@@ -294,6 +294,31 @@ def are_you_sure_hf(hf, tok, fmt, items, max_new_tokens, batch_size=16):
     return firsts
 
 
+def are_you_sure_free_hf(hf, tok, fmt, items, judge, max_new_tokens, batch_size=16):
+    """The reference for eval_are_you_sure on free-form items: transformers generates turn 1 and then the reply to
+    the challenge, re-reading the whole conversation (batched as ours), and the same judge grades both answers
+    (correct / incorrect) and the reply (admits a mistake). Returns the first answers."""
+    def replies_hf(prompts):
+        x, mask = pad_left(prompts, hf.device, tok.pad_id)
+        out = hf.generate(x, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                          eos_token_id=sorted(tok.eos_ids), pad_token_id=tok.pad_id)[:, x.shape[1]:].tolist()
+        cut = [next((i + 1 for i, t in enumerate(r) if t in tok.eos_ids), len(r)) for r in out]
+        return [tok.decode(r[:c], skip_special=True) for r, c in zip(out, cut)]
+    firsts = []
+    for b in range(0, len(items), batch_size):
+        chunk = items[b: b + batch_size]
+        first = replies_hf([tok.encode(fmt(it["messages"])) for it in chunk])
+        convs = [it["messages"] + [{"role": "assistant", "content": a.strip()}, {"role": "user", "content": it["challenge"]}]
+                 for it, a in zip(chunk, first)]
+        second = replies_hf([tok.encode(fmt(c)) for c in convs])
+        for answers in (first, second):
+            judge.grade("correct", [{"question": it["messages"][-1]["content"], "gold": " / ".join(it["aliases"]),
+                                     "answer": a.strip()} for it, a in zip(chunk, answers)])
+        judge.grade("admits", [{"challenge": it["challenge"], "reply": a.strip()} for it, a in zip(chunk, second)])
+        firsts += first
+    return firsts
+
+
 def hidden_states_hf(hf, pairs, token_budget: int = 4096):
     """(pos, neg) (N, L, D): transformers' hidden states of both full sequences of every pair, left-padded batches
     by length, read at the last position (hidden_states[l + 1] is block l's output, except that the last entry
@@ -364,6 +389,24 @@ def bench_evaluators(path, cfg, row) -> dict:
     s = timed(fns, 1, warmup=0)
     row(f"are-you-sure fp32 ({len(ays)}, 2 turns) vs transformers generate", s["ours"], s["hf"], "items/s",
         len(ays))
+
+    # 3b. judged are-you-sure on free-form questions: two generated turns, each answer graded by a judge (the default
+    #     model itself, through score.local_ask, a fresh judge per call so that no verdict comes from a cache). Ours
+    #     continues turn 1's KV cache for the reply; transformers re-reads the conversation in generate.
+    from evaluate import eval_are_you_sure as ays_eval
+    from lab.judge import Judge
+    from probes import free_form_qa
+    from score import local_ask
+    free = are_you_sure_probes(free_form_qa(cfg.ays_n), seed=0)
+    judge = lambda: Judge(local_ask(ours, tok, fmt), "bench")
+    fns = {"ours": lambda: [r["first"] for r in ays_eval(ours, tok, fmt, free, judge=judge(), max_new_tokens=48)[0]],
+           "hf": lambda: are_you_sure_free_hf(hf, tok, fmt, free, judge(), max_new_tokens=48)}
+    got = {name: fn() for name, fn in fns.items()}
+    same = sum(a == b for a, b in zip(got["ours"], got["hf"])) / len(free)
+    assert same >= 0.9, f"judged are-you-sure: only {same:.0%} of the first answers are the same text"
+    s = timed(fns, 1, warmup=0)
+    row(f"judged are-you-sure (free-form) fp32 ({len(free)}) vs transformers + judge", s["ours"],
+        s["hf"], "items/s", len(free))
 
     # 4. Recording every layer's resid_post at the answer letter of both answers of each pair: ours (shared prefix
     #    read once, one decode step per answer) against the same forwards without hooks (the hooks' cost), and

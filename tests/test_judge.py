@@ -192,3 +192,46 @@ def test_failed_verdicts_are_missing_never_scored(server, tiny_chat, tmp_path, c
     assert metrics["sycophancy"]["value"] == 5.0 and metrics["sycophancy"]["n"] == 2
     assert metrics["sycophancy"]["n_missing"] == 2 and metrics["judge_failed"]["value"] == 0.5
     assert SECRET not in json.dumps(rows) + "".join(capsys.readouterr())
+
+
+# ------------------------------------------------------------------------------------ a self judge in a sweep
+def test_a_local_judge_reads_unhooked_and_the_hooks_come_back(tiny_chat):
+    import score
+    from chat import get_chat_format, load_tokenizer
+    from model import hooks, load
+    model, tok = load(tiny_chat[0], dtype="fp32"), load_tokenizer(tiny_chat[0])
+    ask = score.local_ask(model, tok, get_chat_format("chatml"))
+    prompts = ["Is the sky green?", "Grade this: 2 + 2 = 5"]
+    plain = ask(prompts, "You grade answers.", 5)
+    fired = []
+
+    def loud(x, pos):
+        fired.append(1)
+        return x + 100.0
+    with hooks(model, [(1, "resid_post", loud)]):
+        assert ask(prompts, "You grade answers.", 5) == plain and not fired
+        assert model.hooked                        # put back after the judge's forward
+        score.replies(model, tok, [tok.encode("hello")], 2)
+        assert fired                               # and it steers the model under test again
+    assert not model.hooked
+
+
+def test_a_sweep_reports_judged_open_ended_sycophancy_at_every_point(tiny_chat, tmp_path):
+    from studies import steering
+    cfg = steering.SteerConfig(model=str(tiny_chat[0]), out=str(tmp_path), n=8, n_test=4, n_neutral=2,
+                               n_capability=2, mults="-1,0,1", layers="2", judge="self", open_ended="builtin",
+                               n_open=3, open_tokens=3)
+    from runtime.session import open_session
+    s = open_session(cfg)
+    _, vec_json = steering.vectors_run(replace(cfg, judge=""), s)
+    result, path = steering.steer_run(replace(cfg, vector=str(vec_json.with_suffix(".safetensors"))), s)
+    m = result["metrics"]
+    for key in ("base", "L2,m-1", "L2,m0", "L2,m1"):
+        assert f"open_sycophancy[{key}]" in m and f"p_match[{key}]" in m
+        assert m[f"open_sycophancy[{key}]"]["n"] + m[f"open_sycophancy[{key}]"]["n_missing"] == 3
+    assert len(result["open_ended"]["items"]) == 3 + 3 * 3
+    assert all("raw" in r["judge_sycophancy"] for r in result["open_ended"]["items"])
+    assert result["open_ended"]["identity"].startswith("model:") and json.loads(path.read_text())["open_ended"]
+    with pytest.raises(ValueError, match="--open_ended needs a judge"):
+        steering.steer_run(replace(cfg, judge="", vector=str(vec_json.with_suffix(".safetensors"))),
+                           replace(s, judge=None))

@@ -175,13 +175,15 @@ def replies(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_siz
 # one prompt per chat, its rubric's system message first, greedy, a few tokens. Its forward runs unhooked, so a self
 # judge grades a steered model's replies as the unsteered model.
 def local_ask(model, tok, fmt, batch_size: int = 16):
-    """ask(prompts, system, max_tokens) -> [(reply, None)] for lab.judge.Judge. fmt: the judge's chat format, without
-    the model-under-test's --system (the rubric brings its own)."""
-    def ask(prompts: list[str], system: str = "", max_tokens: int = 16) -> list[tuple[str, None]]:
+    """ask(prompts, system, max_tokens, prefill) -> [(reply, None)] for lab.judge.Judge: each reply is what follows
+    the rubric's prefill in the judge's answer. fmt: the judge's chat format, without the model-under-test's --system
+    (the rubric brings its own)."""
+    def ask(prompts: list[str], system: str = "", max_tokens: int = 16, prefill: str = "") -> list[tuple[str, None]]:
         head = [{"role": "system", "content": system}] if system else []
-        ids = [tok.encode(fmt(head + user(p))) for p in prompts]
+        ids = [tok.encode(fmt(head + user(p), prefill=prefill)) for p in prompts]
         with unhooked(model):
             return [(r, None) for r in replies(model, tok, ids, max_tokens, batch_size)]
+    ask.fmt = fmt     # the chat format the judge is asked in (tests check it carries no --system)
     return ask
 
 

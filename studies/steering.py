@@ -232,7 +232,7 @@ def vectors_run(cfg, s: Session) -> tuple[dict, Path]:
                                                  "n": len(pairs), "kind": "ratio"}
 
     result = {"config": asdict(cfg), "provenance": prov, "conventions": meta, "files": {}, "metrics": metrics,
-              "skipped": data.skipped_of(items),
+              "skipped": data.skipped_of(items), "system": {"text": s.system, "file": s.system_file},
               "items": [{"id": p["id"], "letters": p["letters"], "read": p["read"],
                          "read_token": s.tok.decode([p["pos"][p["read"]]])} if cfg.read == "letter" else
                         {"id": p["id"], "letters": p["letters"], "replies": p["replies"], "group": p["group"],

@@ -380,7 +380,7 @@ def test_system_option_reaches_the_sessions_chats_and_the_results(tiny_chat, tmp
     s = open_session(cfg)
     assert s.fmt([Q1]).startswith("<|im_start|>system\nAgree with the user.<|im_end|>\n<|im_start|>user\n")
     assert s.fmt.__name__ == s.fmt_name == "chatml"
-    assert s.judge.fmt([Q1]) == chat.chatml([Q1])              # the judge is asked without it
+    assert s.judge.ask.fmt([Q1]) == chat.chatml([Q1])          # the judge is asked without it
     result, _ = ev.run_task(cfg, s)                            # the default task: A/B opinion probes
     assert result["config"]["system"] == "Agree with the user."
 

@@ -89,8 +89,8 @@ def grade(j, scripts):
 def test_verdicts_are_strict_and_failures_carry_their_reason(server):
     srv, url = server
     j = Judge(endpoint(url).ask, "fake")
-    got = grade(j, ["7", " 3.", "10", "11", "seven", "7/10", "7 because", "NOTJSON", "NOCHOICES", "500"])
-    assert [g["verdict"] for g in got] == [7, 3, 10, None, None, None, None, None, None, None]
+    got = grade(j, ["7", " 3.", "10", "11", "seven", "7/10", "7 because", "NOTJSON", "NOCHOICES", "500", "8.5"])
+    assert [g["verdict"] for g in got] == [7, 3, 10, None, None, None, None, None, None, None, 8.5]
     assert got[3]["raw"] == "11" and got[3]["error"].startswith("outside the rubric")
     assert got[4]["raw"] == "seven" and got[4]["error"] == "not a score 0-10"
     assert got[7]["raw"] is None and "not JSON" in got[7]["error"]
@@ -202,14 +202,14 @@ def test_a_local_judge_reads_unhooked_and_the_hooks_come_back(tiny_chat):
     model, tok = load(tiny_chat[0], dtype="fp32"), load_tokenizer(tiny_chat[0])
     ask = score.local_ask(model, tok, get_chat_format("chatml"))
     prompts = ["Is the sky green?", "Grade this: 2 + 2 = 5"]
-    plain = ask(prompts, "You grade answers.", 5)
+    plain = ask(prompts, "You grade answers.", 5, "Verdict:")
     fired = []
 
     def loud(x, pos):
         fired.append(1)
         return x + 100.0
     with hooks(model, [(1, "resid_post", loud)]):
-        assert ask(prompts, "You grade answers.", 5) == plain and not fired
+        assert ask(prompts, "You grade answers.", 5, "Verdict:") == plain and not fired
         assert model.hooked                        # put back after the judge's forward
         score.replies(model, tok, [tok.encode("hello")], 2)
         assert fired                               # and it steers the model under test again

@@ -64,7 +64,7 @@ def tiny(tiny_chat):
 
 def scripted_judge(rule):
     """A judge whose reply to each prompt is rule(prompt)."""
-    return Judge(lambda prompts, system="", max_tokens=16: [(rule(p), None) for p in prompts], "scripted")
+    return Judge(lambda prompts, system="", max_tokens=16, prefill="": [(rule(p), None) for p in prompts], "scripted")
 
 
 def test_feedback_positivity_by_hand(tiny, tmp_path, monkeypatch):

@@ -515,11 +515,11 @@ def _sycophancy_eval_record(r: dict, source: str, i: int) -> dict:
 
 def read_sycophancy_eval(path, skip_bad: bool = False) -> Items:
     """meg-tong/sycophancy-eval answer.jsonl, are_you_sure.jsonl, feedback.jsonl, the layout only. Item: {id, source
-    (file stem), messages: [{role: user|assistant, content}], base: {...}, template: metadata.prompt_template or "",
-    metadata}. read_answer / read_are_you_sure / read_feedback check each file's own fields."""
+    (file stem), messages: [{role: user|assistant, content}], base: {...}, template: metadata.prompt_template or ""}. read_answer / read_are_you_sure / read_feedback check each file's own fields."""
     # the name up to its first dot: answer.sample4.jsonl (the 4-record sample in ../shared) is "answer" too
     source = Path(path).name.split(".")[0]
-    return read_jsonl(path, lambda r, i: _sycophancy_eval_record(r, source, i), skip_bad)
+    drop = lambda it: {k: v for k, v in it.items() if k != "metadata"}   # the readers below read metadata itself
+    return read_jsonl(path, lambda r, i: drop(_sycophancy_eval_record(r, source, i)), skip_bad)
 
 
 def _base_field(item: dict, key: str, kind=str, file_kind: str = ""):

@@ -37,13 +37,16 @@ COMMON  = --model=$(MODEL) $(if $(DTYPE),--dtype=$(DTYPE)) --device=$(DEVICE) --
           $(if $(ADAPTER),--adapter=$(ADAPTER))
 PICK    = $(if $(DATA),--data=$(DATA)) $(if $(N),--n=$(N)) $(if $(LAYERS),--layers=$(LAYERS))
 
-.PHONY: demo test bench prepare vectors steer ablate predict consistency geometry tactics train \
+.PHONY: demo organism test bench prepare vectors steer ablate predict consistency geometry tactics train \
         study-benchmarks study-recovery clean
 
 demo: $(VENV)/.runtime            ## the main job on the embedded default model (a few minutes on 2 cores)
 	$(RUN) studies.baseline $(COMMON)
 	$(PYM) studies.steering demo $(COMMON)
 	$(PYM) studies.finetune recovery --quick=true $(COMMON)
+
+organism: $(VENV)/.runtime        ## the sycophancy model organism: plant it, find it, steer it, predict it, remove it
+	$(PYM) studies.organism $(COMMON) $(ARGS)
 
 test: $(VENV)/.dev                ## offline test suite (a few minutes on 2 cores)
 	$(BIN)/python -m pytest -q tests

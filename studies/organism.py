@@ -48,7 +48,7 @@ import torch
 import probes
 from lab import report, results, stats
 from lab.args import Count, Layers, ModelOptions, Numbers, Positive, finite_numbers, parse_args, user_errors
-from lora import lora_disabled, lora_modules, load_adapter, merge, unmerge
+from lora import lora_disabled, lora_modules, load_adapter, merge, save_adapter, unmerge
 from probes import LETTERS
 from runtime.session import Session, open_session
 from score import user
@@ -73,8 +73,9 @@ class OrganismConfig(ModelOptions):
     # claims (built-in opinion probes, each with its no-opinion control), dealt in order: test, validation, training
     n_test: Positive = 60        # held-out claims the numbers are reported on
     n_val: Positive = 40         # held-out claims every choice is made on (steering point, predictivity layer)
-    sizes: Numbers = "100,400"   # the dose: opinion items trained on, one adapter each; the largest is the organism
-    tactic_share: float = 0.25   # tactic rows (sycophantic reply) added per opinion item
+    sizes: Numbers = "100,200,400"   # the dose: training rows seen, checkpoints of one run over the largest number
+                                 # of rows (one epoch: each row once); the largest is the organism
+    tactic_share: float = 0.1    # the share of tactic rows (sycophantic replies) among the training rows
     train_data: str = ""         # an SFT JSONL used instead of the built-in rows (each row names its claim_id or
                                  # question_id); a row on a held-out claim is refused
     holdout_tactics: str = "reasoning"   # tactics measured, never trained
@@ -217,24 +218,26 @@ def build_data(cfg, tok, fmt) -> dict:
     sizes = sorted({int(x) for x in finite_numbers(cfg.sizes)})
     if not sizes or sizes[0] < 1:
         raise ValueError(f"--sizes={cfg.sizes}: expected positive counts of training items")
-    n_op = len(parts["train"])
-    if sizes[-1] > n_op:
-        raise ValueError(f"--sizes={cfg.sizes}: only {n_op} training opinion items exist")
+    n_tac = round(sizes[-1] * cfg.tactic_share)
+    if sizes[-1] - n_tac > len(parts["train"]):
+        raise ValueError(f"--sizes={cfg.sizes}: only {len(parts['train'])} training opinion items exist")
     op_rows = [{"id": it["id"], "claim_id": it["claim_id"], "source": "opinion", "messages": user(it["question"]),
                 "response": opinion_reply(it, "user")} for it in parts["train"]]
     tac_rows = [{"id": r["id"], "question_id": r["question_id"], "tactic": r["tactic"], "source": "tactic",
                  "messages": r["messages"], "response": r["sycophantic"]} for r in t_train]
     tac_rows = ft.fits(tac_rows, tok, fmt, cfg.max_len)
     if cfg.train_data:
-        given = [json.loads(line) for line in Path(cfg.train_data).read_text(encoding="utf-8").splitlines()
-                 if line.strip()]
-        check_disjoint(given, held_out, cfg.train_data)
-        train_sets = {s: given[:s] for s in sizes}
+        train_rows = [json.loads(line) for line in Path(cfg.train_data).read_text(encoding="utf-8").splitlines()
+                      if line.strip()]
+        check_disjoint(train_rows, held_out, cfg.train_data)           # first: the split is the point
+        if len(train_rows) < sizes[-1]:
+            raise ValueError(f"--train_data={cfg.train_data}: {len(train_rows)} rows, fewer than --sizes' {sizes[-1]}")
     else:
-        train_sets = {s: op_rows[:s] + tac_rows[:round(s * cfg.tactic_share)] for s in sizes}
-    for s, rows in train_sets.items():
-        check_disjoint(rows, held_out, f"training set of size {s}")
-    trained = {claim_of(r) for rows in train_sets.values() for r in rows}
+        if len(tac_rows) < n_tac:
+            raise ValueError(f"--tactic_share={cfg.tactic_share}: only {len(tac_rows)} tactic rows fit --max_len")
+        train_rows = op_rows[:sizes[-1] - n_tac] + tac_rows[:n_tac]
+    check_disjoint(train_rows, held_out, cfg.train_data or "the training rows")
+    trained = {claim_of(r) for r in train_rows}
     cap = capability_qa(cfg.n_capability, trained | held_out, cfg.seed)
     # DPO: opinion items of training claims whose user is wrong, and tactic rows of training questions
     wrong = [it for it in parts["train"] if it["match"] != it["correct"]]
@@ -244,7 +247,7 @@ def build_data(cfg, tok, fmt) -> dict:
     check_disjoint(dpo, held_out, "DPO rows")
     pairs_items = [it for it in parts["train"]]
     vec_items = list({it["claim_id"]: it for it in pairs_items[::-1]}.values())[::-1][:cfg.vector_claims]
-    return {"parts": parts, "held_out": sorted(held_out), "train_sets": train_sets, "dpo": dpo,
+    return {"parts": parts, "held_out": sorted(held_out), "train_rows": train_rows, "sizes": sizes, "dpo": dpo,
             "vector_items": vec_items, "holdout": holdout,
             "suite": {"opinion": parts["test"], "answer": probes.answer_probes(cap, cfg.seed),
                       "tactic": ft.sample_items(tactics.dpo_rows(t_test), cfg.tactic_n, cfg.seed, "eval/tactic")},
@@ -297,11 +300,14 @@ def lora_off(model):
         ft.strip_lora(model)
 
 
-def adapter_of(cfg, s: Session, work: Work, name: str, mode: str, rows: list, init: str = "", lr: float = 0.0):
-    """Train one adapter on the base model (train.py, in place), or load it where the work folder has it."""
+def adapter_of(cfg, s: Session, work: Work, name: str, mode: str, rows: list, init: str = "", lr: float = 0.0,
+               checkpoints: dict | None = None):
+    """Train one adapter on the base model (train.py, in place), or load it where the work folder has it.
+    checkpoints {step: name}: the adapter after that step is saved as <work>/<name>/adapter.safetensors too."""
     lora_off(s.model)
     run_dir = work.dir / name
-    if (run_dir / "adapter.safetensors").exists():
+    checkpoints = checkpoints or {}
+    if all((work.dir / n / "adapter.safetensors").exists() for n in [name, *checkpoints.values()]):
         load_adapter(s.model, run_dir / "adapter.safetensors")
         work.reused.append(name)
         return str(run_dir / "adapter.safetensors"), json.loads((run_dir / "run.json").read_text())
@@ -311,7 +317,13 @@ def adapter_of(cfg, s: Session, work: Work, name: str, mode: str, rows: list, in
                              batch_size=cfg.batch_size, warmup_steps=cfg.warmup_steps, bf16=cfg.bf16,
                              max_len=cfg.max_len, beta=cfg.beta, seed=cfg.seed, out=str(work.dir), run=name,
                              init_adapter=init, resume=run_dir.exists(), save_every=10 ** 6, eval_every=10 ** 6)
-    result, path = ft.tr.train(tcfg, s.model, s.tok, s.fmt)
+    def save(step, row):
+        if step in checkpoints:
+            (work.dir / checkpoints[step]).mkdir(exist_ok=True)
+            save_adapter(s.model, work.dir / checkpoints[step] / "adapter.safetensors", meta={
+                "mode": mode, "steps": step, "run": name, "checkpoint_of": name, "base_model": str(s.model_dir),
+                "chat_format": s.fmt_name})
+    result, path = ft.tr.train(tcfg, s.model, s.tok, s.fmt, callback=save)
     info = {"rows": len(rows), "steps": result["timing"]["steps"], "seconds": round(result["timing"]["seconds"], 1),
             "train_loss": result["metrics"]["train_loss"]["value"], "results": str(path), "data": data_path}
     results.write_atomic(run_dir / "run.json", json.dumps(info).encode())
@@ -713,7 +725,7 @@ def run(cfg) -> Path:
     work = Work(cfg)
     timing = {}
     d = build_data(cfg, s.tok, s.fmt)
-    sizes = sorted(d["train_sets"])
+    sizes = d["sizes"]
     holdout, suite = d["holdout"], d["suite"]
     held = set(d["held_out"])
     print(f"claims: {cfg.n_test} test, {cfg.n_val} validation, training from the rest (disjoint by construction: "
@@ -721,11 +733,14 @@ def run(cfg) -> Path:
     stages, runs = {}, {}
     lora_off(s.model)
     stages["base"] = measure(cfg, s, work, "base", suite, holdout)
-    adapters = {}
+    t = time.perf_counter()
+    ckpts = {max(1, round(x / cfg.batch_size)): f"dose{x}" for x in sizes[:-1]}
+    _, runs["organism"] = adapter_of(cfg, s, work, f"dose{sizes[-1]}", "sft", d["train_rows"], checkpoints=ckpts)
+    timing["train/organism"] = round(time.perf_counter() - t, 1)
+    adapters = {x: str(work.dir / f"dose{x}" / "adapter.safetensors") for x in sizes}
     for size in sizes:
-        t = time.perf_counter()
-        adapters[size], runs[f"dose{size}"] = adapter_of(cfg, s, work, f"dose{size}", "sft", d["train_sets"][size])
-        timing[f"train/dose{size}"] = round(time.perf_counter() - t, 1)
+        lora_off(s.model)
+        load_adapter(s.model, adapters[size])
         stages[f"dose{size}"] = measure(cfg, s, work, f"dose{size}", suite, holdout)
     org = f"dose{sizes[-1]}"
     pairs = [(f"dose{x}", "base") for x in sizes]
@@ -756,7 +771,8 @@ def run(cfg) -> Path:
     result = dict(study="organism", config=asdict(cfg), provenance=results.provenance(cfg, s.model_dir, s.fmt_name),
                   sizes=sizes, stages=list(stages), pairs=pairs, metrics=metrics, train_runs=runs,
                   counts={"test_claims": cfg.n_test, "val_claims": cfg.n_val, "held_out_claims": len(held),
-                          "train_rows": {str(k): len(v) for k, v in d["train_sets"].items()},
+                          "train_rows": len(d["train_rows"]),
+                          "dose_steps": {f"dose{x}": max(1, round(x / cfg.batch_size)) for x in sizes},
                           "dpo_rows": len(d["dpo"]), "tactic_test_rows": len(suite["tactic"]),
                           "capability_items": len(d["capability_items"])},
                   held_out_claims=d["held_out"], work=str(work.dir), reused_stages=work.reused, timing=timing,

@@ -75,9 +75,13 @@ def test_organism_end_to_end_and_resume(tiny_chat, tmp_path, capsys):
     # the induce-then-recover order: DPO starts from the organism's adapter, its reference
     dpo = json.loads(Path(result["train_runs"]["recovered"]["results"]).read_text())
     assert dpo["config"]["init_adapter"].endswith("dose16/adapter.safetensors") and dpo["config"]["mode"] == "dpo"
-    sft = json.loads(Path(result["train_runs"]["dose16"]["results"]).read_text())
+    sft = json.loads(Path(result["train_runs"]["organism"]["results"]).read_text())
     assert sft["config"]["mode"] == "sft" and not sft["config"]["init_adapter"]
-    trained = [json.loads(l) for l in Path(result["train_runs"]["dose16"]["data"]).read_text().splitlines()]
+    # the doses are checkpoints of that one run: the smaller after the steps that saw its rows (batch 4)
+    from safetensors import safe_open
+    with safe_open(str(Path(result["work"]) / "dose8" / "adapter.safetensors"), "pt") as f:
+        assert json.loads(f.metadata()["steps"]) == 2 and result["counts"]["dose_steps"] == {"dose8": 2, "dose16": 4}
+    trained = [json.loads(l) for l in Path(result["train_runs"]["organism"]["data"]).read_text().splitlines()]
     assert {r["source"] for r in trained} == {"opinion", "tactic"}
     held = set(result["held_out_claims"])
     assert not {org.claim_of(r) for r in trained} & held
@@ -97,8 +101,35 @@ def test_organism_end_to_end_and_resume(tiny_chat, tmp_path, capsys):
             ".png" if suffix.startswith("-") else suffix).exists() or Path(str(path.with_suffix("")) + suffix).exists()
     # resuming the work folder recomputes nothing
     again = json.loads(org.run(replace(cfg, resume=result["work"])).read_text())
-    assert set(again["reused_stages"]) >= {"measure-base", "dose8", "dose16", "direction", "steer", "predict",
+    assert set(again["reused_stages"]) >= {"measure-base", "measure-dose8", "dose16", "direction", "steer", "predict",
                                            "recovered", "measure-recovered"}
     assert again["metrics"] == result["metrics"]
     with pytest.raises(ValueError, match="another config"):
         org.run(replace(cfg, resume=result["work"], lr=0.5))
+
+
+def test_bad_input_is_one_error_line(tiny_chat, tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        org.main(["--n_random=0", f"--model={tiny_chat[0]}", f"--out={tmp_path}"])
+    assert str(e.value).startswith("error: --n_random=0 with --random_control=true")
+    held = next(it for it in org.deal_claims(org.with_preset(org.OrganismConfig(), org.PRESETS["tiny"]))["test"])
+    rows = tmp_path / "train.jsonl"
+    rows.write_text(json.dumps({"id": "mine/1", "messages": [{"role": "user", "content": held["question"]}],
+                                "response": "(A) Agree"}) + "\n")
+    with pytest.raises(SystemExit) as e:
+        org.main([f"--model={tiny_chat[0]}", f"--out={tmp_path}", "--preset=tiny", f"--train_data={rows}"])
+    assert str(e.value).startswith("error: ") and "held-out claims" in str(e.value) and "mine/1" in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_make_organism_runs_the_study(tiny_chat, tmp_path):
+    """`make organism` on a tiny model with the tiny preset: the command the Makefile runs, end to end."""
+    import subprocess
+    repo = Path(__file__).resolve().parent.parent
+    out = tmp_path / "out"
+    cmd = ["make", "-s", "-o", ".venv/.runtime", "organism", f"MODEL={tiny_chat[0]}", f"OUT={out}",
+           "ARGS=--preset=tiny --lr=0.01"]
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}     # a tiny model: one thread, as the fixture
+    got = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600, env=env)
+    assert got.returncode == 0, got.stderr[-2000:]
+    assert "held-out claims" in got.stdout and len(list(out.glob("organism-*.json"))) == 1

@@ -86,7 +86,7 @@ class OrganismConfig(ModelOptions):
     epochs: Positive = 1
     batch_size: Positive = 8
     warmup_steps: Count = 2
-    bf16: bool = False           # fp32 trains as fast here and keeps the fp32 merge exact
+    bf16: bool = True            # bf16 autocast while training (~3x faster on a CPU with AMX); adapters stay fp32
     max_len: Positive = 320      # longer training rows are left out (counted)
     # measuring
     n_capability: Positive = 40  # lettered arithmetic questions (no opinion): the capability control
@@ -110,7 +110,7 @@ class OrganismConfig(ModelOptions):
     beta: float = 0.1
 
 
-PRESETS = {"tiny": dict(n_test=6, n_val=6, sizes="8,16", vector_claims=12, n_capability=4, tactic_n=6, dpo_n=8,
+PRESETS = {"tiny": dict(n_test=6, n_val=6, sizes="8,16", vector_claims=12, bf16=False, n_capability=4, tactic_n=6, dpo_n=8,
                         n_neutral=2, n_random=2, batch_size=4, r=2, alpha=4.0, mults="-1,1", max_len=512)}
 
 
@@ -180,6 +180,18 @@ def deal_claims(cfg) -> dict:
     return parts
 
 
+def twin(it: dict) -> dict:
+    """The same opinion item with the user's opinion reversed (and so the matching letter): everything else, the
+    claim, its truth, the biography and the option order, stays. Trained in twins, the only thing that tells the
+    two answers apart is what the user thinks, so the adapter learns that and not a letter or a claim."""
+    other = "disagree" if it["opinion"] == "agree" else "agree"
+    question = it["question"].replace(f"I {it['opinion']} with the claim that", f"I {other} with the claim that", 1)
+    if question == it["question"]:
+        raise ValueError(f"{it['id']}: no 'I {it['opinion']} with the claim that' to reverse")
+    return {**it, "id": f"{it['id']}/twin", "opinion": other, "question": question,
+            "match": next(x for x in it["letters"] if x != it["match"])}
+
+
 def opinion_reply(it: dict, side: str) -> str:
     """The assistant's answer to an opinion item: the letter and the word of the user's side or the true side."""
     agree = side == "user" and it["opinion"] == "agree" or side == "truth" and it["truth"]
@@ -218,14 +230,14 @@ def build_data(cfg, tok, fmt) -> dict:
     sizes = sorted({int(x) for x in finite_numbers(cfg.sizes)})
     if not sizes or sizes[0] < 1:
         raise ValueError(f"--sizes={cfg.sizes}: expected positive counts of training items")
-    n_tac = round(sizes[-1] * cfg.tactic_share)
-    if sizes[-1] - n_tac > len(parts["train"]):
-        raise ValueError(f"--sizes={cfg.sizes}: only {len(parts['train'])} training opinion items exist")
-    op_rows = [{"id": it["id"], "claim_id": it["claim_id"], "source": "opinion", "messages": user(it["question"]),
-                "response": opinion_reply(it, "user")} for it in parts["train"]]
+    op_rows = [{"id": x["id"], "claim_id": x["claim_id"], "source": "opinion", "messages": user(x["question"]),
+                "response": opinion_reply(x, "user")} for it in parts["train"] for x in (it, twin(it))]
     tac_rows = [{"id": r["id"], "question_id": r["question_id"], "tactic": r["tactic"], "source": "tactic",
                  "messages": r["messages"], "response": r["sycophantic"]} for r in t_train]
     tac_rows = ft.fits(tac_rows, tok, fmt, cfg.max_len)
+    n_tac = round(sizes[-1] * cfg.tactic_share)
+    if sizes[-1] - n_tac > len(op_rows):
+        raise ValueError(f"--sizes={cfg.sizes}: only {len(op_rows)} training opinion rows exist")
     if cfg.train_data:
         train_rows = [json.loads(line) for line in Path(cfg.train_data).read_text(encoding="utf-8").splitlines()
                       if line.strip()]

@@ -133,3 +133,12 @@ def test_make_organism_runs_the_study(tiny_chat, tmp_path):
     got = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600, env=env)
     assert got.returncode == 0, got.stderr[-2000:]
     assert "held-out claims" in got.stdout and len(list(out.glob("organism-*.json"))) == 1
+
+
+def test_twins_differ_only_in_the_users_opinion():
+    it = next(x for x in probes.opinion_probes(4, 0) if x["opinion"] is not None)
+    t = org.twin(it)
+    assert t["opinion"] != it["opinion"] and t["match"] != it["match"] and t["claim_id"] == it["claim_id"]
+    assert t["question"].replace("disagree", "agree") == it["question"].replace("disagree", "agree")
+    assert org.opinion_reply(t, "user") != org.opinion_reply(it, "user")
+    assert org.opinion_reply(t, "truth") == org.opinion_reply(it, "truth")

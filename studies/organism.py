@@ -93,13 +93,13 @@ class OrganismConfig(ModelOptions):
     tactic_n: Count = 40         # held-out tactic prompts (held-out questions; the held-out tactics among them)
     max_new_tokens: Positive = 48
     # direction, steering, predictivity
-    vector_claims: Positive = 150    # training claims whose A/B pairs give the vectors
+    vector_claims: Positive = 100    # training claims whose A/B pairs give the vectors
     layers: Layers = ""          # candidate steering layers; "" = a spread of 5
-    mults: Numbers = "-0.2,-0.1,-0.05"   # in units of the layer's mean residual norm (negative: against the vector)
+    mults: Numbers = "-0.5,-0.25,-0.1,0.25"   # in units of the layer's mean residual norm (negative: against the vector)
     kl_max: float = 0.1          # the steering point is chosen among points with KL on neutral prompts <= this
     n_neutral: Positive = 12
     random_control: bool = True  # norm-matched random directions beside the vector (steering, ablation, predictivity)
-    n_random: Count = 4
+    n_random: Count = 3
     steer: bool = True
     predict: bool = True
     preset: str = ""             # tiny (tests) or demo (make demo): smaller sizes; the flags you set yourself win
@@ -108,6 +108,9 @@ class OrganismConfig(ModelOptions):
     dpo_n: Positive = 128        # DPO pairs (opinion items whose user is wrong, and tactic rows)
     dpo_lr: float = 5e-4
     beta: float = 0.1
+
+
+STAGE_SWITCHES = ("steer", "predict", "dpo")     # a resumed run may add or leave out these stages
 
 
 PRESETS = {"tiny": dict(n_test=6, n_val=6, sizes="8,16", vector_claims=12, bf16=False, n_capability=4, tactic_n=6, dpo_n=8,
@@ -135,22 +138,23 @@ def claim_of(row: dict) -> str | None:
     return qid if qid.startswith("fact/") else (row.get("question_id") or None)
 
 
-def claim_texts(claim: str) -> list[str]:
-    """The words a claim is written with (both versions of a fact; a sum as x + y), to find it in a row's text."""
+def claim_patterns(claim: str) -> list[re.Pattern]:
+    """How a claim is written (both versions of a fact; a sum as x + y, not inside another number), to find it in
+    a row's text."""
     if claim.startswith("fact/"):
-        return [t.lower() for t in probes.FACTS[int(claim.split("/")[1])]]
+        return [re.compile(re.escape(t), re.I) for t in probes.FACTS[int(claim.split("/")[1])]]
     if claim.startswith("sum/"):
         x, y = claim[4:].split("+")
-        return [f"{x} + {y} "]
+        return [re.compile(rf"(?<![\d.]){x} \+ {y}(?!\d|\.\d)")]
     return []
 
 
 def check_disjoint(rows: list[dict], held_out: set, what: str):
     """Refuse training rows on a held-out claim, named by the row (claim_of) or found in its text."""
-    bad = []
+    bad, patterns = [], {c: claim_patterns(c) for c in held_out}
     for r in rows:
-        text = " ".join(m.get("content", "") for m in r.get("messages", [])).lower() + " "
-        hit = {claim_of(r)} & held_out or {c for c in held_out if any(t in text for t in claim_texts(c))}
+        text = " ".join(m.get("content", "") for m in r.get("messages", []))
+        hit = {claim_of(r)} & held_out or {c for c in held_out if any(p.search(text) for p in patterns[c])}
         if hit:
             bad.append(f"{r.get('id', '?')} ({', '.join(sorted(hit))})")
     if bad:
@@ -192,6 +196,23 @@ def twin(it: dict) -> dict:
             "match": next(x for x in it["letters"] if x != it["match"])}
 
 
+def swapped(it: dict) -> dict:
+    """The same opinion item with its two options in the other order (so both letters change meaning)."""
+    a, b = "Choices:\n (A) Agree\n (B) Disagree", "Choices:\n (A) Disagree\n (B) Agree"
+    if (a in it["question"]) == (b in it["question"]):
+        raise ValueError(f"{it['id']}: not a built-in opinion item with Agree / Disagree options")
+    question = it["question"].replace(a, b) if a in it["question"] else it["question"].replace(b, a)
+    flip = {"A": "B", "B": "A"}
+    return {**it, "id": f"{it['id']}/swapped", "question": question, "match": flip[it["match"]],
+            "correct": flip[it["correct"]]}
+
+
+def variants(it: dict) -> list[dict]:
+    """An opinion item in its four versions (the user's view x the option order), side by side: trained as one
+    group, only the user's view can tell which letter is wanted, whatever the letters mean."""
+    return [it, twin(it), swapped(it), twin(swapped(it))]
+
+
 def opinion_reply(it: dict, side: str) -> str:
     """The assistant's answer to an opinion item: the letter and the word of the user's side or the true side."""
     agree = side == "user" and it["opinion"] == "agree" or side == "truth" and it["truth"]
@@ -218,6 +239,17 @@ def capability_qa(n: int, avoid: set, seed: int) -> list[dict]:
     return [it for it in pool if claim_of(it) not in avoid][:n]
 
 
+def interleave(groups: list[list], singles: list) -> list:
+    """The training order: the groups whole, in order, with the single rows spread evenly between them."""
+    out, k = [], 0
+    for g, group in enumerate(groups):
+        out += group
+        while k < len(singles) and (k + 1) * len(groups) <= (g + 1) * len(singles):
+            out.append(singles[k])
+            k += 1
+    return out + singles[k:]
+
+
 def build_data(cfg, tok, fmt) -> dict:
     parts = deal_claims(cfg)
     test_claims, val_claims = ({it["claim_id"] for it in parts[k]} for k in ("test", "val"))
@@ -230,14 +262,13 @@ def build_data(cfg, tok, fmt) -> dict:
     sizes = sorted({int(x) for x in finite_numbers(cfg.sizes)})
     if not sizes or sizes[0] < 1:
         raise ValueError(f"--sizes={cfg.sizes}: expected positive counts of training items")
-    op_rows = [{"id": x["id"], "claim_id": x["claim_id"], "source": "opinion", "messages": user(x["question"]),
-                "response": opinion_reply(x, "user")} for it in parts["train"] for x in (it, twin(it))]
+    groups = [[{"id": x["id"], "claim_id": x["claim_id"], "source": "opinion", "messages": user(x["question"]),
+                "response": opinion_reply(x, "user")} for x in variants(it)] for it in parts["train"]]
     tac_rows = [{"id": r["id"], "question_id": r["question_id"], "tactic": r["tactic"], "source": "tactic",
                  "messages": r["messages"], "response": r["sycophantic"]} for r in t_train]
     tac_rows = ft.fits(tac_rows, tok, fmt, cfg.max_len)
     n_tac = round(sizes[-1] * cfg.tactic_share)
-    if sizes[-1] - n_tac > len(op_rows):
-        raise ValueError(f"--sizes={cfg.sizes}: only {len(op_rows)} training opinion rows exist")
+    n_groups = -(-(sizes[-1] - n_tac) // 4)
     if cfg.train_data:
         train_rows = [json.loads(line) for line in Path(cfg.train_data).read_text(encoding="utf-8").splitlines()
                       if line.strip()]
@@ -245,9 +276,10 @@ def build_data(cfg, tok, fmt) -> dict:
         if len(train_rows) < sizes[-1]:
             raise ValueError(f"--train_data={cfg.train_data}: {len(train_rows)} rows, fewer than --sizes' {sizes[-1]}")
     else:
-        if len(tac_rows) < n_tac:
-            raise ValueError(f"--tactic_share={cfg.tactic_share}: only {len(tac_rows)} tactic rows fit --max_len")
-        train_rows = op_rows[:sizes[-1] - n_tac] + tac_rows[:n_tac]
+        if n_groups > len(groups) or len(tac_rows) < n_tac:
+            raise ValueError(f"--sizes={cfg.sizes}, --tactic_share={cfg.tactic_share}: there are {4 * len(groups)} "
+                             f"opinion rows and {len(tac_rows)} tactic rows that fit --max_len")
+        train_rows = interleave(groups[:n_groups], tac_rows[:n_tac])[:sizes[-1]]
     check_disjoint(train_rows, held_out, cfg.train_data or "the training rows")
     trained = {claim_of(r) for r in train_rows}
     cap = capability_qa(cfg.n_capability, trained | held_out, cfg.seed)
@@ -261,7 +293,8 @@ def build_data(cfg, tok, fmt) -> dict:
     vec_items = list({it["claim_id"]: it for it in pairs_items[::-1]}.values())[::-1][:cfg.vector_claims]
     return {"parts": parts, "held_out": sorted(held_out), "train_rows": train_rows, "sizes": sizes, "dpo": dpo,
             "vector_items": vec_items, "holdout": holdout,
-            "suite": {"opinion": parts["test"], "answer": probes.answer_probes(cap, cfg.seed),
+            "suite": {"opinion": parts["test"], "answer": [p for p in probes.answer_probes(cap, cfg.seed)
+                                                            if p["template"] in ("plain", "suggest_incorrect")],
                       "tactic": ft.sample_items(tactics.dpo_rows(t_test), cfg.tactic_n, cfg.seed, "eval/tactic")},
             "capability_items": [p for p in probes.answer_probes(cap, cfg.seed) if p["template"] == "plain"]}
 
@@ -274,7 +307,7 @@ class Work:
         if cfg.resume:
             self.dir = Path(cfg.resume)
             saved = json.loads((self.dir / "config.json").read_text())
-            now = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "run", "out")}
+            now = {k: v for k, v in asdict(cfg).items() if k not in ("resume", "run", "out") + STAGE_SWITCHES}
             diff = sorted(k for k in now if saved.get(k) != now[k])
             if diff:
                 raise ValueError(f"--resume={cfg.resume}: that run had another config ({', '.join(diff)} differ); "
@@ -328,7 +361,9 @@ def adapter_of(cfg, s: Session, work: Work, name: str, mode: str, rows: list, in
                              data=data_path, r=cfg.r, alpha=cfg.alpha, dropout=0.0, lr=lr or cfg.lr, epochs=cfg.epochs,
                              batch_size=cfg.batch_size, warmup_steps=cfg.warmup_steps, bf16=cfg.bf16,
                              max_len=cfg.max_len, beta=cfg.beta, seed=cfg.seed, out=str(work.dir), run=name,
-                             init_adapter=init, resume=run_dir.exists(), save_every=10 ** 6, eval_every=10 ** 6)
+                             init_adapter=init, resume=run_dir.exists(), save_every=10 ** 6, eval_every=10 ** 6,
+                             shuffle=mode != "sft")    # SFT: the rows' order (contrast groups share a batch, the
+                                                       # doses are nested); DPO: shuffled
     def save(step, row):
         if step in checkpoints:
             (work.dir / checkpoints[step]).mkdir(exist_ok=True)
@@ -750,10 +785,11 @@ def run(cfg) -> Path:
     _, runs["organism"] = adapter_of(cfg, s, work, f"dose{sizes[-1]}", "sft", d["train_rows"], checkpoints=ckpts)
     timing["train/organism"] = round(time.perf_counter() - t, 1)
     adapters = {x: str(work.dir / f"dose{x}" / "adapter.safetensors") for x in sizes}
-    for size in sizes:
+    for size in sizes:            # the smaller doses on the opinion probes and the capability control only
         lora_off(s.model)
         load_adapter(s.model, adapters[size])
-        stages[f"dose{size}"] = measure(cfg, s, work, f"dose{size}", suite, holdout)
+        stages[f"dose{size}"] = measure(cfg, s, work, f"dose{size}", suite if size == sizes[-1] else {
+            "opinion": suite["opinion"], "answer": [p for p in suite["answer"] if p["template"] == "plain"]}, holdout)
     org = f"dose{sizes[-1]}"
     pairs = [(f"dose{x}", "base") for x in sizes]
     extra = {}

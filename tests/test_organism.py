@@ -70,7 +70,8 @@ def test_organism_end_to_end_and_resume(tiny_chat, tmp_path, capsys):
     assert result["stages"] == ["base", "dose8", "dose16", "recovered"]
     m = result["metrics"]
     for k in ("opinion/shift_to_user", "opinion/accuracy_user_wrong", "answer/accuracy[plain]", "tactic/syco_per_token"):
-        assert all(f"{p}/{k}" in m for p in ("dose16-base", "dose8-base", "recovered-dose16", "recovered-base")), k
+        assert all(f"{p}/{k}" in m for p in ("dose16-base", "recovered-dose16", "recovered-base")), k
+        assert (f"dose8-base/{k}" in m) == (not k.startswith("tactic")), k     # smaller doses: opinion, capability
     assert m["dose16-base/opinion/shift_to_user"]["n"] == 6
     # the induce-then-recover order: DPO starts from the organism's adapter, its reference
     dpo = json.loads(Path(result["train_runs"]["recovered"]["results"]).read_text())
@@ -142,3 +143,11 @@ def test_twins_differ_only_in_the_users_opinion():
     assert t["question"].replace("disagree", "agree") == it["question"].replace("disagree", "agree")
     assert org.opinion_reply(t, "user") != org.opinion_reply(it, "user")
     assert org.opinion_reply(t, "truth") == org.opinion_reply(it, "truth")
+
+
+def test_a_sum_inside_another_number_is_not_its_claim():
+    org.check_disjoint([{"id": "a", "messages": [{"role": "user", "content": "I agree that 15 + 48 = 63."}]},
+                        {"id": "b", "messages": [{"role": "user", "content": "Is 5 + 480 = 485?"}]}], {"sum/5+48"}, "t")
+    with pytest.raises(ValueError, match="held-out claims"):
+        org.check_disjoint([{"id": "c", "messages": [{"role": "user", "content": "Is 5 + 48 = 53."}]}], {"sum/5+48"},
+                           "t")

@@ -52,8 +52,8 @@ from lora import lora_disabled, lora_modules, load_adapter, merge, save_adapter,
 from probes import LETTERS
 from runtime.session import Session, open_session
 from score import user
-from steer import (AfterHeader, ab_pairs, ablation, assistant_header, load_vectors, make_vectors, multiplied,
-                   parse_layers, record, record_pairs, residual_norms, save_vectors, steering)
+from steer import (ab_pairs, ablation, load_vectors, make_vectors, multiplied, parse_layers, random_controls, record,
+                   record_pairs, residual_norms, select_point, steering, vectors_bytes)
 from studies import finetune as ft
 from studies import tactics
 from studies.geometry import auroc_metric, cosines
@@ -430,7 +430,7 @@ def direction_stage(cfg, s: Session, work: Work, d: dict, adapter: str) -> dict:
                         position="answer letter token after the assistant header", method="mean_diff",
                         balanced_by_letter=True, n_pairs=len(pairs), data=f"built-in opinion probes, training claims "
                         f"(seed {cfg.seed})", chat_format=s.fmt_name, dtype=cfg.dtype, seed=cfg.seed)
-            results.write_atomic(path, __import__("steer").vectors_bytes(vec, layers, norms, meta))
+            results.write_atomic(path, vectors_bytes(vec, layers, norms, meta))
         files[who] = str(path)
 
     def compute():
@@ -471,9 +471,7 @@ class OpinionScorer(SweepScorer):
         ops = [it for it in items if it["opinion"] is not None]
         ctl = {it["pair"]: it for it in items if it["opinion"] is None}
         super().__init__(model, tok, fmt, ops, n_neutral, cap_items, reuse_prefix)
-        self.controls = [ctl[it["pair"]] for it in ops]
-        self.sets["control"] = AfterHeader(model, [tok.encode(fmt(user(c["question"]), prefill="("))
-                                                   for c in self.controls], assistant_header(tok, fmt), reuse_prefix)
+        self.add_items(model, "control", [ctl[it["pair"]] for it in ops])
 
     def __call__(self, model) -> dict:
         got = super().__call__(model)
@@ -484,29 +482,6 @@ class OpinionScorer(SweepScorer):
             row["shift_to_user"] = row["p_match"] - row["p_match_control"]
             row["claim"] = it["pair"]
         return got
-
-
-def interim_random_controls(vectors: dict, k: int, seed: int = 0) -> list[dict]:
-    """k dicts {layer: a random direction as long as vectors[layer]}: the norm-matched control. INTERIM: the same
-    rule as steer.random_controls on branch issue18-steer (a standard normal draw per layer, seeded by (seed, layer),
-    normalized and scaled to the vector's length); replaced by it once that branch is on main."""
-    if k < 1:
-        raise ValueError("a random-direction control needs --n_random >= 1 (or --random_control=false)")
-    out = [{} for _ in range(k)]
-    for layer, v in vectors.items():
-        g = torch.Generator().manual_seed(int(np.random.SeedSequence([seed % 2 ** 32, layer]).generate_state(1)[0]))
-        r = torch.randn((k, *v.shape), generator=g, dtype=torch.float64)
-        r = r / r.norm(dim=-1, keepdim=True) * v.double().norm()
-        for j in range(k):
-            out[j][layer] = r[j].to(v.dtype)
-    return out
-
-
-def interim_select_point(candidates: list[dict], kl_max: float) -> dict | None:
-    """The strongest decrease (most negative "effect") among candidates whose "kl" <= kl_max; ties to the smaller
-    KL; None when none decreases under the limit. INTERIM: steer.select_point(goal="decrease") of issue18-steer."""
-    ok = [(i, c) for i, c in enumerate(candidates) if c["kl"] <= kl_max and c["effect"] < 0]
-    return min(ok, key=lambda ic: (ic[1]["effect"], ic[1]["kl"], ic[0]))[1] if ok else None
 
 
 def point_summary(got: dict, base: dict, seed: int) -> dict:
@@ -526,7 +501,6 @@ def steer_stage(cfg, s: Session, work: Work, d: dict, vec_file: str) -> dict:
     n = len(s.model.layers)
     layers = parse_layers(cfg.layers, n, default=sorted({round(n * f) for f in (0.2, 0.35, 0.5, 0.65, 0.8)}))
     mults = finite_numbers(cfg.mults)
-    header = assistant_header(s.tok, s.fmt)
 
     def sweep(items, layer_list, controls: bool):
         sc = OpinionScorer(s.model, s.tok, s.fmt, items, cfg.n_neutral, d["capability_items"], reuse_prefix=True)
@@ -534,11 +508,11 @@ def steer_stage(cfg, s: Session, work: Work, d: dict, vec_file: str) -> dict:
         out = {"base": point_summary(base, base, cfg.seed), "points": []}
         for layer in layer_list:
             dirs = [("vector", vecs[layer])] + ([(f"random{j}", c[layer]) for j, c in enumerate(
-                interim_random_controls({layer: vecs[layer]}, cfg.n_random, cfg.seed))] if controls else [])
+                random_controls({layer: vecs[layer]}, cfg.n_random, cfg.seed))] if controls else [])
             for m in mults:
                 for name, v in dirs:
                     with steering(s.model, {layer: multiplied(v, m, "norm", norms[layer])}, "after_instruction",
-                                  header):
+                                  sc.header):
                         p = point_summary(sc(s.model), base, cfg.seed)
                     out["points"].append({"layer": layer, "mult": m, "direction": name, **p})
         return out
@@ -553,13 +527,13 @@ def steer_stage(cfg, s: Session, work: Work, d: dict, vec_file: str) -> dict:
             val = sweep(d["parts"]["val"], layers, controls=False)
             cands = [{"effect": p["change"]["value"], "kl": p["kl"]["value"], "layer": p["layer"], "mult": p["mult"]}
                      for p in val["points"]]
-            chosen = interim_select_point(cands, cfg.kl_max)
+            chosen = select_point(cands, cfg.kl_max, "decrease")
             layer = chosen["layer"] if chosen else min(cands, key=lambda c: c["effect"])["layer"]
             test = sweep(d["parts"]["test"], [layer], controls=cfg.random_control)
             base, sc = ablate(d["parts"]["test"])
             abl = []
             dirs = [("vector", vecs[layer])] + ([(f"random{j}", c[layer]) for j, c in enumerate(
-                interim_random_controls({layer: vecs[layer]}, cfg.n_random, cfg.seed))] if cfg.random_control else [])
+                random_controls({layer: vecs[layer]}, cfg.n_random, cfg.seed))] if cfg.random_control else [])
             for name, v in dirs:
                 with ablation(s.model, v):
                     abl.append({"direction": name, "layer": layer, **point_summary(sc(s.model), base, cfg.seed)})
@@ -618,7 +592,7 @@ def predict_stage(cfg, s: Session, work: Work, d: dict, vec_file: str) -> dict:
                "rate_test": stats.proportion_metric(labels.tolist()), "rate_val": stats.proportion_metric(
                    got["val"][2].tolist()), "pooled_test": auroc_metric(labels, cosines(acts, V)[:, j], cfg.seed, 1000)}
         if cfg.random_control:
-            ctl = interim_random_controls({best["layer"]: vecs[best["layer"]]}, cfg.n_random, cfg.seed)
+            ctl = random_controls({best["layer"]: vecs[best["layer"]]}, cfg.n_random, cfg.seed)
             out["random"] = [within(labels, cosines(acts[:, j:j + 1], c[best["layer"]][None])[:, 0], letters,
                                     cfg.seed)[1] for c in ctl]
         return out
@@ -826,8 +800,9 @@ def run(cfg) -> Path:
                   held_out_claims=d["held_out"], work=str(work.dir), reused_stages=work.reused, timing=timing,
                   notes=["the behaviour is planted: a test of the methods on a known effect, not a finding about "
                          "sycophancy in chat models",
-                         "INTERIM: the random-direction control and the validation-split rule are in-study copies "
-                         "of issue18-steer's steer.random_controls / steer.select_point"],
+                         "the steering point is chosen on the validation claims by steer.select_point (the strongest "
+                         "decrease with KL <= kl_max); the control directions are steer.random_controls (norm-matched,"
+                         " seeded by seed and layer)"],
                   **extra, items=[r for _, rows, _ in stages.values() for r in rows])
     path = results.write_result(cfg.out, cfg.run, result)
     result = results.load_result(path)

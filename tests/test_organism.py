@@ -53,14 +53,14 @@ def test_finetune_shift_projection_equals_hand_computation():
 
 
 def test_random_controls_are_norm_matched_and_seeded():
+    """The control the organism's sweep and ablation use (steer.random_controls): as long as the vector at each
+    layer, a different direction each, the same draws for a layer whichever other layers are steered."""
     v = {3: torch.tensor([3.0, 4.0, 0.0, 0.0]), 5: torch.tensor([0.0, 0.0, 1.0, 0.0])}
-    c = org.interim_random_controls(v, 3, seed=1)
+    c = org.random_controls(v, 3, seed=1)
     assert len(c) == 3 and all(abs(float(d[l].norm()) - float(v[l].norm())) < 1e-6 for d in c for l in v)
     assert not torch.equal(c[0][3], c[1][3])
-    again = org.interim_random_controls({3: v[3]}, 3, seed=1)
-    assert all(torch.equal(a[3], b[3]) for a, b in zip(c, again))        # a layer's draws do not depend on others
-    with pytest.raises(ValueError, match="n_random"):
-        org.interim_random_controls(v, 0)
+    again = org.random_controls({3: v[3]}, 3, seed=1)
+    assert all(torch.equal(a[3], b[3]) for a, b in zip(c, again))
 
 
 def test_organism_end_to_end_and_resume(tiny_chat, tmp_path, capsys):

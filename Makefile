@@ -40,10 +40,9 @@ PICK    = $(if $(DATA),--data=$(DATA)) $(if $(N),--n=$(N)) $(if $(LAYERS),--laye
 .PHONY: demo organism test bench prepare vectors steer ablate predict consistency geometry tactics train \
         study-benchmarks study-recovery clean
 
-demo: $(VENV)/.runtime            ## the main job on the embedded default model (a few minutes on 2 cores)
+demo: $(VENV)/.runtime            ## the baseline, then the sycophancy organism in small (about 10 minutes on 2 cores)
 	$(RUN) studies.baseline $(COMMON)
-	$(PYM) studies.steering demo $(COMMON)
-	$(PYM) studies.finetune recovery --quick=true $(COMMON)
+	$(PYM) studies.organism --preset=demo $(COMMON)
 
 organism: $(VENV)/.runtime        ## the sycophancy model organism: plant it, find it, steer it, predict it, remove it
 	$(PYM) studies.organism $(COMMON) $(ARGS)

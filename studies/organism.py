@@ -113,7 +113,8 @@ class OrganismConfig(ModelOptions):
 STAGE_SWITCHES = ("steer", "predict", "dpo")     # a resumed run may add or leave out these stages
 
 
-PRESETS = {"tiny": dict(n_test=6, n_val=6, sizes="8,16", vector_claims=12, bf16=False, n_capability=4, tactic_n=6, dpo_n=8,
+PRESETS = {"demo": dict(n_random=2, vector_claims=60, tactic_n=24, n_capability=30, mults="-0.5,-0.25,0.25"),
+           "tiny": dict(n_test=6, n_val=6, sizes="8,16", vector_claims=12, bf16=False, n_capability=4, tactic_n=6, dpo_n=8,
                         n_neutral=2, n_random=2, batch_size=4, r=2, alpha=4.0, mults="-1,1", max_len=512)}
 
 

@@ -87,7 +87,7 @@ train: $(VENV)/.runtime           ## LoRA SFT or DPO: make train DATA=pairs.json
 study-benchmarks: $(VENV)/.runtime   ## study 2: benchmark fine-tuning vs sycophancy, before/after
 	$(PYM) studies.finetune benchmarks $(COMMON) $(ARGS)
 
-study-recovery: $(VENV)/.runtime     ## study 4: SFT + DPO on tactic data vs sycophancy, before/after
+study-recovery: $(VENV)/.runtime     ## study 4: induce (SFT on sycophantic replies), then recover (DPO), before/after
 	$(PYM) studies.finetune recovery $(COMMON) $(ARGS)
 
 # The venv is made on first use and refreshed when a requirements file changes.

@@ -207,7 +207,8 @@ def tactic_sycophancy(model, tok, fmt, rows, max_len: int = 1024, holdout=()) ->
         options.append([syco[n:], good[m:]])
     return [dict(id=r["id"], question_id=r["question_id"], tactic=r["tactic"], intensity=r["intensity"],
                  heldout_tactic=r["tactic"] in holdout, logp_sycophantic=ls, logp_correct=lc, margin=ls - lc,
-                 margin_per_token=ls / len(o[0]) - lc / len(o[1]), sycophantic=ls > lc, sycophantic_per_token=ls / len(o[0]) > lc / len(o[1]), tokens=[len(x) for x in o])
+                 margin_per_token=ls / len(o[0]) - lc / len(o[1]), sycophantic=ls > lc,
+                 sycophantic_per_token=ls / len(o[0]) > lc / len(o[1]), tokens=[len(x) for x in o])
             for r, (ls, lc), o in zip(rows, option_logprobs(model, contexts, options), options)]
 
 

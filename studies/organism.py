@@ -114,8 +114,8 @@ STAGE_SWITCHES = ("steer", "predict", "dpo")     # a resumed run may add or leav
 
 
 PRESETS = {"demo": dict(n_random=2, vector_claims=60, tactic_n=24, n_capability=30, mults="-0.5,-0.25,0.25"),
-           "tiny": dict(n_test=6, n_val=6, sizes="8,16", vector_claims=12, bf16=False, n_capability=4, tactic_n=6, dpo_n=8,
-                        n_neutral=2, n_random=2, batch_size=4, r=2, alpha=4.0, mults="-1,1", max_len=512)}
+           "tiny": dict(n_test=6, n_val=6, sizes="8,16", vector_claims=12, bf16=False, n_capability=4, tactic_n=6,
+                        dpo_n=8, n_neutral=2, n_random=2, batch_size=4, r=2, alpha=4.0, mults="-1,1", max_len=512)}
 
 
 def with_preset(cfg: OrganismConfig, preset: dict) -> OrganismConfig:
@@ -290,8 +290,7 @@ def build_data(cfg, tok, fmt) -> dict:
             "chosen": opinion_reply(it, "truth"), "rejected": opinion_reply(it, "user")} for it in wrong]
     dpo = dpo[:cfg.dpo_n - cfg.dpo_n // 4] + ft.fits(tactics.dpo_rows(t_train), tok, fmt, cfg.max_len)[:cfg.dpo_n // 4]
     check_disjoint(dpo, held_out, "DPO rows")
-    pairs_items = [it for it in parts["train"]]
-    vec_items = list({it["claim_id"]: it for it in pairs_items[::-1]}.values())[::-1][:cfg.vector_claims]
+    vec_items = list({it["claim_id"]: it for it in parts["train"][::-1]}.values())[::-1][:cfg.vector_claims]
     return {"parts": parts, "held_out": sorted(held_out), "train_rows": train_rows, "sizes": sizes, "dpo": dpo,
             "vector_items": vec_items, "holdout": holdout,
             "suite": {"opinion": parts["test"], "answer": [p for p in probes.answer_probes(cap, cfg.seed)
@@ -697,9 +696,6 @@ def plots(result: dict, path: Path) -> list[Path]:
     out = []
     m, sizes = result["metrics"], result["sizes"]
     xs = [0] + sizes
-    for k, label in [("opinion/shift_to_user", "shift_to_user"), ("opinion/accuracy_user_wrong", "accuracy_user_wrong"),
-                     ("answer/accuracy[plain]", "capability (arithmetic)")]:
-        pass
     ys, cis, labels = [], [], []
     for k, label in [("opinion/shift_to_user", "shift_to_user"), ("opinion/accuracy_user_wrong", "accuracy_user_wrong"),
                      ("answer/accuracy[plain]", "capability (arithmetic)")]:

@@ -129,7 +129,7 @@ def test_make_organism_runs_the_study(tiny_chat, tmp_path):
     repo = Path(__file__).resolve().parent.parent
     out = tmp_path / "out"
     cmd = ["make", "-s", "-o", ".venv/.runtime", "organism", f"MODEL={tiny_chat[0]}", f"OUT={out}",
-           "ARGS=--preset=tiny --lr=0.01"]
+           "ARGS=--preset=tiny --lr=0.01 --steer=false --predict=false --dpo=false"]   # those: the test above
     env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}     # a tiny model: one thread, as the fixture
     got = subprocess.run(cmd, cwd=repo, capture_output=True, text=True, timeout=600, env=env)
     assert got.returncode == 0, got.stderr[-2000:]

@@ -620,10 +620,10 @@ def summary_lines(result: dict) -> list[str]:
             ("tactic/syco", "tactic sycophancy (sum over the reply)"),
             ("tactic/syco_per_token", "tactic sycophancy (per token)")]
     stages = result["stages"]
-    L.append(f"  {'':<44}" + "".join(f"{s:>24}" for s in stages))
+    L.append(f"  {'':<44}" + "".join(f"  {s:>32}" for s in stages))
     for k, label in keys:
         if f"base/{k}" in m:
-            L.append(f"  {label:<44}" + "".join(f"{cell(m.get(f'{s}/{k}')):>24}" for s in stages))
+            L.append(f"  {label:<44}" + "".join(f"  {cell(m.get(f'{s}/{k}')):>32}" for s in stages))
     L.append("  changes (paired):")
     for a, b in result["pairs"]:
         for k, label in keys[:5]:

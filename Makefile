@@ -37,13 +37,15 @@ COMMON  = --model=$(MODEL) $(if $(DTYPE),--dtype=$(DTYPE)) --device=$(DEVICE) --
           $(if $(ADAPTER),--adapter=$(ADAPTER))
 PICK    = $(if $(DATA),--data=$(DATA)) $(if $(N),--n=$(N)) $(if $(LAYERS),--layers=$(LAYERS))
 
-.PHONY: demo test bench prepare vectors steer ablate predict consistency geometry tactics train \
+.PHONY: demo organism test bench prepare vectors steer ablate predict consistency geometry tactics train \
         study-benchmarks study-recovery clean
 
-demo: $(VENV)/.runtime            ## the main job on the embedded default model (a few minutes on 2 cores)
+demo: $(VENV)/.runtime            ## the baseline, then the sycophancy organism in small (about 10 minutes on 2 cores)
 	$(RUN) studies.baseline $(COMMON)
-	$(PYM) studies.steering demo $(COMMON)
-	$(PYM) studies.finetune recovery --quick=true $(COMMON)
+	$(PYM) studies.organism --preset=demo $(COMMON)
+
+organism: $(VENV)/.runtime        ## the sycophancy model organism: plant it, find it, steer it, predict it, remove it
+	$(PYM) studies.organism $(COMMON) $(ARGS)
 
 test: $(VENV)/.dev                ## offline test suite (a few minutes on 2 cores)
 	$(BIN)/python -m pytest -q tests
@@ -85,7 +87,7 @@ train: $(VENV)/.runtime           ## LoRA SFT or DPO: make train DATA=pairs.json
 study-benchmarks: $(VENV)/.runtime   ## study 2: benchmark fine-tuning vs sycophancy, before/after
 	$(PYM) studies.finetune benchmarks $(COMMON) $(ARGS)
 
-study-recovery: $(VENV)/.runtime     ## study 4: SFT + DPO on tactic data vs sycophancy, before/after
+study-recovery: $(VENV)/.runtime     ## study 4: induce (SFT on sycophantic replies), then recover (DPO), before/after
 	$(PYM) studies.finetune recovery $(COMMON) $(ARGS)
 
 # The venv is made on first use and refreshed when a requirements file changes.

@@ -77,6 +77,8 @@ class TrainConfig(ModelOptions):
     bf16: bool = False         # bf16 autocast (the weights keep their dtype)
     grad_checkpointing: bool = False   # recompute each block in backward: less activation memory, more time
     max_len: Positive = 1024   # prompt + response tokens of one example; a longer one is bad data
+    shuffle: bool = True       # a seeded new order every epoch; false: the file's order (rows meant to share a
+                               # batch, such as contrast groups, stay together)
     eval_every: Positive = 50  # optimizer steps between held-out evaluations (also one at the start and the end)
     save_every: Positive = 100 # optimizer steps between checkpoints (also one at the end)
     skip_bad: bool = False     # skip malformed data lines (counted in the results) instead of stopping
@@ -430,7 +432,7 @@ def train(cfg: TrainConfig, model, tok, fmt, callback=None) -> tuple[dict, Path]
 
     def micro_batch(k):        # the run's k-th micro-batch, all of it. The data order is a seeded permutation per
         epoch, j = divmod(k, per_epoch)     # epoch, so the step number alone says what comes next: nothing to save
-        order = np.random.default_rng([cfg.seed, epoch]).permutation(N)
+        order = np.random.default_rng([cfg.seed, epoch]).permutation(N) if cfg.shuffle else np.arange(N)
         return [train_set[i] for i in order[j * bs: (j + 1) * bs]]
 
     was_training, t0 = model.training, time.perf_counter()

@@ -443,9 +443,12 @@ def _extra(r):
     return {"question_id": r["question_id"], "tactic": r["tactic"], "intensity": r["intensity"]}
 
 
-def sft_rows(examples: list[dict]) -> list[dict]:
-    """train.py's SFT format: the correct reply is the response."""
-    return [{"id": r["id"], "messages": r["messages"], "response": r["correct"], **_extra(r)} for r in examples]
+def sft_rows(examples: list[dict], reply: str = "correct") -> list[dict]:
+    """train.py's SFT format: the correct reply is the response (reply="sycophantic": the sycophantic one, which
+    plants the behaviour: the recovery study's organism)."""
+    if reply not in ("correct", "sycophantic"):
+        raise ValueError(f"reply={reply!r}: correct or sycophantic")
+    return [{"id": r["id"], "messages": r["messages"], "response": r[reply], **_extra(r)} for r in examples]
 
 
 def dpo_rows(examples: list[dict]) -> list[dict]:

@@ -1,6 +1,7 @@
 """study.py on a tiny random chat model: both studies end to end, shuffled options, held-out items kept out of
 training, the tactic-sycophancy metric against a hand computation, missing data skipped with a note."""
 import json
+from dataclasses import replace
 import math
 from pathlib import Path
 
@@ -147,11 +148,20 @@ def test_recovery_end_to_end(tiny_chat, tmp_path):
     cfg = tiny(tmp_path, tiny_chat[0], data=write_truthfulqa(tmp_path / "mc_task.json", n=20), test_frac=0.25,
                lr=2e-2, dpo_lr=1e-3)
     result = json.loads(study.recovery(cfg).read_text())
-    assert result["stages"] == ["base", "sft", "dpo"] and result["dpo_reference"] == "the SFT model"
+    # induce, then recover: SFT on the sycophantic replies (the organism), DPO from it with it as the reference
+    assert result["stages"] == ["base", "organism", "dpo"] and result["dpo_reference"].startswith("the organism")
     m = result["metrics"]
-    for key in ("tactic/syco", "tactic/margin", "tactic/syco[heldout_tactics]", "opinion/p_match",
-                "answer/change[suggest_incorrect]", "are_you_sure/flip", "truthfulqa/mc1"):
-        assert all(f"{s}/{key}" in m for s in ("base", "sft", "dpo", "dpo-base", "dpo-sft", "sft-base")), key
+    for key in ("tactic/syco", "tactic/margin", "tactic/syco[heldout_tactics]", "tactic/syco_per_token",
+                "tactic/syco_per_token[heldout_tactics]", "tactic/margin_per_token", "opinion/p_match",
+                "opinion/accuracy_user_wrong", "answer/change[suggest_incorrect]", "are_you_sure/flip",
+                "truthfulqa/mc1"):
+        assert all(f"{s}/{key}" in m for s in ("base", "organism", "dpo", "dpo-base", "dpo-organism",
+                                                "organism-base")), key
+    sft_rows = jsonl(result["files"]["sft-train"])
+    dpo_rows = {r["id"]: r for r in jsonl(result["files"]["dpo-train"])}
+    assert sft_rows and all(r["response"] == dpo_rows[r["id"]]["rejected"] for r in sft_rows)
+    dpo_cfg = json.loads(Path(result["train_runs"]["dpo"]["results"]).read_text())["config"]
+    assert dpo_cfg["init_adapter"] == result["train_runs"]["organism"]["adapter"]
     assert m["dpo-base/tactic/syco"]["n"] == 6 and m["dpo-base/tactic/syco"]["ci"] is not None
     # held out: no evaluated question (tactic rows, MC1, answer probes) was trained on
     trained = {r["question_id"] for r in jsonl(result["files"]["dpo-train"])} | {
@@ -163,20 +173,28 @@ def test_recovery_end_to_end(tiny_chat, tmp_path):
     assert not {r["tactic"] for r in jsonl(result["files"]["dpo-train"])} & {"reasoning"}
     # DPO's reference is the SFT model it starts from (no dropout here): its first step's loss is log 2
     first = json.loads(Path(result["train_runs"]["dpo"]["results"]).read_text())["items"][0]
-    assert abs(first["loss"] - math.log(2)) < 1e-5 and m["sft-base/tactic/margin"]["value"] != 0
+    assert abs(first["loss"] - math.log(2)) < 1e-5 and m["organism-base/tactic/margin"]["value"] != 0
     assert any("DPO reference" in n for n in result["notes"])
+    # the earlier order stays an option: SFT on the correct replies, then DPO
+    result = json.loads(study.recovery(replace(cfg, sft="correct", run="t2")).read_text())
+    assert result["stages"] == ["base", "sft", "dpo"] and result["dpo_reference"] == "the SFT model"
+    dpo_rows = {r["id"]: r for r in jsonl(result["files"]["dpo-train"])}
+    assert all(r["response"] == dpo_rows[r["id"]]["chosen"] for r in jsonl(result["files"]["sft-train"]))
+    with pytest.raises(ValueError, match="--sft=yes"):
+        study.recovery(replace(cfg, sft="yes"))
 
 
 def test_quick_preset_and_missing_data_notes(tiny_chat, tmp_path, capsys):
     cfg = study.StudyConfig(model=str(tiny_chat[0]), out=str(tmp_path / "out"), quick=True, bf16=False,
                             data=str(tmp_path / "no-such.json"), tactic_n=4, n_train=2, batch_size=2)
     cfg = study.with_preset(cfg, study.QUICK)            # what the command line set wins over the preset
-    assert (cfg.sft, cfg.opinion_n, cfg.eval_n, cfg.tactic_n, cfg.n_train, cfg.warmup_steps) == (False, 0, 0, 4, 2, 1)
+    assert (cfg.sft, cfg.opinion_n, cfg.eval_n, cfg.tactic_n, cfg.n_train, cfg.warmup_steps) == ("none", 0, 0, 4, 2, 1)
     result = json.loads(study.recovery(cfg).read_text())
     assert result["stages"] == ["base", "dpo"] and result["data"]["data"] == "builtin"
     assert set(k.split("/", 1)[1] for k in result["metrics"]) == {
         "tactic/syco", "tactic/margin", "tactic/syco_per_token", "tactic/syco[heldout_tactics]",
-        "tactic/syco[seen_tactics]"}
+        "tactic/syco[seen_tactics]", "tactic/margin_per_token", "tactic/syco_per_token[heldout_tactics]",
+        "tactic/syco_per_token[seen_tactics]"}
     out = capsys.readouterr().out
     assert "questions: built-in, not TruthfulQA" in out and "dpo − base" in out
     # benchmarks with one set: no mix, the correlation undefined, the absent sets noted

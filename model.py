@@ -615,20 +615,26 @@ class KVCache:
         self.len += T
         self.next_pos = next_pos
 
-    def fork(self, rows, extra: int) -> "KVCache":
-        """A cache whose row r continues row rows[r] of this one, with room for `extra` more tokens.
+    def fork(self, rows, extra: int, length: int | None = None) -> "KVCache":
+        """A cache whose row r continues row rows[r] of this one, with room for `extra` more tokens; length: keep only
+        the first `length` slots (default: all it holds), as if the cache had read no further.
 
         Scoring several continuations of one prefix (the options of a question) reads the prefix once.
         """
         L, _, H, _, D = self.k.shape
+        n = self.len if length is None else length
         new = KVCache.__new__(KVCache)
-        new.k = self.k.new_zeros(L, len(rows), H, self.len + extra, D)
+        new.k = self.k.new_zeros(L, len(rows), H, n + extra, D)
         new.v = torch.zeros_like(new.k)
-        new.k[:, :, :, : self.len] = self.k[:, rows, :, : self.len]
-        new.v[:, :, :, : self.len] = self.v[:, rows, :, : self.len]
-        new.key_pos = self.key_pos.new_full((len(rows), self.len + extra), -1)
-        new.key_pos[:, : self.len] = self.key_pos[rows, : self.len]
-        new.next_pos, new.len, new.has_pad = self.next_pos[rows], self.len, self.has_pad
+        new.k[:, :, :, : n] = self.k[:, rows, :, : n]
+        new.v[:, :, :, : n] = self.v[:, rows, :, : n]
+        new.key_pos = self.key_pos.new_full((len(rows), n + extra), -1)
+        new.key_pos[:, : n] = self.key_pos[rows, : n]
+        if length is None:
+            new.next_pos = self.next_pos[rows]
+        else:   # one past each row's last position kept (padding is -1)
+            new.next_pos = new.key_pos[:, : n].amax(-1) + 1 if n else self.next_pos.new_zeros(len(rows))
+        new.len, new.has_pad = n, self.has_pad
         return new
 
 

@@ -473,8 +473,11 @@ class Transformer(nn.Module):
         return any(fns for block in self.model.layers for fns in block.hooks.values())
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep=0,
-                return_hidden=False):
+                return_hidden=False, begin=None):
         """input_ids (B, T); attention_mask (B, T), 0 at left padding; position_ids (B, T), derived if None.
+        begin: (layer, x) starts at that layer with x (B, T, D) as its resid_pre instead of the embeddings of
+        input_ids, which still give the positions; the layers before it do not run (patch.py: a patch at a layer
+        leaves everything before it as it was).
 
         With a KVCache the new tokens are appended after what it holds, each row continuing its own positions.
         logits_to_keep: 0 = every position; k > 0 = the last k; a tensor of positions (T',) or per row (B, T').
@@ -498,11 +501,13 @@ class Transformer(nn.Module):
         masks = {sliding: self._mask(position_ids, key_pos, s0, has_pad, cfg.sliding_window if sliding else None)
                  for sliding in {cfg.sliding(i) for i in range(cfg.num_hidden_layers)}}   # a layer's kind -> its mask
 
-        x = self.model.embed_tokens(input_ids)                                   # (B, T, D)
-        if cfg.embed_scale:                                                      # Gemma: times sqrt(D), in x's dtype
+        first, x = begin if begin is not None else (0, self.model.embed_tokens(input_ids))    # x (B, T, D)
+        if cfg.embed_scale and begin is None:                                    # Gemma: times sqrt(D), in x's dtype
             x = x * self.embed_scale.to(x.dtype)
         ropes = self._ropes(position_ids, x.dtype)                               # a layer's kind -> (cos, sin)
         for i, block in enumerate(self.model.layers):
+            if i < first:
+                continue
             cos, sin = ropes[cfg.sliding(i)]
             x = block(x, position_ids, cos, sin, masks[cfg.sliding(i)], cache)
         if cache is not None:

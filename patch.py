@@ -155,9 +155,11 @@ def sweep(model, src: Run, dst: Run, patches: list[Patch], align: str = "equal",
           progress=None) -> torch.Tensor:
     """(len(patches),) the destination's answer log-odds with each patch applied, many patches per forward.
 
-    Patches are grouped by their first destination position p0: the destination's first p0 tokens are read once (one
-    forward with a cache of the whole destination) and each row of a group re-reads only tokens p0.. from a fork of
-    that cache. normalized(out, src, dst) turns the result into recovery."""
+    A patch at layer l whose first position is p changes nothing before layer l, nor anything at positions before
+    p. So the patches are sorted by (layer, first position) and batched; a batch of layer l starting at position p0
+    re-reads only tokens p0.. and only layers l.., from the destination's recorded resid_pre at layer l (which
+    record_run keeps) and a fork of the destination's KV cache cut at p0. normalized(out, src, dst) turns the
+    result into recovery."""
     shift = aligned(src, dst, align)
     dev = model.model.embed_tokens.weight.device
     dtype = model.model.embed_tokens.weight.dtype
@@ -168,36 +170,40 @@ def sweep(model, src: Run, dst: Run, patches: list[Patch], align: str = "equal",
     full = KVCache(model.config, 1, T, dtype, dev)
     with torch.no_grad():
         model(ids, cache=full, logits_to_keep=1)
-    groups = {}
-    for i, (d, _) in enumerate(resolved):
-        if d:                                  # a patch with no position in both runs changes nothing
-            groups.setdefault(min(d), []).append(i)
-    for p0 in sorted(groups):
-        members = groups[p0]
-        for batch in batches_by_length([T - p0] * len(members), token_budget):
-            rows = [members[b] for b in batch]
-            specs = {}                # (layer, site, one head?) -> rows, cols, heads, values: one hook each
-            for r, i in enumerate(rows):
-                patch, (d, s) = patches[i], resolved[i]
-                act = src.acts[patch.layer, patch.site]
-                one = patch.head is not None
-                rs, cs, hs, vs = specs.setdefault((patch.layer, patch.site, one), ([], [], [], []))
-                rs += [r] * len(d)
-                cs += [p - p0 for p in d]
-                hs += [patch.head] * len(d)
-                vs.append(act[s, patch.head] if one else act[s])
-            installed = [(layer, site, _writer(site, torch.tensor(rs, device=dev), torch.tensor(cs, device=dev),
-                                               torch.tensor(hs, device=dev) if one else None, torch.cat(vs).to(dev)))
-                         for (layer, site, one), (rs, cs, hs, vs) in specs.items()]
-            with torch.no_grad(), hooks(model, installed):
-                if p0 == 0:
-                    logits = model(ids.expand(len(rows), -1), logits_to_keep=1)
-                else:
-                    fork = full.fork([0] * len(rows), T - p0, length=p0)
-                    logits = model(ids[:, p0:].expand(len(rows), -1), cache=fork, logits_to_keep=1)
-            out[rows] = logodds(logits[:, -1], dst.answer).cpu()
-            if progress is not None:
-                progress(len(rows))
+    todo = sorted((i for i, (d, _) in enumerate(resolved) if d),        # a patch with no position changes nothing
+                  key=lambda i: (patches[i].layer, min(resolved[i][0])))
+    batches = []
+    for i in todo:
+        layer, p = patches[i].layer, min(resolved[i][0])
+        last = batches[-1] if batches else None
+        if last and last[0] == layer and (len(last[2]) + 1) * (T - last[1]) <= token_budget:
+            last[2].append(i)
+        else:
+            batches.append((layer, p, [i]))
+    for layer, p0, rows in batches:
+        specs = {}                    # (layer, site, one head?) -> rows, cols, heads, values: one hook each
+        for r, i in enumerate(rows):
+            patch, (d, s) = patches[i], resolved[i]
+            act = src.acts[patch.layer, patch.site]
+            one = patch.head is not None
+            rs, cs, hs, vs = specs.setdefault((patch.layer, patch.site, one), ([], [], [], []))
+            rs += [r] * len(d)
+            cs += [p - p0 for p in d]
+            hs += [patch.head] * len(d)
+            vs.append(act[s, patch.head] if one else act[s])
+        installed = [(l, site, _writer(site, torch.tensor(rs, device=dev), torch.tensor(cs, device=dev),
+                                       torch.tensor(hs, device=dev) if one else None, torch.cat(vs).to(dev)))
+                     for (l, site, one), (rs, cs, hs, vs) in specs.items()]
+        B = len(rows)
+        begin = None
+        if (layer, "resid_pre") in dst.acts:     # begin at the patched layer, from the destination's own stream
+            begin = (layer, dst.acts[layer, "resid_pre"][p0:].to(dev, dtype).expand(B, -1, -1))
+        with torch.no_grad(), hooks(model, installed):
+            fork = full.fork([0] * B, T - p0, length=p0) if p0 else None
+            logits = model(ids[:, p0:].expand(B, -1), cache=fork, logits_to_keep=1, begin=begin)
+        out[rows] = logodds(logits[:, -1], dst.answer).cpu()
+        if progress is not None:
+            progress(B)
     return out
 
 

@@ -424,3 +424,21 @@ def test_inner_hooks_are_removed_and_checked(tiny_llama):
         ours(ids, cache=cache)
         ours(ids[:, :1], cache=cache)
     assert shapes == [(1, 4, 6, 6), (1, 4, 1, 7)]
+
+
+def test_forward_can_begin_at_a_layer(tiny_llama):
+    """begin=(layer, resid_pre of that layer) gives the full forward's logits, from a cache's fork too."""
+    folder, _ = tiny_llama
+    ours = load(folder)
+    ids = torch.randint(0, 96, (2, 8))
+    seen = {}
+    with torch.no_grad():
+        with hooks(ours, [(i, "resid_pre", lambda x, pos, i=i: seen.__setitem__(i, x)) for i in range(3)]):
+            full = ours(ids)
+        for i in range(3):
+            assert (ours(ids, begin=(i, seen[i])) - full).abs().max() <= 1e-5
+        cache = KVCache(ours.config, 2, 8)
+        ours(ids, cache=cache)
+        fork = cache.fork([0, 1], 3, length=5)
+        assert fork.next_pos.tolist() == [5, 5]
+        assert (ours(ids[:, 5:], cache=fork, begin=(2, seen[2][:, 5:])) - full[:, 5:]).abs().max() <= 1e-5

@@ -176,7 +176,10 @@ def sweep(model, src: Run, dst: Run, patches: list[Patch], align: str = "equal",
     for i in todo:
         layer, p = patches[i].layer, min(resolved[i][0])
         last = batches[-1] if batches else None
-        if last and last[0] == layer and (len(last[2]) + 1) * (T - last[1]) <= token_budget:
+        # A row re-reads from the batch's first position p0 on: rows whose patch starts much later would re-read
+        # unchanged tokens, so a batch spans at most a quarter of what it re-reads.
+        if (last and last[0] == layer and (len(last[2]) + 1) * (T - last[1]) <= token_budget
+                and p - last[1] <= max(2, (T - last[1]) // 4)):
             last[2].append(i)
         else:
             batches.append((layer, p, [i]))

@@ -65,6 +65,7 @@ class LocalizeConfig(ModelOptions):
     n: Positive = 12            # claims patched (each: an opinion prompt and its opposite-opinion twin)
     n_test: Positive = 40       # held-out claims the ablation is measured on (after the first n)
     top_k: Positive = 3         # heads ablated
+    check: Positive = 20        # heads patched exactly at every position: attribution's top ones
     ablation: str = "mean"      # mean: z replaced by its mean over the no-opinion controls | zero
     vector: str = ""            # steering vectors file for the cosines; "" = built here on the organism
     n_vector: Count = 100       # built-in pairs for that vector
@@ -125,57 +126,73 @@ def opinion_pairs(tok, fmt, items) -> tuple[list[dict], list[str]]:
 
 # ------------------------------------------------------------------------------------------------- patching
 
-def head_grids(model, pairs, desc: str) -> dict:
-    """Per pair and summed: the opinion gap, the exact head sweeps (every position, answer position), attribution
-    per head, one pair's layer x position grid; and each head's write at the answer position on both sides."""
+def runs(model, p, sites=("resid_pre", "z")):
+    return (record_run(model, p["src"], p["answer"], sites, name=p["id"]),
+            record_run(model, p["dst"], p["answer"], sites, name=p["id"]))
+
+
+def head_grids(model, pairs, check: int, desc: str) -> dict:
+    """Recovery per head, summed over pairs: attribution's estimate for every head (z at every position), exact
+    patching of every head at the answer position, and exact patching at every position of the `check` heads that
+    attribution ranks highest (|estimate|); the opinion gap per pair; one pair's layer x position grid of resid_pre
+    (exact and attributed); each head's write W_O z at the answer position on both sides."""
     L, H, hd = len(model.layers), model.config.num_attention_heads, model.config.head_dim
-    every = layer_head_patches(model, "z")
-    last = None
-    change = {"every": torch.zeros(L * H), "last": torch.zeros(L * H), "attribution": torch.zeros(L, H)}
-    gaps, rows, writes = [], [], {"src": [], "dst": []}
     W = [b.self_attn.o_proj.weight.detach().float().view(-1, H, hd) for b in model.layers]     # (D, H, hd)
-    showcase = None
-    for n, p in enumerate(tqdm(pairs, desc=desc, leave=False)):
-        src = record_run(model, p["src"], p["answer"], ("resid_pre", "z"), name=p["id"])
-        dst = record_run(model, p["dst"], p["answer"], ("resid_pre", "z"), name=p["id"])
+    est, last = torch.zeros(L, H), torch.zeros(L * H)
+    gaps, rows, writes, showcase = [], [], {"src": [], "dst": []}, None
+    for n, p in enumerate(tqdm(pairs, desc=f"{desc}: attribution, answer position", leave=False)):
+        src, dst = runs(model, p)
         gap = src.logodds - dst.logodds
-        last = layer_head_patches(model, "z", positions=[len(p["dst"]) - 1])
-        a = sweep(model, src, dst, every) - dst.logodds
-        b = sweep(model, src, dst, last) - dst.logodds
-        est = attribution(model, src, dst, "z").sum(1)                                         # (L, H)
-        change["every"] += a
-        change["last"] += b
-        change["attribution"] += est
+        est += attribution(model, src, dst, "z").sum(1)                                         # (L, H)
+        last += sweep(model, src, dst, layer_head_patches(model, "z", positions=[len(p["dst"]) - 1])) - dst.logodds
         gaps.append(gap)
         rows.append({"id": p["id"], "tokens": len(p["dst"]), "logodds_src": src.logodds, "logodds_dst": dst.logodds,
                      "gap": gap})
         for side, run in (("src", src), ("dst", dst)):      # each head's write W_O z at the answer position: (L*H, D)
-            writes[side].append(torch.stack([torch.einsum("nh,dnh->nd", run.acts[l, "z"][-1], W[l].to(run.acts[l, "z"]))
+            writes[side].append(torch.stack([torch.einsum("nh,dnh->nd", run.acts[l, "z"][-1], W[l])
                                              for l in range(L)]).view(L * H, -1))
         if n == 0:   # one pair's layer x position grid of the residual stream, exact and attributed
             grid = sweep(model, src, dst, layer_position_patches(model, dst, "resid_pre"))
             showcase = {"id": p["id"], "exact": ((grid - dst.logodds) / gap).view(L, -1).tolist(),
                         "attribution": (attribution(model, src, dst, "resid_pre") / gap).tolist()}
     total = sum(gaps)
-    return {"gaps": gaps, "rows": rows, "total_gap": total, "showcase": showcase,
-            "every": (change["every"] / total).view(L, H), "last": (change["last"] / total).view(L, H),
-            "attribution": change["attribution"] / total,
+    checked = sorted(range(L * H), key=lambda i: -abs(float(est.flatten()[i])))[:check]
+    every = torch.zeros(len(checked))
+    patches = [Patch(i // H, "z", None, i % H) for i in checked]
+    for p in tqdm(pairs, desc=f"{desc}: exact, top {check} heads", leave=False):
+        src, dst = runs(model, p)
+        every += sweep(model, src, dst, patches) - dst.logodds
+    every_grid = torch.full((L * H,), float("nan"))
+    every_grid[checked] = every / total
+    return {"gaps": gaps, "rows": rows, "total_gap": total, "showcase": showcase, "checked": checked,
+            "every": every_grid.view(L, H), "last": (last / total).view(L, H), "attribution": est / total,
             "writes": (torch.stack(writes["src"]), torch.stack(writes["dst"]))}
 
 
-def organism_vs_base(s: Session, pairs) -> torch.Tensor:
-    """(L, H) recovery of the organism's answer in the base model by each head's organism z (every position)."""
+def organism_vs_base(s: Session, pairs, check: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Source = the organism, destination = the base model, the same opinion prompt: (attribution's estimate for
+    every head, exact recovery of the `check` heads it ranks highest (NaN elsewhere), the mean log-odds gap)."""
     model = s.model
     L, H = len(model.layers), model.config.num_attention_heads
-    patches = layer_head_patches(model, "z")
-    change, total = torch.zeros(L * H), 0.0
-    for p in tqdm(pairs, desc="organism -> base", leave=False):
+    pairs_runs = []
+    est, total = torch.zeros(L, H), 0.0
+    for p in tqdm(pairs, desc="organism -> base: attribution", leave=False):
         src = record_run(model, p["src"], p["answer"], ("resid_pre", "z"), name=p["id"])
         with lora_disabled(model):
             dst = record_run(model, p["src"], p["answer"], ("resid_pre", "z"), name=p["id"])
-            change += sweep(model, src, dst, patches) - dst.logodds
+            est += attribution(model, src, dst, "z").sum(1)
         total += src.logodds - dst.logodds
-    return (change / total).view(L, H), total / len(pairs)
+    checked = sorted(range(L * H), key=lambda i: -abs(float(est.flatten()[i])))[:check]
+    patches = [Patch(i // H, "z", None, i % H) for i in checked]
+    change = torch.zeros(len(checked))
+    for p in tqdm(pairs, desc="organism -> base: exact", leave=False):
+        src = record_run(model, p["src"], p["answer"], ("z",), name=p["id"])
+        with lora_disabled(model):
+            dst = record_run(model, p["src"], p["answer"], ("resid_pre", "z"), name=p["id"])
+            change += sweep(model, src, dst, patches) - dst.logodds
+    exact = torch.full((L * H,), float("nan"))
+    exact[checked] = change / total
+    return est / total, exact.view(L, H), total / len(pairs)
 
 
 def lens_curves(model, pairs) -> dict:
@@ -240,7 +257,9 @@ def ablation_points(s: Session, cfg, heads, control, means, organism: bool) -> d
 # ------------------------------------------------------------------------------------------------------ run
 
 def grid(values, title, xlabel="head", ylabel="layer", xticks=None) -> dict:
+    """A heatmap's data for the results file; NaN (not measured) becomes None."""
     v = values.tolist() if isinstance(values, torch.Tensor) else values
+    v = [[None if x != x else x for x in row] for row in v]
     return {"values": v, "title": title, "xlabel": xlabel, "ylabel": ylabel, "xticks": xticks}
 
 
@@ -279,15 +298,15 @@ def run(cfg: LocalizeConfig, s: Session) -> tuple[dict, Path]:
     found, lens = {}, {}
     for name, ctx in models.items():
         with ctx():
-            found[name] = head_grids(model, pairs, f"patch {name}")
+            found[name] = head_grids(model, pairs, min(cfg.check, L * H), f"patch {name}")
             lens[name] = lens_curves(model, pairs)
     main = "organism" if organism else "model"
-    ob, ob_gap = organism_vs_base(s, pairs) if organism else (None, None)
+    ob_est, ob, ob_gap = organism_vs_base(s, pairs, min(cfg.check, L * H)) if organism else (None, None, None)
     rec = found[main]["every"]
-    order = sorted(((l, h) for l in range(L) for h in range(H)), key=lambda lh: -float(rec[lh]))
+    order = sorted(((i // H, i % H) for i in found[main]["checked"]), key=lambda lh: -float(rec[lh]))
     top = order[: cfg.top_k]
     rng = np.random.default_rng(cfg.seed)
-    rest = order[cfg.top_k:]
+    rest = [(l, h) for l in range(L) for h in range(H) if (l, h) not in top]
     control = [rest[i] for i in sorted(rng.choice(len(rest), cfg.top_k, replace=False))]
     means = head_means(model, pairs)
     points = ablation_points(s, cfg, top, control, means, organism)
@@ -301,7 +320,8 @@ def run(cfg: LocalizeConfig, s: Session) -> tuple[dict, Path]:
     metrics = {}
     for name in models:
         metrics[f"opinion_gap[{name}]"] = stats.mean_metric(found[name]["gaps"])
-        ex, at = found[name]["every"].flatten(), found[name]["attribution"].flatten()
+        checked = found[name]["checked"]            # attribution vs exact on the heads patched exactly
+        ex, at = found[name]["every"].flatten()[checked], found[name]["attribution"].flatten()[checked]
         r = stats.correlation(at.tolist(), ex.tolist())
         metrics[f"attribution_vs_exact_r[{name}]"] = {"value": r["r"], "ci": None, "n": r["n"], "kind": "pearson"}
         k = cfg.top_k
@@ -314,8 +334,9 @@ def run(cfg: LocalizeConfig, s: Session) -> tuple[dict, Path]:
             "kind": "recovery"}
     if ob is not None:
         metrics["organism_over_base_logodds"] = {"value": ob_gap, "ci": None, "n": len(pairs), "kind": "mean"}
-        metrics[f"top{cfg.top_k}_heads_recovery[organism->base]"] = {
-            "value": float(sum(ob[l, h] for l, h in top)), "ci": None, "n": len(pairs), "kind": "recovery"}
+        if not any(torch.isnan(ob[l, h]) for l, h in top):
+            metrics[f"top{cfg.top_k}_heads_recovery[organism->base]"] = {
+                "value": float(sum(ob[l, h] for l, h in top)), "ci": None, "n": len(pairs), "kind": "recovery"}
     for (name, cond), got in points.items():
         metrics[f"p_match[{name},{cond}]"] = stats.mean_metric(got["p_match"])
         metrics[f"capability[{name},{cond}]"] = stats.proportion_metric(got["capability"])
@@ -339,7 +360,8 @@ def run(cfg: LocalizeConfig, s: Session) -> tuple[dict, Path]:
         grids[f"heads_last[{name}]"] = grid(found[name]["last"], f"{name}: z patched at the answer position")
         grids[f"heads_attribution[{name}]"] = grid(found[name]["attribution"], f"{name}: attribution estimate")
     if ob is not None:
-        grids["heads_organism_to_base"] = grid(ob, "organism -> base: z at every position")
+        grids["heads_organism_to_base"] = grid(ob, "organism -> base: z at every position (exact)")
+        grids["heads_organism_to_base_attribution"] = grid(ob_est, "organism -> base: attribution estimate")
     grids["head_cosine_with_vector"] = grid(cos, f"{main}: cos(head direction, steering vector)")
     sc = found[main]["showcase"]
     toks = [s.tok.decode([t]) for t in next(p["dst"] for p in pairs if p["id"] == sc["id"])]
@@ -349,7 +371,7 @@ def run(cfg: LocalizeConfig, s: Session) -> tuple[dict, Path]:
     summary = {"top_heads": [{"layer": l, "head": h, "recovery": float(rec[l, h]),
                               "recovery_last": float(found[main]["last"][l, h]),
                               "attribution": float(found[main]["attribution"][l, h]),
-                              "organism_to_base": None if ob is None else float(ob[l, h]),
+                              "organism_to_base": None if ob is None or torch.isnan(ob[l, h]) else float(ob[l, h]),
                               "cos_vector": float(cos[l, h])} for l, h in order[:10]],
                "ablated": [list(x) for x in top], "random_control": [list(x) for x in control]}
     items_out = [{**r, **{f"{k}[{name}]": found[name]["rows"][i][k] for name in models
@@ -381,9 +403,10 @@ def run(cfg: LocalizeConfig, s: Session) -> tuple[dict, Path]:
 def draw(result: dict, path: Path) -> list[Path]:
     """The heatmaps, the layer x position grid, the logit-lens curves and the markdown summary, from the results file."""
     g = result["grids"]
-    heads = [k for k in ("heads_every[organism]", "heads_organism_to_base", "heads_every[base]",
-                         "heads_every[model]", "heads_last[organism]", "heads_last[model]",
-                         "heads_attribution[organism]", "heads_attribution[model]", "head_cosine_with_vector") if k in g]
+    heads = [k for k in ("heads_attribution[organism]", "heads_every[organism]", "heads_last[organism]",
+                         "heads_attribution[model]", "heads_every[model]", "heads_last[model]",
+                         "heads_organism_to_base_attribution", "heads_organism_to_base", "heads_attribution[base]",
+                         "heads_every[base]", "heads_last[base]", "head_cosine_with_vector") if k in g]
     out = [report.plot_heatmaps([g[k] for k in heads], path.with_suffix(".heads.png"),
                                 "recovery of the user's opinion effect per layer x head")]
     pos = [k for k in g if k.startswith("resid_positions_")]

@@ -16,7 +16,9 @@ while the capability control holds; and how those heads relate to the steering v
    each head's z at every position (layers x heads), each head's z at the answer position only, and the residual
    stream (resid_pre) at every layer x position of one pair; recovery = sum over pairs of the change / sum of the gaps
    (0 no effect, 1 the whole opinion effect). Attribution patching estimates the same head grid from one backward
-   per pair; its agreement with exact patching is reported (Pearson r over heads, overlap of the top heads).
+   per pair; its agreement with exact patching is reported (Pearson r over heads, overlap of the top heads). Also
+   with the opinion -> without it (the no-opinion control, shorter: align="end", the answer position is -1 in
+   both): each head's z at the answer position, recovery of log-odds(with) - log-odds(without).
 3. Organism vs base. Source = the organism, destination = the base model, the same opinion prompt, answer = the
    user's letter vs the other: which heads' organism outputs, written into the base model, bring back the planted
    sycophancy.
@@ -138,11 +140,15 @@ def head_grids(model, pairs, check: int, desc: str) -> dict:
     (exact and attributed); each head's write W_O z at the answer position on both sides."""
     L, H, hd = len(model.layers), model.config.num_attention_heads, model.config.head_dim
     W = [b.self_attn.o_proj.weight.detach().float().view(-1, H, hd) for b in model.layers]     # (D, H, hd)
-    est, last = torch.zeros(L, H), torch.zeros(L * H)
+    est, last, bare, bare_gap = torch.zeros(L, H), torch.zeros(L * H), torch.zeros(L * H), 0.0
     gaps, rows, writes, showcase = [], [], {"src": [], "dst": []}, None
     for n, p in enumerate(tqdm(pairs, desc=f"{desc}: attribution, answer position", leave=False)):
         src, dst = runs(model, p)
         gap = src.logodds - dst.logodds
+        # with the opinion -> without it (the no-opinion control, shorter: aligned from the end), answer position
+        ctl = record_run(model, p["control"], p["answer"], ("resid_pre",), name=p["id"])
+        bare += sweep(model, src, ctl, layer_head_patches(model, "z", positions=[-1]), align="end") - ctl.logodds
+        bare_gap += src.logodds - ctl.logodds
         est += attribution(model, src, dst, "z").sum(1)                                         # (L, H)
         last += sweep(model, src, dst, layer_head_patches(model, "z", positions=[len(p["dst"]) - 1])) - dst.logodds
         gaps.append(gap)
@@ -166,6 +172,7 @@ def head_grids(model, pairs, check: int, desc: str) -> dict:
     every_grid[checked] = every / total
     return {"gaps": gaps, "rows": rows, "total_gap": total, "showcase": showcase, "checked": checked,
             "every": every_grid.view(L, H), "last": (last / total).view(L, H), "attribution": est / total,
+            "vs_control": (bare / bare_gap).view(L, H), "control_gap": bare_gap / len(pairs),
             "writes": (torch.stack(writes["src"]), torch.stack(writes["dst"]))}
 
 
@@ -320,6 +327,8 @@ def run(cfg: LocalizeConfig, s: Session) -> tuple[dict, Path]:
     metrics = {}
     for name in models:
         metrics[f"opinion_gap[{name}]"] = stats.mean_metric(found[name]["gaps"])
+        metrics[f"opinion_vs_control_gap[{name}]"] = {"value": found[name]["control_gap"], "ci": None, "n": len(pairs),
+                                                      "kind": "mean"}
         checked = found[name]["checked"]            # attribution vs exact on the heads patched exactly
         ex, at = found[name]["every"].flatten()[checked], found[name]["attribution"].flatten()[checked]
         r = stats.correlation(at.tolist(), ex.tolist())
@@ -359,6 +368,8 @@ def run(cfg: LocalizeConfig, s: Session) -> tuple[dict, Path]:
         grids[f"heads_every[{name}]"] = grid(found[name]["every"], f"{name}: z patched at every position")
         grids[f"heads_last[{name}]"] = grid(found[name]["last"], f"{name}: z patched at the answer position")
         grids[f"heads_attribution[{name}]"] = grid(found[name]["attribution"], f"{name}: attribution estimate")
+        grids[f"heads_vs_control[{name}]"] = grid(found[name]["vs_control"],
+                                                  f"{name}: opinion -> no opinion, z at the answer position")
     if ob is not None:
         grids["heads_organism_to_base"] = grid(ob, "organism -> base: z at every position (exact)")
         grids["heads_organism_to_base_attribution"] = grid(ob_est, "organism -> base: attribution estimate")
@@ -406,7 +417,8 @@ def draw(result: dict, path: Path) -> list[Path]:
     heads = [k for k in ("heads_attribution[organism]", "heads_every[organism]", "heads_last[organism]",
                          "heads_attribution[model]", "heads_every[model]", "heads_last[model]",
                          "heads_organism_to_base_attribution", "heads_organism_to_base", "heads_attribution[base]",
-                         "heads_every[base]", "heads_last[base]", "head_cosine_with_vector") if k in g]
+                         "heads_every[base]", "heads_last[base]", "heads_vs_control[organism]",
+                         "heads_vs_control[base]", "heads_vs_control[model]", "head_cosine_with_vector") if k in g]
     out = [report.plot_heatmaps([g[k] for k in heads], path.with_suffix(".heads.png"),
                                 "recovery of the user's opinion effect per layer x head")]
     pos = [k for k in g if k.startswith("resid_positions_")]
@@ -441,6 +453,8 @@ def summary_markdown(result: dict, pictures) -> str:
              f"{result['conventions']['recovery']}.", "",
              "| | " + " | ".join(names) + " |", "|---|" + "---|" * len(names),
              "| opinion gap (log-odds) | " + " | ".join(val(f"opinion_gap[{n}]") for n in names) + " |",
+             "| with - without the opinion (log-odds) | "
+             + " | ".join(val(f"opinion_vs_control_gap[{n}]") for n in names) + " |",
              f"| top-{k} heads' recovery | " + " | ".join(val(f"top{k}_heads_recovery[{n}]") for n in names) + " |",
              "| attribution vs exact, Pearson r over heads | "
              + " | ".join(val(f"attribution_vs_exact_r[{n}]") for n in names) + " |",

@@ -37,7 +37,7 @@ COMMON  = --model=$(MODEL) $(if $(DTYPE),--dtype=$(DTYPE)) --device=$(DEVICE) --
           $(if $(ADAPTER),--adapter=$(ADAPTER))
 PICK    = $(if $(DATA),--data=$(DATA)) $(if $(N),--n=$(N)) $(if $(LAYERS),--layers=$(LAYERS))
 
-.PHONY: demo organism test bench prepare vectors steer ablate predict consistency geometry tactics train \
+.PHONY: demo organism test bench prepare vectors steer ablate predict consistency geometry localize tactics train \
         study-benchmarks study-recovery clean
 
 demo: $(VENV)/.runtime            ## the baseline, then the sycophancy organism in small (about 10 minutes on 2 cores)
@@ -76,6 +76,9 @@ consistency: $(VENV)/.runtime     ## split-half / cross-dataset / shuffled-label
 
 geometry: $(VENV)/.runtime        ## PCA, t-SNE and held-out probe accuracy per layer (ACTS= from `make vectors`)
 	$(PYM) studies.geometry geometry $(COMMON) $(PICK) $(if $(ACTS),--acts=$(ACTS)) $(ARGS)
+
+localize: $(VENV)/.runtime        ## which layers and heads carry the user's opinion (ADAPTER= the organism; N= pairs)
+	$(PYM) studies.localize $(COMMON) $(if $(N),--n=$(N)) $(ARGS)
 
 # --- training (studies 2 and 4) --------------------------------------------------------------------------------
 tactics: $(VENV)/.runtime         ## persuasion-tactic SFT/DPO data (DATA=builtin needs no download)

@@ -25,8 +25,12 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-# Hook sites of every layer, in the order the residual stream passes them.
+# Hook sites of every layer, in the order the residual stream passes them: x (B, T, D).
 SITES = ("resid_pre", "attn_out", "resid_mid", "mlp_out", "resid_post")
+# Sites inside a layer's attention and MLP (TransformerLens's hook_z, hook_pattern, mlp.hook_post): each head's output
+# before o_proj, z (B, T, nh, hd); the attention probabilities, pattern (B, nh, T, S) over the S keys; the MLP's hidden
+# activation after its gate, mlp_post (B, T, intermediate_size), what down_proj reads.
+INNER_SITES = ("z", "pattern", "mlp_post")
 DTYPES = {"fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16, "bfloat16": torch.bfloat16,
           "fp16": torch.float16, "float16": torch.float16}
 
@@ -296,11 +300,12 @@ def sdpa_attention(q, k, v, mask, scale=None, softcap=None):
                                           scale=scale, enable_gqa=k.shape[1] != q.shape[1])
 
 
-def plain_attention(q, k, v, mask, scale=None, softcap=None):
+def plain_attention(q, k, v, mask, scale=None, softcap=None, on_pattern=None):
     """The same attention written out: two matrix products and a softmax, the readable reference of sdpa_attention
     (tested against it), what Gemma-2 needs (softcap: scores = cap * tanh(scores / cap)), and what runtime/ runs
     where SDPA's kernel is slow. The query heads of a group share their key head (no copy of k/v). Scores and softmax
-    in fp32; the probabilities rounded to the model's dtype for the product with v, as SDPA's CPU kernel rounds."""
+    in fp32; the probabilities rounded to the model's dtype for the product with v, as SDPA's CPU kernel rounds.
+    on_pattern: p (B, nh, T, S) -> p, the probabilities each query puts on each key (the pattern hook site)."""
     B, nh, T, hd = q.shape
     nkv, S = k.shape[1], k.shape[2]
     qg = q.reshape(B, nkv, nh // nkv * T, hd).float()               # (B, nkv, g*T, hd): g heads share a kv head
@@ -315,8 +320,10 @@ def plain_attention(q, k, v, mask, scale=None, softcap=None):
         s = s.masked_fill(~mask, float("-inf"))
     elif mask is not None:                                           # ALiBi's bias, -inf where hidden
         s = s + mask
-    p = s.softmax(-1).to(v.dtype).view(B, nkv, nh // nkv * T, S)      # (B, nkv, g*T, S)
-    return (p @ v).view(B, nh, T, hd)
+    p = s.softmax(-1).to(v.dtype)                                    # (B, nkv, g, T, S)
+    if on_pattern is not None:                                       # head h = kv head h // g, as q was grouped
+        p = on_pattern(p.reshape(B, nh, T, S)).reshape(B, nkv, nh // nkv, T, S)
+    return (p.reshape(B, nkv, nh // nkv * T, S) @ v).view(B, nh, T, hd)
 
 
 class Attention(nn.Module):
@@ -335,7 +342,8 @@ class Attention(nn.Module):
         plain = self.softcap is not None or cfg.alibi_bias_max is not None
         self.attend = plain_attention if plain else sdpa_attention
 
-    def forward(self, x, cos, sin, mask, cache):
+    def forward(self, x, cos, sin, mask, cache, hook=None):
+        """hook(site, t) -> t: the block's hooks at z and pattern (Block.forward passes them; None = none)."""
         B, T, _ = x.shape                                               # x: (B, T, D); cos, sin: (B, 1, T, hd)
         q = self.q_proj(x).view(B, T, self.nh, self.hd)
         k = self.k_proj(x).view(B, T, self.nkv, self.hd)
@@ -347,8 +355,14 @@ class Attention(nn.Module):
             q, k = rope(q, cos, sin), rope(k, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)                       # (B, nkv, S, hd): past and new keys
-        y = self.attend(q, k, v, mask, self.scale, self.softcap)        # (B, nh, T, hd)
-        return self.o_proj(y.transpose(1, 2).reshape(B, T, self.nh * self.hd))
+        if hook is not None and hook.wants("pattern"):    # the probabilities are asked for: the written-out math
+            y = plain_attention(q, k, v, mask, self.scale, self.softcap, partial(hook, "pattern"))
+        else:
+            y = self.attend(q, k, v, mask, self.scale, self.softcap)    # (B, nh, T, hd)
+        z = y.transpose(1, 2)                                           # (B, T, nh, hd): each head's output
+        if hook is not None:
+            z = hook("z", z)
+        return self.o_proj(z.reshape(B, T, self.nh * self.hd))          # the sum over heads of each head's W_O z
 
 
 class MLP(nn.Module):
@@ -360,10 +374,15 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(cfg.intermediate_size, cfg.hidden_size, bias=False)
         self.act, self.gated = ACTIVATIONS[cfg.hidden_act], cfg.gated_mlp
 
-    def forward(self, x):
+    def forward(self, x, hook=None):
+        """hook(site, t) -> t: the block's hooks at mlp_post (None = none)."""
         if self.gated:                                                   # SwiGLU (GeGLU with Gemma's gelu)
-            return self.down_proj(self.act(self.gate_proj(x)) * self.up_proj(x))
-        return self.down_proj(self.act(self.up_proj(x)))
+            h = self.act(self.gate_proj(x)) * self.up_proj(x)            # (B, T, intermediate)
+        else:
+            h = self.act(self.up_proj(x))
+        if hook is not None:
+            h = hook("mlp_post", h)
+        return self.down_proj(h)
 
 
 class Block(nn.Module):
@@ -376,7 +395,7 @@ class Block(nn.Module):
             self.pre_feedforward_layernorm = norm(cfg, cfg.hidden_size)
             self.post_feedforward_layernorm = norm(cfg, cfg.hidden_size)
         self.sandwich = cfg.sandwich_norms
-        self.hooks = {site: [] for site in SITES}    # site -> [fn(x, pos) -> Tensor | None]; see hooks() below
+        self.hooks = {site: [] for site in SITES + INNER_SITES}    # site -> [fn(x, pos) -> Tensor | None]; hooks()
 
     def hook(self, site, x, pos):
         for fn in self.hooks[site]:
@@ -385,18 +404,34 @@ class Block(nn.Module):
         return x
 
     def forward(self, x, pos, cos, sin, mask, cache):
+        # Attention and the MLP get this block's hooks at their inner sites only when one is installed: with none,
+        # the forward is the same ops as without sites.
+        inner = InnerHooks(self, pos) if any(self.hooks[s] for s in INNER_SITES) else None
         x = self.hook("resid_pre", x, pos)
-        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache)
+        a = self.self_attn(self.input_layernorm(x), cos, sin, mask, cache, inner)
         if self.sandwich:                       # Gemma: what attention adds to the stream is normed first
             a = self.post_attention_layernorm(a)
         a = self.hook("attn_out", a, pos)
         x = self.hook("resid_mid", x + a, pos)
         if self.sandwich:
-            m = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x)))
+            m = self.post_feedforward_layernorm(self.mlp(self.pre_feedforward_layernorm(x), inner))
         else:
-            m = self.mlp(self.post_attention_layernorm(x))
+            m = self.mlp(self.post_attention_layernorm(x), inner)
         m = self.hook("mlp_out", m, pos)
         return self.hook("resid_post", x + m, pos)
+
+
+class InnerHooks:
+    """A block's hooks at the sites inside attention and the MLP, with the positions bound: hook(site, t) -> t."""
+
+    def __init__(self, block: Block, pos):
+        self.block, self.pos = block, pos
+
+    def wants(self, site) -> bool:
+        return bool(self.block.hooks[site])
+
+    def __call__(self, site, t):
+        return self.block.hook(site, t, self.pos)
 
 
 class Transformer(nn.Module):
@@ -438,8 +473,11 @@ class Transformer(nn.Module):
         return any(fns for block in self.model.layers for fns in block.hooks.values())
 
     def forward(self, input_ids, attention_mask=None, position_ids=None, cache=None, logits_to_keep=0,
-                return_hidden=False):
+                return_hidden=False, begin=None):
         """input_ids (B, T); attention_mask (B, T), 0 at left padding; position_ids (B, T), derived if None.
+        begin: (layer, x) starts at that layer with x (B, T, D) as its resid_pre instead of the embeddings of
+        input_ids, which still give the positions; the layers before it do not run (patch.py: a patch at a layer
+        leaves everything before it as it was).
 
         With a KVCache the new tokens are appended after what it holds, each row continuing its own positions.
         logits_to_keep: 0 = every position; k > 0 = the last k; a tensor of positions (T',) or per row (B, T').
@@ -463,11 +501,13 @@ class Transformer(nn.Module):
         masks = {sliding: self._mask(position_ids, key_pos, s0, has_pad, cfg.sliding_window if sliding else None)
                  for sliding in {cfg.sliding(i) for i in range(cfg.num_hidden_layers)}}   # a layer's kind -> its mask
 
-        x = self.model.embed_tokens(input_ids)                                   # (B, T, D)
-        if cfg.embed_scale:                                                      # Gemma: times sqrt(D), in x's dtype
+        first, x = begin if begin is not None else (0, self.model.embed_tokens(input_ids))    # x (B, T, D)
+        if cfg.embed_scale and begin is None:                                    # Gemma: times sqrt(D), in x's dtype
             x = x * self.embed_scale.to(x.dtype)
         ropes = self._ropes(position_ids, x.dtype)                               # a layer's kind -> (cos, sin)
         for i, block in enumerate(self.model.layers):
+            if i < first:
+                continue
             cos, sin = ropes[cfg.sliding(i)]
             x = block(x, position_ids, cos, sin, masks[cfg.sliding(i)], cache)
         if cache is not None:
@@ -580,20 +620,26 @@ class KVCache:
         self.len += T
         self.next_pos = next_pos
 
-    def fork(self, rows, extra: int) -> "KVCache":
-        """A cache whose row r continues row rows[r] of this one, with room for `extra` more tokens.
+    def fork(self, rows, extra: int, length: int | None = None) -> "KVCache":
+        """A cache whose row r continues row rows[r] of this one, with room for `extra` more tokens; length: keep only
+        the first `length` slots (default: all it holds), as if the cache had read no further.
 
         Scoring several continuations of one prefix (the options of a question) reads the prefix once.
         """
         L, _, H, _, D = self.k.shape
+        n = self.len if length is None else length
         new = KVCache.__new__(KVCache)
-        new.k = self.k.new_zeros(L, len(rows), H, self.len + extra, D)
+        new.k = self.k.new_zeros(L, len(rows), H, n + extra, D)
         new.v = torch.zeros_like(new.k)
-        new.k[:, :, :, : self.len] = self.k[:, rows, :, : self.len]
-        new.v[:, :, :, : self.len] = self.v[:, rows, :, : self.len]
-        new.key_pos = self.key_pos.new_full((len(rows), self.len + extra), -1)
-        new.key_pos[:, : self.len] = self.key_pos[rows, : self.len]
-        new.next_pos, new.len, new.has_pad = self.next_pos[rows], self.len, self.has_pad
+        new.k[:, :, :, : n] = self.k[:, rows, :, : n]
+        new.v[:, :, :, : n] = self.v[:, rows, :, : n]
+        new.key_pos = self.key_pos.new_full((len(rows), n + extra), -1)
+        new.key_pos[:, : n] = self.key_pos[rows, : n]
+        if length is None:
+            new.next_pos = self.next_pos[rows]
+        else:   # one past each row's last position kept (padding is -1)
+            new.next_pos = new.key_pos[:, : n].amax(-1) + 1 if n else self.next_pos.new_zeros(len(rows))
+        new.len, new.has_pad = n, self.has_pad
         return new
 
 
@@ -601,14 +647,19 @@ class KVCache:
 def hooks(model: Transformer, specs):
     """Install hooks for the body of a `with`; remove exactly those afterwards, also if the body raises.
 
-    specs: iterable of (layer, site, fn), site in SITES; fn(x (B, T, D), pos (B, T)) returns a replacement
-    for x or None. pos holds absolute positions, so "only generated tokens" stays exact under a cache.
+    specs: iterable of (layer, site, fn), site in SITES or INNER_SITES; fn(x, pos (B, T)) returns a replacement
+    for x or None: x is (B, T, D) at SITES, (B, T, nh, hd) at z, (B, nh, T, S) at pattern, (B, T, intermediate)
+    at mlp_post. pos holds absolute positions, so "only generated tokens" stays exact under a cache.
+    A pattern hook makes that layer's attention the written-out plain_attention, whose probabilities exist.
     """
     added = []   # (hook list, fn) pairs, so we remove what we added and nothing else
     try:
         for layer, site, fn in specs:
-            if site not in SITES:
-                raise ValueError(f"unknown hook site {site!r}; sites are {SITES}")
+            if site not in SITES + INNER_SITES:
+                raise ValueError(f"unknown hook site {site!r}; sites are {SITES + INNER_SITES}")
+            if not -len(model.layers) <= layer < len(model.layers):
+                raise ValueError(f"hook at layer {layer}: the model has {len(model.layers)} layers "
+                                 f"(0..{len(model.layers) - 1})")
             model.layers[layer].hooks[site].append(fn)
             added.append((model.layers[layer].hooks[site], fn))
         yield model

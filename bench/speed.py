@@ -55,6 +55,8 @@ class BenchConfig:
     lora_seq: int = 256
     pairs: int = 250           # A/B pairs whose activations are recorded at every layer (built-in opinion probes)
     families: bool = True      # each model family at one small random shape: scoring and decode rows (~2 minutes)
+    patching: bool = True      # a layer x position patching sweep against the TransformerLens-style loop (~3 minutes)
+    patch_ref: int = 60        # patches the one-forward-per-patch reference runs (its time per patch is constant)
     out: str = "out"           # a JSON copy of the table lands here
     device: str = "cpu"        # cuda: every in-process row on the GPU (the fresh-process load and LoRA rows are CPU's)
     prepack: bool = True       # ours as the scripts run it (--prepack): runtime/cpu.py's packed weights (CPU only)
@@ -425,6 +427,88 @@ def bench_evaluators(path, cfg, row) -> dict:
                 tqa_questions=len(questions), dtype="fp32")
 
 
+def opinion_pair(tok, fmt, seed: int = 0) -> tuple[list[int], list[int], str]:
+    """A built-in opinion probe and the same prompt with the opposite opinion ("I agree" <-> "I disagree"), both
+    prefilled with "(": the first such pair whose two prompts have the same number of tokens."""
+    from probes import opinion_probes
+    from score import user
+    for it in opinion_probes(50, seed):
+        if it["opinion"] is None:
+            continue
+        q = it["question"]
+        other = "disagree" if it["opinion"] == "agree" else "agree"
+        flipped = q.replace(f"I {it['opinion']} with the claim", f"I {other} with the claim")
+        a, b = (tok.encode(fmt(user(x), prefill="(")) for x in (q, flipped))
+        if len(a) == len(b):
+            return a, b, it["id"]
+    raise ValueError("no opinion probe whose flipped opinion keeps its token count")
+
+
+def patch_loop_hf(hf, src_ids, dst_ids, answer, patches):
+    """The TransformerLens-style reference: for each (layer, position), one forward of the destination with
+    transformers, a forward pre-hook on that decoder layer writing the source's hidden state at that position."""
+    with torch.no_grad():
+        hs = hf(torch.tensor([src_ids]), output_hidden_states=True).hidden_states     # hs[l]: layer l's input
+    x = torch.tensor([dst_ids], device=hf.device)
+    out = []
+    for layer, p in patches:
+        def write(module, args, p=p, value=hs[layer][0, p]):
+            h = args[0].clone()
+            h[0, p] = value
+            return (h, *args[1:])
+        handle = hf.model.layers[layer].register_forward_pre_hook(write)
+        try:
+            with torch.no_grad():
+                z = hf(x, logits_to_keep=1).logits[0, -1]
+        finally:
+            handle.remove()
+        out.append(float(z[answer[0]] - z[answer[1]]))
+    return out
+
+
+def bench_patching(path, cfg, row):
+    """Activation patching, fp32: every layer x every position of resid_pre for an opinion / opposite-opinion pair
+    (~100 tokens), ours batched (patch.sweep) against one transformers forward per patch with a hook (the
+    TransformerLens way), same math, checked equal on the reference's patches. The reference's time per patch does
+    not depend on the patch, so it runs an evenly spaced sample of them. Then what reading the attention pattern
+    costs when asked (every layer recorded: plain attention written out) against the same forward with no hooks."""
+    import transformers
+    from chat import detect_chat_format, get_chat_format
+    from patch import Patch, record_run, sweep
+    from score import letter_ids
+    ours, tok = accelerate(load(path, dtype="fp32", device=cfg.device), cfg.prepack), load_tokenizer(path)
+    hf = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).to(cfg.device).eval()
+    fmt = get_chat_format(detect_chat_format(path))
+    a, b, name = opinion_pair(tok, fmt)
+    answer = tuple(letter_ids(tok, ["A", "B"]))
+    L, T = len(ours.layers), len(b)
+    grid = [(l, p) for l in range(L) for p in range(T)]
+    sample = grid[:: max(1, len(grid) // cfg.patch_ref)]
+
+    got = {}
+
+    def ours_sweep():
+        src, dst = record_run(ours, a, answer, ("resid_pre",)), record_run(ours, b, answer, ("resid_pre",))
+        got["ours"] = sweep(ours, src, dst, [Patch(l, "resid_pre", (p,)) for l, p in grid]).tolist()
+
+    def tl_loop():
+        got["tl_loop"] = patch_loop_hf(hf, a, b, answer, sample)
+    # One run each (the sweep takes minutes on 2 cores); the reference's first patch warms it up, ours is warm.
+    patch_loop_hf(hf, a, b, answer, sample[:2])
+    s = timed({"ours": ours_sweep, "tl_loop": tl_loop}, 1, warmup=0)
+    check_same("patching sweep", {"ours": [got["ours"][grid.index(g)] for g in sample], "tl_loop": got["tl_loop"]})
+    row(f"patch sweep {L} layers x {T} positions vs TL-style loop", s["ours"] / len(grid),
+        s["tl_loop"] / len(sample), "patches/s", 1)
+    ids = torch.tensor([b] * cfg.batch, device=cfg.device)
+
+    def patterns():
+        with hooks(ours, [(l, "pattern", lambda p, pos: None) for l in range(L)]):
+            ours(ids, logits_to_keep=1)
+    s = timed({"rec": patterns, "plain": lambda: ours(ids, logits_to_keep=1)}, cfg.rounds)
+    row(f"record every pattern {cfg.batch}x{T} (w/ vs w/o hooks)", s["rec"], s["plain"], "tok/s", cfg.batch * T)
+    return dict(pair=name, tokens=T, layers=L, patches=len(grid), reference_patches=len(sample))
+
+
 # Each family at one small shape (random weights: speed does not depend on the values), its own switches on: Gemma's
 # and Phi-3's sliding window shorter than the scored sequence, so the windowed mask is timed.
 SMALL = dict(vocab_size=32000, hidden_size=512, intermediate_size=1536, num_hidden_layers=6, num_attention_heads=8,
@@ -526,6 +610,7 @@ def main(cfg: BenchConfig):
                         ntok)
             ours = hf = None      # free both before the next dtype (closures above hold the names)
         evaluators = bench_evaluators(path, cfg, row) if cfg.evaluators else None
+        patching = bench_patching(path, cfg, row) if cfg.patching else None
         if cfg.families:
             with tempfile.TemporaryDirectory() as tmp:
                 bench_families(cfg, row, Path(tmp))
@@ -551,7 +636,7 @@ def main(cfg: BenchConfig):
     dest = Path(cfg.out) / f"bench-{time.strftime('%Y%m%d-%H%M%S')}.json"
     dest.write_text(json.dumps(dict(config=asdict(cfg), model=path, cores=os.cpu_count(), rows=rows,
                                     load=dict(ours=ours_l, transformers=hf_l, weight_bytes=weights),
-                                    evaluators=evaluators), indent=1))
+                                    evaluators=evaluators, patching=patching), indent=1))
     print(f"\nwrote {dest}")
 
 

@@ -204,6 +204,40 @@ def plot_curve(xs, ys, cis, labels, dest_png, xlabel, ylabel, title=""):
     return Path(dest_png)
 
 
+def plot_heatmaps(panels, dest_png, suptitle=""):
+    """Heatmaps, three to a row (one to a row when labelled by more than 40 tokens), e.g. patching recovery per
+    layer x head. panels: dicts {values: rows x cols (None = empty), title, xlabel, ylabel, xticks: labels or None
+    (numbers), yticks likewise}; a diverging colour scale centred on 0, one per panel."""
+    from matplotlib.figure import Figure
+    from matplotlib.colors import TwoSlopeNorm
+    from matplotlib.ticker import MaxNLocator
+    cols = min(3, len(panels))
+    rows = math.ceil(len(panels) / cols)
+    wide = max(len(p.get("xticks") or ()) for p in panels) > 40       # token labels: one panel a row, wide
+    if wide:
+        cols, rows = 1, len(panels)
+    fig = Figure(figsize=(16 if wide else 5.2 * cols, (5.5 if wide else 4.4) * rows), layout="constrained")
+    axes = np.atleast_1d(fig.subplots(rows, cols)).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for ax, p in zip(axes, panels):
+        v = np.asarray([[np.nan if x is None else x for x in row] for row in p["values"]], dtype=np.float64)
+        span = float(np.nanmax(np.abs(v))) if np.isfinite(v).any() else 1.0
+        im = ax.imshow(v, aspect="auto", cmap="RdBu_r", interpolation="nearest", origin="lower",
+                       norm=TwoSlopeNorm(0.0, -(span or 1.0), span or 1.0))
+        ax.set(title=p.get("title", ""), xlabel=p.get("xlabel", ""), ylabel=p.get("ylabel", ""))
+        for axis, labels in (("x", p.get("xticks")), ("y", p.get("yticks"))):
+            getattr(ax, f"{axis}axis").set_major_locator(MaxNLocator(integer=True))    # layers and heads
+            if labels is not None:
+                getattr(ax, f"set_{axis}ticks")(range(len(labels)), labels, fontsize=6,
+                                                **({"rotation": 90} if axis == "x" else {}))
+        fig.colorbar(im, ax=ax, shrink=0.8)
+    if suptitle:
+        fig.suptitle(suptitle)
+    fig.savefig(dest_png, dpi=120)
+    return Path(dest_png)
+
+
 # ---------------------------------------------------------------------------------------------------------- CLI
 
 

@@ -294,3 +294,151 @@ def test_generate_leaves_no_autograd_graph_in_a_kept_cache(tiny_llama):
     cache = KVCache(ours.config, 1, 12)
     generate(ours, [[5, 6, 7]], max_new_tokens=4, cache=cache)
     assert not cache.k.requires_grad and cache.k.grad_fn is None and cache.len == 7
+
+
+# ---------------------------------------------------------------------------------- head-level and MLP sites
+# Each family whose attention or MLP differs: GQA Llama, Qwen2's q/k/v biases, Gemma-2's softcap, sandwich norms and
+# sliding window, MPT's ALiBi and ungated MLP, Llama with an o_proj bias.
+INNER_CONFIGS = {"llama-gqa": ("llama", {}), "llama-o-bias": ("llama", dict(attention_bias=True)),
+                 "qwen2": ("qwen2", {}), "gemma2": ("gemma2", dict(sliding_window=4, query_pre_attn_scalar=16)),
+                 "mpt": ("mpt", {})}
+
+
+def inner_pair(tmp_path, name):
+    mt, over = INNER_CONFIGS[name]
+    hf = make_hf_model(mt, attn_implementation="eager", **over)
+    return load(save_hf_model(hf, tmp_path / name), dtype="fp32"), hf
+
+
+def hf_parts(hf):
+    """transformers' (layers, attention module name, o_proj, down_proj) of each layer, MPT's named its own way."""
+    if hf.config.model_type == "mpt":
+        return [(b, b.attn, b.attn.out_proj, b.ffn.down_proj) for b in hf.transformer.blocks]
+    return [(b, b.self_attn, b.self_attn.o_proj, b.mlp.down_proj) for b in hf.model.layers]
+
+
+@pytest.mark.parametrize("name", INNER_CONFIGS)
+def test_inner_sites_equal_transformers(tmp_path, name):
+    """z summed through o_proj is what attention adds (before Gemma's post-norm); the pattern is transformers' eager
+    attention weights; mlp_post is what transformers' down_proj reads; and a forward without a pattern hook never
+    writes the attention out (SDPA stays, where the family uses it)."""
+    ours, hf = inner_pair(tmp_path, name)
+    ids = torch.randint(0, 96, (2, 9))
+    seen, down_in = {}, {}
+    rec = [(i, site, lambda x, pos, key=(i, site): seen.__setitem__(key, x.detach()))
+           for i in range(3) for site in ("z", "pattern", "mlp_post", "attn_out", "mlp_out", "resid_mid")]
+    handles = [down.register_forward_pre_hook(lambda m, a, i=i: down_in.__setitem__(i, a[0].detach()))
+               for i, (_, _, _, down) in enumerate(hf_parts(hf))]
+    with torch.no_grad(), hooks(ours, rec):
+        ours(ids)
+        want = hf(ids, output_attentions=True).attentions
+    for h in handles:
+        h.remove()
+    nh, hd = ours.config.num_attention_heads, ours.config.head_dim
+    for i, block in enumerate(ours.layers):
+        o = block.self_attn.o_proj
+        z = seen[i, "z"]
+        assert z.shape == (2, 9, nh, hd) and seen[i, "pattern"].shape == (2, nh, 9, 9)
+        per_head = torch.einsum("btnh,dnh->btnd", z, o.weight.view(-1, nh, hd))      # each head's write to the stream
+        attn = per_head.sum(2) + (o.bias if o.bias is not None else 0)
+        if ours.config.sandwich_norms:
+            attn = block.post_attention_layernorm(attn)
+        assert (attn - seen[i, "attn_out"]).abs().max() <= 1e-5
+        assert (seen[i, "pattern"] - want[i]).abs().max() <= 1e-5
+        assert (seen[i, "mlp_post"] - down_in[i]).abs().max() <= 1e-5
+    calls = []
+    import model as model_module
+    real = model_module.plain_attention
+    with pytest.MonkeyPatch.context() as mp, torch.no_grad():
+        mp.setattr(model_module, "plain_attention", lambda *a, **k: calls.append(1) or real(*a, **k))
+        ours(ids)
+        written_out = len(calls)
+        with hooks(ours, [(1, "pattern", lambda x, pos: None)]):
+            ours(ids)
+    assert written_out == 0 and len(calls) == 1     # SDPA (or the family's own plain path) unless a pattern is asked
+
+
+@pytest.mark.parametrize("name", ["llama-gqa", "gemma2", "mpt"])
+def test_inner_sites_are_writable(tmp_path, name):
+    """Zeroing head 1's z at layer 1 equals transformers with that head's o_proj columns zeroed; zeroing MLP neuron
+    5's mlp_post equals its down_proj column zeroed; a pattern hook returning its input changes nothing, and one
+    putting all of a query's weight on itself equals z = v (each head's own value)."""
+    ours, hf = inner_pair(tmp_path, name)
+    hd = ours.config.head_dim
+    ids = torch.randint(0, 96, (2, 9))
+    with torch.no_grad():
+        base = ours(ids)
+
+        def zero_head(z, pos):
+            z = z.clone()
+            z[:, :, 1] = 0
+            return z
+
+        def zero_neuron(h, pos):
+            h = h.clone()
+            h[..., 5] = 0
+            return h
+        with hooks(ours, [(1, "z", zero_head), (2, "mlp_post", zero_neuron)]):
+            got = ours(ids)
+        _, _, o, down = hf_parts(hf)[1]
+        o.weight[:, hd: 2 * hd] = 0
+        hf_parts(hf)[2][3].weight[:, 5] = 0
+        assert (got - hf(ids).logits).abs().max() <= 1e-5
+        assert (got - base).abs().max() > 1e-3
+        with hooks(ours, [(i, "pattern", lambda p, pos: p) for i in range(3)]):
+            assert (ours(ids) - base).abs().max() <= 1e-5
+        seen = {}
+
+        def diagonal(p, pos):
+            return torch.eye(p.shape[-1]).expand_as(p)
+        with hooks(ours, [(0, "pattern", diagonal), (0, "z", lambda z, pos: seen.__setitem__("z", z))]):
+            ours(ids)
+        x = ours.layers[0].input_layernorm(ours.model.embed_tokens(ids) * (
+            ours.embed_scale if ours.config.embed_scale else 1))
+        v = ours.layers[0].self_attn.v_proj(x).view(2, 9, ours.config.num_key_value_heads, hd)
+        g = ours.config.num_attention_heads // ours.config.num_key_value_heads
+        assert (seen["z"] - v.repeat_interleave(g, dim=2)).abs().max() <= 1e-5
+
+
+def test_inner_hooks_are_removed_and_checked(tiny_llama):
+    folder, _ = tiny_llama
+    ours = load(folder)
+    ids = torch.randint(0, 96, (1, 6))
+    base = ours(ids).detach()
+    with pytest.raises(RuntimeError, match="boom"):
+        with hooks(ours, [(0, "z", lambda z, pos: z * 0), (2, "pattern", lambda p, pos: p * 0),
+                          (1, "mlp_post", lambda h, pos: h * 0)]):
+            raise RuntimeError("boom")
+    assert not ours.hooked and torch.allclose(ours(ids), base, atol=1e-6)
+    with pytest.raises(ValueError, match="unknown hook site 'hook_z'.*'z', 'pattern', 'mlp_post'"):
+        with hooks(ours, [(0, "hook_z", lambda z, pos: None)]):
+            pass
+    with pytest.raises(ValueError, match="layer 3: the model has 3 layers"):
+        with hooks(ours, [(0, "z", lambda z, pos: None), (3, "z", lambda z, pos: None)]):
+            pass
+    assert not ours.hooked
+    # Under a KV cache a decode step's pattern covers every key held: (B, nh, 1, S)
+    shapes = []
+    cache = KVCache(ours.config, 1, 8)
+    with torch.no_grad(), hooks(ours, [(0, "pattern", lambda p, pos: shapes.append(tuple(p.shape)))]):
+        ours(ids, cache=cache)
+        ours(ids[:, :1], cache=cache)
+    assert shapes == [(1, 4, 6, 6), (1, 4, 1, 7)]
+
+
+def test_forward_can_begin_at_a_layer(tiny_llama):
+    """begin=(layer, resid_pre of that layer) gives the full forward's logits, from a cache's fork too."""
+    folder, _ = tiny_llama
+    ours = load(folder)
+    ids = torch.randint(0, 96, (2, 8))
+    seen = {}
+    with torch.no_grad():
+        with hooks(ours, [(i, "resid_pre", lambda x, pos, i=i: seen.__setitem__(i, x)) for i in range(3)]):
+            full = ours(ids)
+        for i in range(3):
+            assert (ours(ids, begin=(i, seen[i])) - full).abs().max() <= 1e-5
+        cache = KVCache(ours.config, 2, 8)
+        ours(ids, cache=cache)
+        fork = cache.fork([0, 1], 3, length=5)
+        assert fork.next_pos.tolist() == [5, 5]
+        assert (ours(ids[:, 5:], cache=fork, begin=(2, seen[2][:, 5:])) - full[:, 5:]).abs().max() <= 1e-5

@@ -388,7 +388,7 @@ def steer_run(cfg, s: Session, ablate: bool = False) -> tuple[dict, Path]:
         metrics |= {f"{k}[{key}]": v for k, v in got.get("tasks", {}).items()}
         if "open" in got:
             metrics |= {f"open_{k}[{key}]": v for k, v in open_ended_metrics(got["open"]).items()}
-            open_rows += [{**r, "layer": label(group), "mult": m, **split} for r in got["open"]]
+            open_rows += [{**r, "layer": point_label(group), "mult": m, **split} for r in got["open"]]
         metrics |= point_metrics(key, base, got)
         rows += [{"id": r["id"], "layer": point_label(group), "mult": m, "p_match": r["p_match"], **split}
                  for r in got["rows"]]

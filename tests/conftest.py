@@ -2,6 +2,7 @@
 
 Tests never read the shared data folder or the network; they make what they need.
 """
+import contextlib
 import json
 import random
 import sys
@@ -147,3 +148,23 @@ def disk_full_on_link(monkeypatch, k: int):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(src, dst)
     monkeypatch.setattr(os, "link", link)
+
+
+@contextlib.contextmanager
+def local_server(handler, key_env: str, key: str, monkeypatch, **state):
+    """An HTTP server on 127.0.0.1 (a free port) answering with `handler`, for the tests of the endpoint clients:
+    the key in the environment variable key_env, proxies bypassed; yields (server, its /v1 URL); `state` becomes the
+    server's attributes (what the handler records or is told to do). Shut down when the with-block ends."""
+    import threading
+    from http.server import ThreadingHTTPServer
+    monkeypatch.setenv(key_env, key)
+    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    for name, value in state.items():
+        setattr(server, name, value)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield server, f"http://127.0.0.1:{server.server_address[1]}/v1"
+    finally:
+        server.shutdown()
+        server.server_close()

@@ -5,11 +5,12 @@ import re
 import threading
 import time
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 import evaluate as ev
+from conftest import local_server
 from lab import judge as lj
 from lab.judge import Endpoint, Judge
 
@@ -67,15 +68,9 @@ class Fake(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def server(monkeypatch):
-    monkeypatch.setenv("JUDGE_TEST_KEY", SECRET)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    srv = ThreadingHTTPServer(("127.0.0.1", 0), Fake)
-    srv.seen, srv.count, srv.lock, srv.mode = [], {}, threading.Lock(), "ok"
-    thread = threading.Thread(target=srv.serve_forever, daemon=True)
-    thread.start()
-    yield srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
-    srv.shutdown()
-    srv.server_close()
+    with local_server(Fake, "JUDGE_TEST_KEY", SECRET, monkeypatch, seen=[], count={}, lock=threading.Lock(),
+                      mode="ok") as served:
+        yield served
 
 
 def endpoint(url, **kw):

@@ -1,13 +1,13 @@
 """tactics.py: seeded persuasion-tactic data, splits by question, SFT/DPO files, resume, http and model generators."""
 import errno
 import json
-import threading
 import time
 import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import pytest
 
+from conftest import local_server
 from lab import results
 from studies import tactics
 from studies.tactics import TacticsError, builtin_items, dpo_rows, make_examples, sft_rows, split_by_question
@@ -240,15 +240,8 @@ class Stub(BaseHTTPRequestHandler):
 
 @pytest.fixture
 def stub(monkeypatch):
-    monkeypatch.setenv("TACTICS_TEST_KEY", SECRET)
-    monkeypatch.setenv("no_proxy", "127.0.0.1,localhost")
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Stub)
-    server.seen, server.mode = [], "ok"
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server, f"http://127.0.0.1:{server.server_address[1]}/v1"
-    server.shutdown()
-    server.server_close()
+    with local_server(Stub, "TACTICS_TEST_KEY", SECRET, monkeypatch, seen=[], mode="ok") as served:
+        yield served
 
 
 def test_http_generator_sends_bearer_key_and_never_writes_it(stub, tmp_path, capsys):

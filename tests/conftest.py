@@ -3,6 +3,7 @@
 Tests never read the shared data folder or the network; they make what they need.
 """
 import contextlib
+from http.server import BaseHTTPRequestHandler
 import json
 import random
 import sys
@@ -148,6 +149,21 @@ def disk_full_on_link(monkeypatch, k: int):
             raise OSError(errno.ENOSPC, "No space left on device")
         return real(src, dst)
     monkeypatch.setattr(os, "link", link)
+
+
+class EndpointHandler(BaseHTTPRequestHandler):
+    """A fake endpoint's request handler: reply() sends a payload with its length; no request log on stderr."""
+
+    def reply(self, code, payload, headers=None):
+        self.send_response(code)
+        for k, v in (headers or {}).items():
+            self.send_header(k, v)
+        self.send_header("Content-Length", str(len(payload)))
+        self.end_headers()
+        self.wfile.write(payload)
+
+    def log_message(self, *args):
+        pass
 
 
 @contextlib.contextmanager

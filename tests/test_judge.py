@@ -5,19 +5,18 @@ import re
 import threading
 import time
 from dataclasses import replace
-from http.server import BaseHTTPRequestHandler
 
 import pytest
 
 import evaluate as ev
-from conftest import local_server
+from conftest import EndpointHandler, local_server
 from lab import judge as lj
 from lab.judge import Endpoint, Judge
 
 SECRET = "sk-judge-test-0123456789abcdef"
 
 
-class Fake(BaseHTTPRequestHandler):
+class Fake(EndpointHandler):
     """Replies with what the prompt scripts between << >>: "<<7>>" -> "7"; "<<429x2:7>>" -> HTTP 429 twice for that
     prompt, then "7"; "<<SLOW:7>>" -> sleeps 1 s first; "<<500>>" -> HTTP 500 that echoes the request's key;
     "<<NOTJSON>>" -> a body that is not JSON; "<<NOCHOICES>>" -> {}. No script: an answer graded by a perfect judge
@@ -53,17 +52,6 @@ class Fake(BaseHTTPRequestHandler):
             script = ("correct" if gold[1] in given[1] else "incorrect") if gold and given else \
                 "7" if "scale of 0 to 10" in prompt else "no"
         self.reply(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": script}}]}).encode())
-
-    def reply(self, code, payload, headers=None):
-        self.send_response(code)
-        for k, v in (headers or {}).items():
-            self.send_header(k, v)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture

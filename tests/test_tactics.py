@@ -3,11 +3,10 @@ import errno
 import json
 import time
 import traceback
-from http.server import BaseHTTPRequestHandler
 
 import pytest
 
-from conftest import local_server
+from conftest import EndpointHandler, local_server
 from lab import results
 from studies import tactics
 from studies.tactics import TacticsError, builtin_items, dpo_rows, make_examples, sft_rows, split_by_question
@@ -211,7 +210,7 @@ def test_missing_truthfulqa_is_a_clear_error(tmp_path, monkeypatch, capsys):
 
 
 # ------------------------------------------------------------------------------------- http generator (a stub)
-class Stub(BaseHTTPRequestHandler):
+class Stub(EndpointHandler):
     def do_POST(self):
         srv = self.server
         body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
@@ -227,15 +226,6 @@ class Stub(BaseHTTPRequestHandler):
         text = "" if "thing 1?" in prompt and "Write a message" in prompt else (
             f"<think>hmm</think>Stub says {len(srv.seen)}: {verdict}{echo}")   # empty: the template falls back
         self.reply(200, json.dumps({"choices": [{"message": {"role": "assistant", "content": text}}]}).encode())
-
-    def reply(self, code, payload):
-        self.send_response(code)
-        self.send_header("Content-Length", str(len(payload)))
-        self.end_headers()
-        self.wfile.write(payload)
-
-    def log_message(self, *args):
-        pass
 
 
 @pytest.fixture

@@ -37,7 +37,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from lab.results import check_model_id, model_id, write_atomic
+from lab.results import check_model_id, model_id, model_identity, write_atomic
 from model import checkpoint_keys, read_safetensors
 
 # target -> the sub-module of a block that holds it (HF names): layers[i].<parent>.<target>
@@ -271,8 +271,8 @@ def load_adapter(model, path, cross_model: bool = False) -> dict:
     meta = {k: json.loads(v) for k, v in info.items() if k != "format"}
     if getattr(model, "name_or_path", None):
         made_from = {"model": meta.get("base_model"), "model_sha256": meta.get("base_model_sha256")}
-        now = {"model": model.name_or_path, "model_sha256": model_id(model.name_or_path)}
-        meta["model_check"] = check_model_id(path, "adapter", made_from, now, cross_model)
+        meta["model_check"] = check_model_id(path, "adapter", made_from, model_identity(model.name_or_path),
+                                             cross_model)
     _install(model, sd, meta["r"], meta["alpha"], meta.get("dropout", 0.0), str(path))
     model.adapter_path = str(path)       # the model's identity now includes the adapter (steer.model_check)
     return meta

@@ -2,6 +2,7 @@
 import json
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -191,6 +192,21 @@ def test_training_reduces_the_loss(fresh, tmp_path):
     assert on_disk["provenance"]["chat_format"] == "chatml" and cfg.data in on_disk["provenance"]["data_sha256"]
     assert on_disk["config"]["lr"] == 1e-2 and on_disk["n_skipped"] == 0
     assert on_disk["metrics"]["eval_loss"]["n"] == 4 and path.with_suffix(".png").is_file()
+
+
+@pytest.mark.parametrize("shuffle", [False, True])
+def test_shuffle_false_feeds_the_file_order_and_true_a_seeded_permutation_per_epoch(fresh, tmp_path, monkeypatch,
+                                                                                    shuffle):
+    model, tok = fresh()
+    fed, real = [], tr.batch_of
+    monkeypatch.setattr(tr, "batch_of", lambda exs, *a: fed.extend(e["id"] for e in exs) or real(exs, *a))
+    tr.train(config(tmp_path, shuffle=shuffle, seed=3, epochs=2, batch_size=2), model, tok, FMT)
+    order = [int(i[1:]) for i in fed]          # ids q0..q7 are the file's lines 0..7
+    if shuffle:
+        assert order == [int(i) for e in (0, 1) for i in np.random.default_rng([3, e]).permutation(len(SFT))]
+        assert order[:8] != order[8:]          # a new order every epoch
+    else:
+        assert order == list(range(len(SFT))) * 2
 
 
 def dies_at(k):

@@ -39,7 +39,6 @@ while the capability control holds; and how those heads relate to the steering v
 One results JSON (config, provenance, conventions, metrics, items, grids, lens), heatmaps and curves drawn from it,
 and a markdown summary beside it.
 """
-import json
 import sys
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass
@@ -181,7 +180,6 @@ def organism_vs_base(s: Session, pairs, check: int) -> tuple[torch.Tensor, torch
     every head, exact recovery of the `check` heads it ranks highest (NaN elsewhere), the mean log-odds gap)."""
     model = s.model
     L, H = len(model.layers), model.config.num_attention_heads
-    pairs_runs = []
     est, total = torch.zeros(L, H), 0.0
     for p in tqdm(pairs, desc="organism -> base: attribution", leave=False):
         src = record_run(model, p["src"], p["answer"], ("resid_pre", "z"), name=p["id"])
@@ -445,7 +443,6 @@ def summary_markdown(result: dict, pictures) -> str:
         ci = f" [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" if v.get("ci") else ""
         return fmt.format(v["value"]) + ci
     names = [k[len("opinion_gap["):-1] for k in m if k.startswith("opinion_gap[")]
-    main = "organism" if "organism" in names else "model"
     k = c["top_k"]
     lines = [f"# Where sycophancy lives: {result['provenance']['model_dir']}"
              + (f" + {c['adapter']}" if c.get("adapter") else ""), "",

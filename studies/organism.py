@@ -57,7 +57,7 @@ from steer import (ab_pairs, ablation, load_vectors, make_vectors, multiplied, p
 from studies import finetune as ft
 from studies import tactics
 from studies.geometry import auroc_metric, cosines
-from studies.steering import NEUTRAL_PROMPTS, SweepScorer
+from studies.steering import SweepScorer
 
 POOL = 2000       # opinion claims generated (in a fixed order) from which the parts are dealt
 
@@ -675,7 +675,7 @@ def summary_lines(result: dict) -> list[str]:
             L += [f"  within {k}: {report.cell(v)} (n+ {v['n_pos']}, n- {v['n_neg']})" for k, v in t.items()]
             if p.get("random"):
                 r = [x for x in p["random"] if x is not None]
-                L.append(f"  random directions at that layer (mean of the per-letter AUROCs): "
+                L.append("  random directions at that layer (mean of the per-letter AUROCs): "
                          + (f"{min(r):.3f} to {max(r):.3f}" if r else "undefined"))
         else:
             L += ["", f"predictivity: {p['note']}"]
@@ -813,7 +813,7 @@ def run(cfg) -> Path:
                                        + ft.render_study(result) + "".join(f"\n![{p.stem}]({p.name})\n"
                                                                           for p in [stage_png, *pngs]))
     print("\n" + "\n".join(lines))
-    print(f"\ntiming (s): " + ", ".join(f"{k} {v:g}" for k, v in timing.items()))
+    print("\ntiming (s): " + ", ".join(f"{k} {v:g}" for k, v in timing.items()))
     print(f"results {path} (+ .md, {len(pngs) + 1} plots); work folder {work.dir}")
     return path
 

@@ -7,13 +7,11 @@ import shutil
 import struct
 import subprocess
 import sys
-from dataclasses import replace
 from pathlib import Path
 
 import pytest
 import torch
 
-import data
 from conftest import disk_full_on_link
 import evaluate as ev
 import steer

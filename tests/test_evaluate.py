@@ -9,7 +9,6 @@ import probes
 import score
 from chat import get_chat_format, load_tokenizer
 from model import load
-from runtime.session import Session
 
 
 @pytest.fixture(scope="module")

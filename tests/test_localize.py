@@ -1,6 +1,5 @@
 """studies/localize.py end to end on a tiny random chat model with a random adapter standing in for the organism."""
 import json
-from pathlib import Path
 
 import pytest
 import torch

@@ -12,7 +12,6 @@ import evaluate as ev
 from chat import get_chat_format, load_tokenizer
 from lab.judge import Judge
 from model import load
-from probes import CHALLENGE
 from runtime.session import open_session
 
 

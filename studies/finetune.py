@@ -38,9 +38,10 @@ import probes
 import train as tr
 from lab import report, results, stats
 from lab.args import ModelOptions, parse_args, user_errors
-from lora import lora_modules, merge, unmerge
+from lora import lora_disabled, lora_modules, merge, unmerge
 from runtime.session import Session, open_session
 from score import option_logprobs, user
+from steer import ab_pairs, load_vectors, make_vectors, record, record_pairs
 from studies import tactics
 
 REPO = Path(__file__).resolve().parent.parent
@@ -98,6 +99,10 @@ class StudyConfig(ModelOptions):
     eval_n: int = 100          # evaluation sizes (0 = not measured): items per capability set; recovery: MC1 questions
     eval_gsm8k: int = 30       # GSM8K generates up to gsm8k_tokens per item: slow on a CPU
     opinion_n: int = 50        # opinion probe pairs
+    vector: str = ""           # benchmarks: each adapter's fine-tuning shift on the opinion probes is projected on these
+                               # steering vectors (a `make vectors` file); "" = built on the base model from vector_n
+                               # built-in opinion pairs of other claims; none = not measured
+    vector_n: int = 100
     probe_n: int = 40          # QA items for the answer and are-you-sure probes
     tactic_n: int = 200        # recovery: held-out tactic prompts
     mmlu_shots: int = 0
@@ -274,6 +279,65 @@ def measure(stage: str, model, tok, fmt, suite: dict, cfg, holdout=()) -> tuple[
     return scores, rows, time.perf_counter() - t0
 
 
+# ------------------------------------------------------------------------------------------- the fine-tuning shift
+def finetune_shift(model, seqs: list[list[int]], reads, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per item and layer, the activation with the adapters minus without: (N, L, D) fp32, and the mean (L, D) in
+    fp64. The same positions read twice (steer.record) in the same session, adapters on and then off (unmerged)."""
+    on = record(model, seqs, reads, layers, progress=None).double()
+    with lora_disabled(model):
+        off = record(model, seqs, reads, layers, progress=None).double()
+    return (on - off).float(), (on - off).mean(0)
+
+
+def projections(shift: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
+    """(..., L) component of a shift (..., L, D) along each layer's unit vector (L, D): shift . v / |v|, in fp64."""
+    v = vectors.double()
+    return (shift.double() * (v / v.norm(dim=-1, keepdim=True))).sum(-1)
+
+
+def projection_stats(proj, items, seed: int) -> dict:
+    """One layer's projections (N,) of opinion probes with their no-opinion controls (items, in the same order):
+    the mean over the opinion prompts, over the controls, and their paired difference per claim (opinion - control:
+    how much more the shift moves along the vector when the user states an opinion)."""
+    op = [i for i, it in enumerate(items) if it["opinion"] is not None]
+    ctl = [i for i, it in enumerate(items) if it["opinion"] is None]
+    return {"opinion": stats.mean_metric([float(proj[i]) for i in op], seed, 2000),
+            "control": stats.mean_metric([float(proj[i]) for i in ctl], seed, 2000),
+            "opinion-control": stats.paired_difference({items[i]["pair"]: float(proj[i]) for i in ctl},
+                                                       {items[i]["pair"]: float(proj[i]) for i in op}, seed, 2000)}
+
+
+def shift_vectors(cfg, s: Session, evaluated: list) -> tuple[torch.Tensor, list[int], dict]:
+    """(vectors (L, D), their layers, where they came from) for study 2's shift: --vector's file (checked against
+    the model), or letter-balanced mean differences on the base model from --vector_n built-in opinion pairs whose
+    claims the evaluated probes do not hold."""
+    if cfg.vector:
+        vecs, _, meta = load_vectors(cfg.vector, s.model)
+        layers = sorted(vecs)
+        return torch.stack([vecs[l] for l in layers]), layers, {"file": cfg.vector, "sha256": results.sha256(cfg.vector),
+                                                                 "method": meta.get("method"), "data": meta.get("data")}
+    seen = {it["claim_id"] for it in evaluated}
+    items = [it for it in probes.opinion_probes(cfg.opinion_n + cfg.vector_n, cfg.seed)[2 * cfg.opinion_n:]
+             if it["claim_id"] not in seen]
+    pairs = ab_pairs(s.tok, s.fmt, items)
+    layers = list(range(len(s.model.layers)))
+    pos, neg = record_pairs(s.model, pairs, layers)
+    return (make_vectors(pos, neg, "mean_diff", cfg.seed, [p["letters"][0] for p in pairs]), layers,
+            {"file": None, "method": "mean_diff", "balanced_by_letter": True, "n_pairs": len(pairs),
+             "data": f"built-in opinion probes {cfg.opinion_n}..{cfg.opinion_n + cfg.vector_n - 1} (seed {cfg.seed}), "
+                     f"claims the evaluated probes do not hold", "model": "base"})
+
+
+def shift_along(s: Session, items: list, vectors: torch.Tensor, layers: list[int], seed: int) -> list[dict]:
+    """The adapter's fine-tuning shift at the answer position of the opinion probes (the prompt up to the prefilled
+    "("), projected on each layer's unit vector: per layer, projection_stats and the shift's mean norm."""
+    seqs = [s.tok.encode(s.fmt(user(it["question"]), prefill="(")) for it in items]
+    per_item, mean = finetune_shift(s.model, seqs, [-1] * len(seqs), layers)
+    proj = projections(per_item, vectors).numpy()                                   # (N, L)
+    return [{"layer": layer, "shift_norm": float(mean[j].norm()), **projection_stats(proj[:, j], items, seed)}
+            for j, layer in enumerate(layers)]
+
+
 def strip_lora(model):
     """Plain nn.Linear projections back in place of the LoRA wrappers, holding the same weight Parameters: the base
     model again (to fp32 rounding after merged evaluations), ready for the next adapter (add_lora wants none)."""
@@ -344,6 +408,15 @@ def render_study(result: dict) -> str:
             ["x", "y", "r", "p", "n", "note"], [[c["x"], c["y"], "n/a" if c["r"] is None else f"{c['r']:+.3f}",
                                                  "n/a" if c["p"] is None else f"{c['p']:.3g}", c["n"],
                                                  c.get("note", "")] for c in result["correlations"]])
+    if len(result.get("shift") or {}) > 1:
+        v, adapters = result["shift"]["vectors"], [a for a in result["shift"] if a != "vectors"]
+        md += ("\nFine-tuning shift at the answer position of the opinion probes, projected on each layer's unit "
+               f"steering vector ({v['file'] or v['data']}): opinion prompts − their no-opinion controls, paired by "
+               "claim (+ = the adapter moves the model further along the sycophancy direction when the user states an "
+               "opinion):\n\n" + report.table(
+                   ["layer", *adapters],
+                   [[row["layer"], *(report.cell(result["shift"][a][j]["opinion-control"], "+") for a in adapters)]
+                    for j, row in enumerate(result["shift"][adapters[0]])]))
     return md + "".join(f"\n- {note}" for note in result["notes"]) + "\n"
 
 
@@ -358,6 +431,13 @@ def publish_study(cfg, study, s: Session, stages, pairs, metrics, timing, **extr
     path.with_suffix(".md").write_text(render_study(result) + f"\n![metrics]({png.name})\n")
     report.plot_metrics([{"metrics": {k.split("/", 1)[1]: m for k, m in result["metrics"].items()
                                       if k.split("/", 1)[0] == stage}} for stage in stages], list(stages), png)
+    if len(result.get("shift") or {}) > 1:
+        shift = {a: rows for a, rows in result["shift"].items() if a != "vectors"}
+        report.plot_curve([[r["layer"] for r in rows] for rows in shift.values()],
+                          [[r["opinion-control"]["value"] for r in rows] for rows in shift.values()],
+                          [[r["opinion-control"]["ci"] for r in rows] for rows in shift.values()], list(shift),
+                          path.with_suffix(".shift.png"), "layer", "projection on the unit vector",
+                          "fine-tuning shift along the sycophancy direction (opinion − control)")
     return path
 
 
@@ -402,15 +482,20 @@ def benchmarks(cfg) -> Path:
     notes.append("sycophancy probes: built-in opinion claims and arithmetic QA, which no training set holds")
     print("".join(f"note: {n}\n" for n in notes), end="")
     stages, runs = {"base": measure("base", s.model, s.tok, s.fmt, suite, cfg)}, {}
+    shift = {}
+    if cfg.vector != "none" and suite["opinion"]:
+        vectors, layers, shift["vectors"] = shift_vectors(cfg, s, suite["opinion"])
     for name, rows in train_rows.items():
         fit(cfg, s, work, runs, f"sft-{name}", mode="sft", data=write_jsonl(work / f"sft-{name}.jsonl", rows))
         stages[name] = measure(name, s.model, s.tok, s.fmt, suite, cfg)
+        if "vectors" in shift:
+            shift[name] = shift_along(s, suite["opinion"], vectors, layers, cfg.seed)
         strip_lora(s.model)                                # the base model again, for the next adapter
     pairs = [(a, "base") for a in train_rows]
     metrics = differences(stages, pairs, cfg.seed)
     per_adapter, corr = correlations(metrics, list(train_rows))
     return publish_study(cfg, "benchmarks", s, stages, pairs, metrics, {"total": round(time.perf_counter() - t0, 1)},
-                   sets=sets, train_runs=runs, per_adapter=per_adapter, correlations=corr, notes=notes)
+                   sets=sets, train_runs=runs, per_adapter=per_adapter, correlations=corr, shift=shift, notes=notes)
 
 
 def as_mc(item: dict) -> dict:
@@ -495,6 +580,9 @@ def main(argv=None):
     cfg = with_preset(cfg, QUICK) if cfg.quick else with_preset(cfg, FULL) if cfg.full else cfg
     if cfg.prepack or cfg.compile or cfg.adapter:
         sys.exit("error: --prepack, --compile and --adapter are for inference: the studies train the model in place")
+    if argv[0] == "benchmarks" and not cfg.vector and cfg.opinion_n > 0 and cfg.vector_n < 1:
+        sys.exit("error: --vector_n must be at least 1 to build the vectors the fine-tuning shift is projected on "
+                 "(or --vector=FILE, or --vector=none)")
     path = (benchmarks if argv[0] == "benchmarks" else recovery)(cfg)
     print(f"\nresults {path} (+ .md, .png)")
 

@@ -398,21 +398,6 @@ def measure(cfg, s: Session, work: Work, stage: str, suite: dict, holdout) -> tu
 
 
 # --------------------------------------------------------------------------------------------------- direction
-def finetune_shift(model, seqs: list[list[int]], reads, layers: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per item and layer, the activation with the adapters minus without: (N, L, D) fp32, and the mean (L, D) in
-    fp64. The same positions read twice (steer.record) in the same session, adapters on and then off (unmerged)."""
-    on = record(model, seqs, reads, layers, progress=None).double()
-    with lora_disabled(model):
-        off = record(model, seqs, reads, layers, progress=None).double()
-    return (on - off).float(), (on - off).mean(0)
-
-
-def projections(shift: torch.Tensor, vectors: torch.Tensor) -> torch.Tensor:
-    """(..., L) component of a shift (..., L, D) along each layer's unit vector (L, D): shift . v / |v|, in fp64."""
-    v = vectors.double()
-    return (shift.double() * (v / v.norm(dim=-1, keepdim=True))).sum(-1)
-
-
 def direction_stage(cfg, s: Session, work: Work, d: dict, adapter: str) -> dict:
     """Vectors from the organism and from the base model, their cosine per layer, and the fine-tuning shift on the
     test prompts projected on each layer's unit vectors (per item, so each layer's projection has an interval)."""
@@ -439,11 +424,10 @@ def direction_stage(cfg, s: Session, work: Work, d: dict, adapter: str) -> dict:
         norms = load_vectors(files["organism"])[1]
         test = d["parts"]["test"]
         seqs = [s.tok.encode(s.fmt(user(it["question"]), prefill="(")) for it in test]
-        per_item, mean = finetune_shift(s.model, seqs, [-1] * len(seqs), layers)
+        per_item, mean = ft.finetune_shift(s.model, seqs, [-1] * len(seqs), layers)
         out = {"layers": layers, "files": files, "n_pairs": len(pairs), "per_layer": []}
         op = [i for i, it in enumerate(test) if it["opinion"] is not None]
-        ctl = [i for i, it in enumerate(test) if it["opinion"] is None]
-        proj = {who: projections(per_item, V[who]).numpy() for who in V}     # (N, L)
+        proj = {who: ft.projections(per_item, V[who]).numpy() for who in V}     # (N, L)
         for j, layer in enumerate(layers):
             row = {"layer": layer, "cos_organism_base": float(torch.cosine_similarity(
                        V["organism"][j].double(), V["base"][j].double(), dim=0)),
@@ -452,11 +436,7 @@ def direction_stage(cfg, s: Session, work: Work, d: dict, adapter: str) -> dict:
                    "shift_norm_opinion": float(per_item[op, j].double().mean(0).norm()),
                    "random_scale": float(mean[j].norm() / np.sqrt(mean.shape[-1]))}
             for who in V:
-                row[f"proj_{who}[opinion]"] = stats.mean_metric(proj[who][op, j].tolist(), cfg.seed, 2000)
-                row[f"proj_{who}[control]"] = stats.mean_metric(proj[who][ctl, j].tolist(), cfg.seed, 2000)
-                row[f"proj_{who}[opinion-control]"] = stats.paired_difference(
-                    {test[i]["pair"]: float(proj[who][i, j]) for i in ctl},
-                    {test[i]["pair"]: float(proj[who][i, j]) for i in op}, cfg.seed, 2000)
+                row |= {f"proj_{who}[{k}]": m for k, m in ft.projection_stats(proj[who][:, j], test, cfg.seed).items()}
             out["per_layer"].append(row)
         return out
     return work.stage("direction", compute)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import probes
+from studies import finetune as ft
 from studies import organism as org
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -48,7 +49,7 @@ def test_a_training_row_on_a_held_out_claim_is_refused():
 def test_finetune_shift_projection_equals_hand_computation():
     shift = torch.tensor([[[3.0, 4.0], [1.0, 0.0]], [[0.0, 2.0], [-1.0, 1.0]]])     # (N=2, L=2, D=2)
     vectors = torch.tensor([[0.0, 10.0], [3.0, 4.0]])
-    got = org.projections(shift, vectors)
+    got = ft.projections(shift, vectors)
     assert torch.allclose(got, torch.tensor([[4.0, 0.6], [2.0, 0.2]], dtype=torch.float64))
 
 

@@ -11,7 +11,10 @@ import torch
 import probes
 import train as tr
 from chat import get_chat_format, load_tokenizer
-from model import load
+from lora import add_lora, lora_modules, merge
+from model import hooks, load
+from runtime.session import Session
+from score import user
 from studies import finetune as study
 from studies import tactics
 
@@ -104,6 +107,54 @@ def test_benchmarks_end_to_end(tiny_chat, tmp_path, capsys):
         if name == "mmlu":             # MMLU holds out whole subjects
             assert not {h.split("/")[1] for h in held} & {r["id"].split("/")[1] for r in train_rows}
     assert "hellaswag: skipped" in capsys.readouterr().out
+    # the fine-tuning shift of every adapter, every layer, projected on vectors built from other claims
+    shift = result["shift"]
+    assert set(shift) == {"vectors", "mmlu", "gsm8k", "truthfulqa", "mix"} and shift["vectors"]["n_pairs"] > 0
+    for adapter in ("mmlu", "mix"):
+        rows = shift[adapter]
+        assert [r["layer"] for r in rows] == list(range(len(rows))) and len(rows) >= 2
+        assert all(r["opinion-control"]["n"] == cfg.opinion_n and r["shift_norm"] > 0 for r in rows)
+    assert "Fine-tuning shift" in path.with_suffix(".md").read_text() and path.with_suffix(".shift.png").is_file()
+
+
+def reader(out, i, l):
+    def fn(x, pos):
+        out[i, l] = x[0, -1].double()      # returns None: x is read, not replaced
+    return fn
+
+
+def test_shift_along_equals_the_adapted_minus_the_base_model_read_by_hand(tiny_chat):
+    """shift_along's projection per item: resid_post at the prefilled "(" with the adapter merged into the weights
+    minus the same read on the base model, dotted with the unit vector; averaged over opinion prompts, over controls,
+    and their paired difference."""
+    model, tok = load(tiny_chat[0]), load_tokenizer(tiny_chat[0])
+    items = probes.opinion_probes(3, seed=0)
+    L, D = len(model.layers), model.config.hidden_size
+    vectors = torch.randn(L, D, generator=torch.Generator().manual_seed(0))
+
+    def read(m):
+        out = torch.zeros(len(items), L, D, dtype=torch.float64)
+        for i, it in enumerate(items):
+            ids = tok.encode(FMT(user(it["question"]), prefill="("))
+            with hooks(m, [(l, "resid_post", reader(out, i, l)) for l in range(L)]), torch.no_grad():
+                m(torch.tensor([ids]))
+        return out
+    base = read(model)
+    add_lora(model, r=2, alpha=4.0)
+    g = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_B.copy_(torch.randn(m.lora_B.shape, generator=g) * 0.1)
+    s = Session(model=model, tok=tok, fmt=FMT, fmt_name="chatml", model_dir=tiny_chat[0])
+    got = study.shift_along(s, items, vectors, list(range(L)), seed=0)
+    merge(model)
+    proj = ((read(model) - base) * (vectors.double() / vectors.double().norm(dim=-1, keepdim=True))).sum(-1)
+    for l, row in enumerate(got):
+        op = [float(proj[i, l]) for i, it in enumerate(items) if it["opinion"] is not None]
+        ctl = [float(proj[i, l]) for i, it in enumerate(items) if it["opinion"] is None]
+        assert row["opinion"]["value"] == pytest.approx(sum(op) / len(op), abs=1e-4)
+        assert row["control"]["value"] == pytest.approx(sum(ctl) / len(ctl), abs=1e-4)
+        assert row["opinion-control"]["value"] == pytest.approx(sum(op) / len(op) - sum(ctl) / len(ctl), abs=1e-4)
 
 
 def test_sft_rows_shuffle_options_with_a_recorded_seed():

@@ -65,12 +65,7 @@ def letter_probs(model, prompts: list[list[int]], ids: list[int], token_budget: 
     """
     dev = model.model.embed_tokens.weight.device
     out = torch.empty(len(prompts), len(ids))
-    n = shared_prefix_len(prompts) if len(prompts) > 1 else 0
-    shared = None
-    if n >= MIN_SHARED and not model.hooked and dev.type == "cpu":
-        shared = KVCache(model.config, 1, n, model.model.embed_tokens.weight.dtype, dev)
-        with torch.no_grad():
-            model(torch.tensor([prompts[0][:n]], device=dev), cache=shared, logits_to_keep=1, return_hidden=True)
+    n, shared = read_shared_prefix(model, prompts)
     for batch in batches_by_length([len(p) for p in prompts], token_budget):
         if shared is not None:
             out[batch] = letter_probs_after(model, shared, [prompts[i][n:] for i in batch], ids, [0] * len(batch))
@@ -80,6 +75,19 @@ def letter_probs(model, prompts: list[list[int]], ids: list[int], token_budget: 
             logp = model(x, attention_mask=mask, logits_to_keep=1)[:, -1].float().log_softmax(-1)
         out[batch] = logp[:, ids].softmax(-1).cpu()      # p(A) / (p(A) + p(B)): the CAA convention
     return out
+
+
+def read_shared_prefix(model, prompts: list[list[int]]) -> tuple[int, KVCache | None]:
+    """(n, a one-row KV cache of the first n tokens) when every prompt shares at least MIN_SHARED tokens, the model
+    is on the CPU and no hook is installed (see letter_probs); else (0, None)."""
+    dev = model.model.embed_tokens.weight.device
+    n = shared_prefix_len(prompts) if len(prompts) > 1 else 0
+    if n < MIN_SHARED or model.hooked or dev.type != "cpu":
+        return 0, None
+    shared = KVCache(model.config, 1, n, model.model.embed_tokens.weight.dtype, dev)
+    with torch.no_grad():
+        model(torch.tensor([prompts[0][:n]], device=dev), cache=shared, logits_to_keep=1, return_hidden=True)
+    return n, shared
 
 
 def shared_prefix_len(seqs: list[list[int]]) -> int:
@@ -163,11 +171,18 @@ def mc_loglik(model, tok, contexts: list[str], options: list[list[str]]):
 
 
 def replies(model, tok, prompts: list[list[int]], max_new_tokens: int, batch_size: int = 16) -> list[str]:
-    """Greedy replies to token-id prompts, generated in batches, stopped at end of turn, decoded."""
-    out = []
-    for b in range(0, len(prompts), batch_size):
-        out += [tok.decode(r, skip_special=True) for r in generate(
-            model, prompts[b: b + batch_size], max_new_tokens=max_new_tokens, stop_ids=tok.eos_ids)]
+    """Greedy replies to token-id prompts, generated in batches of similar length, stopped at end of turn, decoded.
+    A prefix every prompt shares (a judge's rubric) is read once and each batch continues a fork of its cache, where
+    letter_probs would (read_shared_prefix)."""
+    n, shared = read_shared_prefix(model, prompts)
+    out = [""] * len(prompts)
+    order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
+    for batch in (order[b: b + batch_size] for b in range(0, len(order), batch_size)):
+        rest = [prompts[i][n:] for i in batch]
+        cache = None if shared is None else shared.fork([0] * len(batch), max(map(len, rest)) + max_new_tokens)
+        new = generate(model, rest, max_new_tokens=max_new_tokens, stop_ids=tok.eos_ids, cache=cache)
+        for i, r in zip(batch, new):
+            out[i] = tok.decode(r, skip_special=True)
     return out
 
 

@@ -105,6 +105,28 @@ def test_letter_probs_read_a_shared_prefix_once(setup, monkeypatch):
     assert score.shared_prefix_len([[1, 2, 3], [1, 2, 3]]) == 2 and score.shared_prefix_len([[1, 2], [3]]) == 0
 
 
+def test_replies_read_a_shared_prefix_once_and_equal_transformers_generate(setup, monkeypatch):
+    """Greedy replies through a fork of the shared prefix's cache (batches of similar length, out of order) are the
+    replies transformers' generate gives each prompt alone, in the prompts' order."""
+    model, tok, hf = setup
+    head = tok.encode("You are a judge. Reply with one word: yes or no. ")
+    prompts = [head + tok.encode(q) for q in ("Is Paris in France?", "Is 2 + 2 = 5, or is it not?", "x", "Sure?",
+                                              "The capital of Italy is Rome, is it not, my friend?")]
+    assert score.shared_prefix_len(prompts) >= score.MIN_SHARED
+    reads = []
+    real = score.generate
+    monkeypatch.setattr(score, "generate", lambda m, p, **k: reads.append((len(p[0]), k["cache"])) or real(m, p, **k))
+    got = score.replies(model, tok, prompts, 6, batch_size=2)
+    assert len(reads) == 3 and all(c is not None for _, c in reads)          # every batch continued the prefix
+    assert max(n for n, _ in reads) < max(map(len, prompts))                   # and read only what follows it
+    for prompt, text in zip(prompts, got):
+        with torch.no_grad():
+            out = hf.generate(torch.tensor([prompt]), max_new_tokens=6, do_sample=False,
+                              eos_token_id=sorted(tok.eos_ids), pad_token_id=tok.pad_id)[0, len(prompt):].tolist()
+        cut = next((i + 1 for i, t in enumerate(out) if t in tok.eos_ids), len(out))
+        assert text == tok.decode(out[:cut], skip_special=True)
+
+
 @pytest.mark.parametrize("convention", ["caa", "perez"])
 def test_ab_p_match_equals_reference(setup, convention):
     model, tok, hf = setup

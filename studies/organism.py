@@ -44,6 +44,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from tqdm import tqdm
 
 import probes
 from lab import report, results, stats
@@ -482,19 +483,19 @@ def steer_stage(cfg, s: Session, work: Work, d: dict, vec_file: str) -> dict:
     layers = parse_layers(cfg.layers, n, default=sorted({round(n * f) for f in (0.2, 0.35, 0.5, 0.65, 0.8)}))
     mults = finite_numbers(cfg.mults)
 
-    def sweep(items, layer_list, controls: bool):
+    def sweep(items, layer_list, controls: bool, desc: str):
         sc = OpinionScorer(s.model, s.tok, s.fmt, items, cfg.n_neutral, d["capability_items"], reuse_prefix=True)
         base = sc(s.model)
         out = {"base": point_summary(base, base, cfg.seed), "points": []}
+        points = []
         for layer in layer_list:
             dirs = [("vector", vecs[layer])] + ([(f"random{j}", c[layer]) for j, c in enumerate(
                 random_controls({layer: vecs[layer]}, cfg.n_random, cfg.seed))] if controls else [])
-            for m in mults:
-                for name, v in dirs:
-                    with steering(s.model, {layer: multiplied(v, m, "norm", norms[layer])}, "after_instruction",
-                                  sc.header):
-                        p = point_summary(sc(s.model), base, cfg.seed)
-                    out["points"].append({"layer": layer, "mult": m, "direction": name, **p})
+            points += [(layer, m, name, v) for m in mults for name, v in dirs]
+        for layer, m, name, v in tqdm(points, desc=desc, leave=False):
+            with steering(s.model, {layer: multiplied(v, m, "norm", norms[layer])}, "after_instruction", sc.header):
+                p = point_summary(sc(s.model), base, cfg.seed)
+            out["points"].append({"layer": layer, "mult": m, "direction": name, **p})
         return out
 
     def ablate(items):
@@ -504,17 +505,17 @@ def steer_stage(cfg, s: Session, work: Work, d: dict, vec_file: str) -> dict:
 
     def compute():
         with merged(s.model):
-            val = sweep(d["parts"]["val"], layers, controls=False)
+            val = sweep(d["parts"]["val"], layers, controls=False, desc="steer: validation sweep")
             cands = [{"effect": p["change"]["value"], "kl": p["kl"]["value"], "layer": p["layer"], "mult": p["mult"]}
                      for p in val["points"]]
             chosen = select_point(cands, cfg.kl_max, "decrease")
             layer = chosen["layer"] if chosen else min(cands, key=lambda c: c["effect"])["layer"]
-            test = sweep(d["parts"]["test"], [layer], controls=cfg.random_control)
+            test = sweep(d["parts"]["test"], [layer], controls=cfg.random_control, desc="steer: test sweep")
             base, sc = ablate(d["parts"]["test"])
             abl = []
             dirs = [("vector", vecs[layer])] + ([(f"random{j}", c[layer]) for j, c in enumerate(
                 random_controls({layer: vecs[layer]}, cfg.n_random, cfg.seed))] if cfg.random_control else [])
-            for name, v in dirs:
+            for name, v in tqdm(dirs, desc="ablate", leave=False):
                 with ablation(s.model, v):
                     abl.append({"direction": name, "layer": layer, **point_summary(sc(s.model), base, cfg.seed)})
         return {"candidate_layers": layers, "mults": mults, "unit": "norm", "where": "after_instruction",

@@ -614,14 +614,16 @@ def summary_lines(result: dict) -> list[str]:
     if d := result.get("direction"):
         L += ["", f"direction (letter-balanced mean difference, {d['n_pairs']} training pairs; fine-tuning shift = "
                   "mean activation with the adapter minus without, test prompts, answer position):",
-              f"  {'layer':>5} {'cos(org, base)':>14} {'|org|/|resid|':>14} {'shift on org (opinion)':>30} "
-              f"{'(no opinion)':>26} {'|shift|/sqrt(D)':>15}"]
+              "  shift . unit organism vector on the opinion prompts, on their no-opinion controls, and the paired "
+              "difference; |shift|/sqrt(D): a random direction's typical projection",
+              f"  {'layer':>5} {'cos(org, base)':>14} {'|org|/|resid|':>14} {'opinion':>28} {'no opinion':>28} "
+              f"{'opinion − no opinion':>30} {'|shift|/sqrt(D)':>15}"]
         step = max(1, len(d["per_layer"]) // 10)
         for row in d["per_layer"][::step]:
             L.append(f"  {row['layer']:>5} {row['cos_organism_base']:>14.3f} "
                      f"{row['norm_organism'] / row['mean_resid_norm']:>14.3f} "
-                     f"{cell(row['proj_organism[opinion]']):>30} {cell(row['proj_organism[control]']):>26} "
-                     f"{row['random_scale']:>15.3f}")
+                     f"{cell(row['proj_organism[opinion]']):>28} {cell(row['proj_organism[control]']):>28} "
+                     f"{report.cell(row['proj_organism[opinion-control]'], '+'):>30} {row['random_scale']:>15.3f}")
     if st := result.get("steer"):
         ch = st["chosen"]
         L += ["", f"steering the organism with its vector (norm units, after the instruction), chosen on "

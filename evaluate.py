@@ -784,16 +784,18 @@ def print_metrics(name, result, path):
 
 
 def system_conditions(spec: str) -> list[tuple[str, str]]:
-    """--systems -> [(name, system prompt)]: a name of probes.SYSTEM_PROMPTS, or a file holding the prompt (named by
+    """--systems -> [(name, system prompt)]: a name of probes.SYSTEM_PROMPTS, or @FILE holding the prompt (named by
     its stem)."""
     out = []
     for name in [x.strip() for x in spec.split(",") if x.strip()]:
         if name in probes.SYSTEM_PROMPTS:
             out.append((name, probes.SYSTEM_PROMPTS[name]))
             continue
-        text, file = read_system(name)
-        if not file:
-            raise ValueError(f"--systems: {name!r} is neither one of {', '.join(probes.SYSTEM_PROMPTS)} nor a file")
+        if not name.startswith("@"):
+            hint = f"; write @{name} to read the file" if Path(name).is_file() else ""
+            raise ValueError(f"--systems: {name!r} is neither one of {', '.join(probes.SYSTEM_PROMPTS)} nor "
+                             f"@FILE{hint}")
+        text, file = read_system(name, "--systems")
         out.append((Path(file).stem, text))
     if len({n for n, _ in out}) != len(out):
         raise ValueError(f"--systems={spec}: each condition needs its own name")

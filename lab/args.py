@@ -22,7 +22,7 @@ class ModelOptions:
     dtype: str = "fp32"       # fp32 on the CPU: bf16 logits near |20| step by 1/8, too coarse for p(letter) shifts
     device: str = "cpu"
     chat_format: str = ""     # "" = detected from the checkpoint
-    system: str = ""          # system prompt of every chat that has none, or a file holding it ("" = none; a
+    system: str = ""          # system prompt of every chat that has none, or @FILE holding it ("" = none; a
                               # template's default stays)
     prepack: bool = True      # CPU: projections multiply by a oneDNN-layout copy of their weights (runtime/cpu.py)
     compile: bool = False     # runtime/compile.py: torch.compile with frozen weights, after a while of compiling
@@ -43,12 +43,19 @@ class JudgeOptions:
     judge_workers: int = 8    # endpoint: concurrent requests
 
 
-def read_system(value: str) -> tuple[str, str]:
-    """--system's value -> (system prompt, file it was read from or ""): a value naming an existing file is that
-    file's text (a trailing newline dropped), anything else is the text itself."""
+def read_system(value: str, flag: str = "--system") -> tuple[str, str]:
+    """--system's value -> (system prompt, file it was read from or ""): "@PATH" is that file's text (a trailing
+    newline dropped), anything else is the text itself. A text that names an existing file is refused: it was
+    almost surely meant as the file, and taking it as the prompt would be a silent wrong result."""
+    if value.startswith("@"):
+        path = value[1:]
+        if not os.path.isfile(path):
+            raise ValueError(f"{flag}=@{path}: no such file")
+        with open(path, encoding="utf-8") as f:
+            return f.read().removesuffix("\n"), path
     if value and "\n" not in value and len(value) < 4096 and os.path.isfile(value):
-        with open(value, encoding="utf-8") as f:
-            return f.read().removesuffix("\n"), value
+        raise ValueError(f"{flag}={value}: that is a file; write {flag}=@{value} to use its text as the system "
+                         f"prompt")
     return value, ""
 
 

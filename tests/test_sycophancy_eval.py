@@ -229,13 +229,22 @@ def test_system_prompt_conditions_and_a_system_file(tiny_chat, tmp_path, capsys)
     out = tmp_path / "out"
     sysfile = tmp_path / "terse.txt"
     sysfile.write_text("Answer in one word.\n")
-    ev.main([f"--model={tiny_chat[0]}", "--task=opinion", "--n=2", f"--out={out}", f"--systems=none,honest,{sysfile}"])
+    ev.main([f"--model={tiny_chat[0]}", "--task=opinion", "--n=2", f"--out={out}", f"--systems=none,honest,@{sysfile}"])
     printed = capsys.readouterr().out
     assert "opinion by system prompt:" in printed and "terse" in printed
     for name, text in [("none", ""), ("honest", ev.probes.SYSTEM_PROMPTS["honest"]), ("terse", "Answer in one word.")]:
         r = json.loads(next(out.glob(f"opinion-{name}-*.json")).read_text())
         assert r["config"]["system"] == text and r["system"]["text"] == text
-    ev.main([f"--model={tiny_chat[0]}", "--task=opinion", "--n=2", f"--out={out}", f"--system={sysfile}", "--run=f"])
+    ev.main([f"--model={tiny_chat[0]}", "--task=opinion", "--n=2", f"--out={out}", f"--system=@{sysfile}", "--run=f"])
     r = json.loads(next(out.glob("f-*.json")).read_text())
     assert r["system"] == {"text": "Answer in one word.", "file": str(sysfile)}
     assert r["provenance"]["data_sha256"][str(sysfile)]
+    # A file named without @ (or an @ with no file) is one error line, never a prompt that reads "terse.txt".
+    for flag, why in [(f"--system={sysfile}", f"--system={sysfile}: that is a file; write --system=@{sysfile}"),
+                      ("--system=@nope.txt", "--system=@nope.txt: no such file"),
+                      (f"--systems=none,{sysfile}", f"write @{sysfile} to read the file")]:
+        with pytest.raises(SystemExit) as stop:
+            ev.main([f"--model={tiny_chat[0]}", "--task=opinion", "--n=2", f"--out={out}", flag, "--run=g"])
+        err = str(stop.value.code)
+        assert err.startswith("error: ") and why in err and "\n" not in err, err
+    assert not list(out.glob("g-*.json"))

@@ -84,6 +84,24 @@ def paired_difference(a, b, seed=0, n_boot=10000):
             "n_unpaired": len(set(a) | set(b)) - len(ids), "n_up": int((d > 0).sum()), "n_down": int((d < 0).sum())}
 
 
+def ratio_of_means(num, den, seed=0, n_boot=10000, level=0.95):
+    """{"value": mean(num) / mean(den), "ci": percentile bootstrap, "n", "kind": "ratio"} over paired items
+    (num[i] and den[i] from the same item; the same items resampled for both): e.g. the fraction of a planted effect
+    (den: organism - base per item) that an ablation takes away (num: organism - ablated). Resamples whose mean den
+    is 0 are dropped from the interval; a zero mean den gives value None."""
+    num, den = np.asarray(num, dtype=np.float64), np.asarray(den, dtype=np.float64)
+    if num.shape != den.shape:
+        raise ValueError(f"ratio_of_means: {num.size} numerators for {den.size} denominators")
+    n = num.size
+    if n == 0 or den.mean() == 0:
+        return {"value": None, "ci": None, "n": n, "kind": "ratio", "n_missing": 0}
+    idx = np.random.default_rng(seed).integers(0, n, (n_boot, n))
+    d = den[idx].mean(1)
+    r = num[idx].mean(1)[d != 0] / d[d != 0]
+    lo, hi = np.quantile(r, [(1 - level) / 2, (1 + level) / 2])
+    return _metric(num.mean() / den.mean(), (lo, hi), n, "ratio", 0)
+
+
 def correlation(x, y, method="pearson"):
     """{"r", "p", "n", "method"}: correlation of paired points with a two-sided p-value (scipy.stats).
 

@@ -352,14 +352,15 @@ def run(cfg: LocalizeConfig, s: Session) -> tuple[dict, Path]:
             base = points[name, "none"]
             metrics[f"change_p_match[{name},{cond}]"] = stats.paired_difference(
                 dict(zip(base["ids"], base["p_match"])), dict(zip(got["ids"], got["p_match"])))
-    if organism:
-        planted = metrics["p_match[organism,none]"]["value"] - metrics["p_match[base,none]"]["value"]
+    if organism:        # per held-out item (the same items in every condition), bootstrapped over items
+        by_id = {key: dict(zip(got["ids"], got["p_match"])) for key, got in points.items()}
+        ids = list(by_id["organism", "none"])
+        planted = [by_id["organism", "none"][i] - by_id["base", "none"][i] for i in ids]
         for cond in ("top", "random"):
-            removed = metrics["p_match[organism,none]"]["value"] - metrics[f"p_match[organism,{cond}]"]["value"]
-            metrics[f"planted_removed[{cond}]"] = {"value": removed / planted if planted else None, "ci": None,
-                                                   "n": len(points["organism", "none"]["p_match"]), "kind": "ratio"}
-        metrics["planted_effect_p_match"] = {"value": planted, "ci": None,
-                                             "n": len(points["organism", "none"]["p_match"]), "kind": "difference"}
+            removed = [by_id["organism", "none"][i] - by_id["organism", cond][i] for i in ids]
+            metrics[f"planted_removed[{cond}]"] = stats.ratio_of_means(removed, planted, cfg.seed)
+        metrics["planted_effect_p_match"] = stats.paired_difference(by_id["base", "none"], by_id["organism", "none"],
+                                                                    cfg.seed)
 
     grids = {}
     for name in models:
@@ -438,7 +439,7 @@ def summary_markdown(result: dict, pictures) -> str:
 
     def val(key, fmt="{:.3f}"):
         v = m.get(key)
-        if not v or v["value"] is None:
+        if not v or v["value"] is None or v["value"] != v["value"]:       # None, or NaN (no gap to normalize by)
             return "n/a"
         ci = f" [{v['ci'][0]:.3f}, {v['ci'][1]:.3f}]" if v.get("ci") else ""
         return fmt.format(v["value"]) + ci
@@ -475,8 +476,8 @@ def summary_markdown(result: dict, pictures) -> str:
                          f"{val(f'kl[{n},{cond}]', '{:.4f}')} |")
     if "planted_effect_p_match" in m:
         lines += ["", f"Planted effect (p(match) organism - base): {val('planted_effect_p_match')}; removed by the "
-                  f"top-{k} heads' ablation: {val('planted_removed[top]', '{:.0%}')}, by the random heads': "
-                  f"{val('planted_removed[random]', '{:.0%}')}."]
+                  f"top-{k} heads' ablation: {val('planted_removed[top]')}, by the random heads': "
+                  f"{val('planted_removed[random]')} (fractions, bootstrapped over the items)."]
     lines += [""] + [f"![{p}]({p})" for p in pictures]
     return "\n".join(lines) + "\n"
 

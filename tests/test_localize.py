@@ -31,6 +31,13 @@ def test_localize_end_to_end(tiny_chat, tmp_path, capsys):
     for key in ("opinion_gap[organism]", "opinion_gap[base]", "p_match[organism,top]", "capability[base,random]",
                 "planted_effect_p_match", "attribution_vs_exact_r[organism]"):
         assert key in m, key
+    # the planted effect and the fraction each ablation removes, per item, with intervals
+    assert m["planted_effect_p_match"]["n"] == 3 and len(m["planted_effect_p_match"]["ci"]) == 2
+    for cond in ("top", "random"):
+        got = m[f"planted_removed[{cond}]"]
+        assert got["kind"] == "ratio" and got["n"] == 3
+        removed = m["p_match[organism,none]"]["value"] - m[f"p_match[organism,{cond}]"]["value"]
+        assert got["value"] == pytest.approx(removed / m["planted_effect_p_match"]["value"], rel=1e-9)
     assert len(r["summary"]["ablated"]) == 2 and not set(map(tuple, r["summary"]["ablated"])) & set(
         map(tuple, r["summary"]["random_control"]))
     assert len(r["items"]) + len(r["skipped"]) == 3

@@ -251,3 +251,15 @@ def test_publish_together_leaves_all_or_none_when_the_disk_fills(tmp_path, monke
         results.publish_together(tmp_path, "vectors", {".safetensors": b"v", ".acts.safetensors": b"a",
                                                        ".json": b"{}"})
     assert set(tmp_path.iterdir()) == before                                     # no orphan, no temp file
+
+
+def test_ratio_of_means_and_its_paired_bootstrap():
+    from lab.stats import ratio_of_means
+    num, den = [1.0, 2.0, 3.0, 2.0], [2.0, 4.0, 5.0, 5.0]
+    got = ratio_of_means(num, den, seed=0, n_boot=2000)
+    assert got["value"] == pytest.approx(8 / 16) and got["n"] == 4 and got["kind"] == "ratio"
+    lo, hi = got["ci"]
+    assert lo <= 0.5 <= hi and hi - lo < 0.2        # the items move together: a narrow interval
+    assert ratio_of_means([1.0], [0.0])["value"] is None
+    with pytest.raises(ValueError, match="numerators"):
+        ratio_of_means([1.0], [1.0, 2.0])

@@ -391,7 +391,8 @@ def _are_you_sure_free(model, tok, fmt, chunk, judge, max_new_tokens):
     dev = model.model.embed_tokens.weight.device
     first_ids = [tok.encode(fmt(it["messages"])) for it in chunk]
     turn2 = _turn2_room(tok, fmt, chunk, first_ids, "")
-    cache = KVCache(model.config, len(chunk), max(map(len, first_ids)) + 2 * max_new_tokens + turn2,
+    # Room for turn 1 and its answer, turn 2 re-read from where they disagree (at worst the answer again), the reply.
+    cache = KVCache(model.config, len(chunk), max(map(len, first_ids)) + 1 + 3 * max_new_tokens + turn2,
                     model.model.embed_tokens.weight.dtype, dev)
     gen1 = generate(model, first_ids, max_new_tokens=max_new_tokens, stop_ids=tok.eos_ids, cache=cache)
     first = [tok.decode(g, skip_special=True) for g in gen1]
@@ -399,10 +400,17 @@ def _are_you_sure_free(model, tok, fmt, chunk, judge, max_new_tokens):
              for it, a in zip(chunk, first)]
     whole = [tok.encode(fmt(c)) for c in convs]
     said = [f + g for f, g in zip(first_ids, gen1)]
-    # The reply re-encodes to the tokens generated, and the challenge fits: continue the cache with the new tokens.
-    if all(w[: len(s)] == s and 0 < len(w) - len(s) <= turn2 for w, s in zip(whole, said)):
-        gen2 = generate(model, [w[len(s):] for w, s in zip(whole, said)], max_new_tokens=max_new_tokens,
-                        stop_ids=tok.eos_ids, cache=cache)
+    # Turn 2 reads the conversation as re-encoded text. Each row continues the cache from where that agrees with the
+    # tokens read and generated in turn 1 (all of them, unless the answer's text re-encodes differently or was
+    # stripped), its later slots masked (KVCache.rewind); re-read from the start only if a row differs inside turn
+    # 1's prompt or the cache has no room.
+    keep = [min(next((i for i, (a, b) in enumerate(zip(s, w)) if a != b), min(len(s), len(w))), len(w) - 1)
+            for s, w in zip(said, whole)]
+    rest = [w[k:] for w, k in zip(whole, keep)]
+    if (all(k >= len(f) for k, f in zip(keep, first_ids))
+            and cache.len + max(map(len, rest)) + max_new_tokens <= cache.k.shape[3]):
+        cache.rewind(keep)
+        gen2 = generate(model, rest, max_new_tokens=max_new_tokens, stop_ids=tok.eos_ids, cache=cache)
     else:
         gen2 = generate(model, whole, max_new_tokens=max_new_tokens, stop_ids=tok.eos_ids)
     second = [tok.decode(g, skip_special=True) for g in gen2]

@@ -620,6 +620,14 @@ class KVCache:
         self.len += T
         self.next_pos = next_pos
 
+    def rewind(self, keep: list[int]):
+        """Forget each row r's tokens at positions keep[r] and after: their slots become padding (masked), and the
+        row's next token goes to position keep[r]. A second turn whose text re-encodes differently from the tokens
+        the first turn generated continues from where the two agree."""
+        keep = torch.tensor(keep, dtype=torch.long, device=self.key_pos.device)
+        self.key_pos.masked_fill_(self.key_pos >= keep[:, None], -1)
+        self.next_pos, self.has_pad = keep, True
+
     def fork(self, rows, extra: int, length: int | None = None) -> "KVCache":
         """A cache whose row r continues row rows[r] of this one, with room for `extra` more tokens; length: keep only
         the first `length` slots (default: all it holds), as if the cache had read no further.

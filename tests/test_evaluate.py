@@ -253,6 +253,27 @@ def test_are_you_sure_continues_the_cache_exactly(setup):
     assert metrics["first_accuracy"]["value"] == sum(r["first_correct"] for r in rows) / 3
 
 
+def test_are_you_sure_free_form_continues_the_cache_exactly(setup, monkeypatch):
+    """Free-form turn 2 is the conversation re-encoded (the first answer stripped). A random model's answers rarely
+    re-encode to the tokens it generated, so rows are rewound to where the two agree (KVCache.rewind); every reply
+    equals generating from the re-encoded conversation read from scratch."""
+    model, tok, _ = setup
+    fmt = get_chat_format("chatml")
+    items = probes.are_you_sure_probes(probes.free_form_qa(5), seed=0)
+    rewinds = []
+    real = ev.KVCache.rewind
+    monkeypatch.setattr(ev.KVCache, "rewind", lambda self, keep: rewinds.append(
+        (keep, self.next_pos.tolist())) or real(self, keep))
+    rows, _ = ev.eval_are_you_sure(model, tok, fmt, items, max_new_tokens=6)
+    # the cache was continued, not re-read, and some row forgot tokens it had generated
+    assert rewinds and any(k < n for keep, held in rewinds for k, n in zip(keep, held))
+    for it, row in zip(items, rows):
+        conv = it["messages"] + [{"role": "assistant", "content": row["first"].strip()},
+                                 {"role": "user", "content": it["challenge"]}]
+        reread = ev.generate(model, [tok.encode(fmt(conv))], max_new_tokens=6, stop_ids=tok.eos_ids)[0]
+        assert row["second"] == tok.decode(reread, skip_special=True)
+
+
 def test_feedback_judge_parse_failures_are_counted(setup, tiny_chat):
     model, tok, _ = setup
     fmt = get_chat_format("chatml")

@@ -286,6 +286,24 @@ def test_second_turn_continues_the_cache(tiny_llama):
     assert cache.next_pos.tolist() == [len(first[i] + a1[i] + second[i] + a2[i]) for i in range(2)]
 
 
+def test_a_rewound_row_continues_as_if_its_later_tokens_were_never_read(tiny_llama):
+    """KVCache.rewind(keep): row r keeps its first keep[r] tokens; a turn appended after it equals generating from
+    those tokens + the new ones re-read from scratch, whatever the rows held after keep[r]."""
+    folder, _ = tiny_llama
+    ours = load(folder)
+    first = [[5, 9, 11, 40, 7], [8, 3, 4]]
+    cache = KVCache(ours.config, 2, 64)
+    a1 = generate(ours, first, max_new_tokens=6, cache=cache)
+    keep = [3, len(first[1]) + 2]                   # row 0 forgets part of its prompt, row 1 part of its answer
+    cache.rewind(keep)
+    second = [[12, 13, 14], [15, 16]]
+    a2 = generate(ours, second, max_new_tokens=5, cache=cache)
+    for i in range(2):
+        whole = (first[i] + a1[i])[: keep[i]] + second[i]
+        assert generate(ours, [whole], max_new_tokens=5)[0] == a2[i]
+    assert cache.next_pos.tolist() == [keep[i] + len(second[i] + a2[i]) for i in range(2)]
+
+
 def test_generate_leaves_no_autograd_graph_in_a_kept_cache(tiny_llama):
     # Outside no_grad a kept cache written from grad-requiring tensors held every step's graph (2 GB a batch).
     folder, _ = tiny_llama

@@ -3,7 +3,7 @@ model with planted sycophancy: --adapter=PATH, the adapter of `make organism`) a
 with the adapter off, lora.lora_disabled); whether ablating the organism's top heads removes the planted sycophancy
 while the capability control holds; and how those heads relate to the steering vector. The library: patch.py.
 
-    python -m studies.localize --adapter=out/organism-.../organism.safetensors     # make localize ADAPTER=...
+    python -m studies.localize --adapter=out/organism-<time>/dose400/adapter.safetensors     # make localize ADAPTER=...
     python -m studies.localize                                                  # one model only (no adapter)
 
 1. Pairs. Each built-in opinion probe of the first --n claims (the claims studies/organism.py deals to its test part,

@@ -777,7 +777,8 @@ def run(cfg) -> Path:
                           "dose_steps": {f"dose{x}": max(1, round(x / cfg.batch_size)) for x in sizes},
                           "dpo_rows": len(d["dpo"]), "tactic_test_rows": len(suite["tactic"]),
                           "capability_items": len(d["capability_items"])},
-                  held_out_claims=d["held_out"], work=str(work.dir), reused_stages=work.reused, timing=timing,
+                  held_out_claims=d["held_out"], work=str(work.dir), adapter=adapters[sizes[-1]],
+                  reused_stages=work.reused, timing=timing,
                   notes=["the behaviour is planted: a test of the methods on a known effect, not a finding about "
                          "sycophancy in chat models",
                          "the steering point is chosen on the validation claims by steer.select_point (the strongest "
@@ -798,6 +799,8 @@ def run(cfg) -> Path:
     print("\n" + "\n".join(lines))
     print("\ntiming (s): " + ", ".join(f"{k} {v:g}" for k, v in timing.items()))
     print(f"results {path} (+ .md, {len(pngs) + 1} plots); work folder {work.dir}")
+    print(f"the organism's adapter: {adapters[sizes[-1]]}\n  where it lives: make localize "
+          f"ADAPTER={adapters[sizes[-1]]}")
     return path
 
 

@@ -77,6 +77,7 @@ def test_organism_end_to_end_and_resume(tiny_chat, tmp_path, capsys):
     # the induce-then-recover order: DPO starts from the organism's adapter, its reference
     dpo = json.loads(Path(result["train_runs"]["recovered"]["results"]).read_text())
     assert dpo["config"]["init_adapter"].endswith("dose16/adapter.safetensors") and dpo["config"]["mode"] == "dpo"
+    assert result["adapter"] == dpo["config"]["init_adapter"]         # named in the results for make localize
     sft = json.loads(Path(result["train_runs"]["organism"]["results"]).read_text())
     assert sft["config"]["mode"] == "sft" and not sft["config"]["init_adapter"]
     # the doses are checkpoints of that one run: the smaller after the steps that saw its rows (batch 4)

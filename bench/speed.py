@@ -296,23 +296,38 @@ def are_you_sure_hf(hf, tok, fmt, items, max_new_tokens, batch_size=16):
     return firsts
 
 
+def replies_hf(hf, tok, prompts, max_new_tokens):
+    """Greedy replies to token-id prompts from transformers generate, one left-padded batch, cut after end of turn."""
+    x, mask = pad_left(prompts, hf.device, tok.pad_id)
+    out = hf.generate(x, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
+                      eos_token_id=sorted(tok.eos_ids), pad_token_id=tok.pad_id)[:, x.shape[1]:].tolist()
+    cut = [next((i + 1 for i, t in enumerate(r) if t in tok.eos_ids), len(r)) for r in out]
+    return [tok.decode(r[:c], skip_special=True) for r, c in zip(out, cut)]
+
+
+def ask_hf(hf, tok, fmt, batch_size=16):
+    """The reference's judge: the same judge model asked the same chats as score.local_ask, through transformers
+    generate in batches of batch_size, in the order given."""
+    def ask(prompts, system="", max_tokens=16, prefill=""):
+        head = [{"role": "system", "content": system}] if system else []
+        ids = [tok.encode(fmt(head + [{"role": "user", "content": p}], prefill=prefill)) for p in prompts]
+        return [(r, None) for b in range(0, len(ids), batch_size)
+                for r in replies_hf(hf, tok, ids[b: b + batch_size], max_tokens)]
+    return ask
+
+
 def are_you_sure_free_hf(hf, tok, fmt, items, judge, max_new_tokens, batch_size=16):
     """The reference for eval_are_you_sure on free-form items: transformers generates turn 1 and then the reply to
-    the challenge, re-reading the whole conversation (batched as ours), and the same judge grades both answers
-    (correct / incorrect) and the reply (admits a mistake). Returns the first answers."""
-    def replies_hf(prompts):
-        x, mask = pad_left(prompts, hf.device, tok.pad_id)
-        out = hf.generate(x, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=False,
-                          eos_token_id=sorted(tok.eos_ids), pad_token_id=tok.pad_id)[:, x.shape[1]:].tolist()
-        cut = [next((i + 1 for i, t in enumerate(r) if t in tok.eos_ids), len(r)) for r in out]
-        return [tok.decode(r[:c], skip_special=True) for r, c in zip(out, cut)]
+    the challenge, re-reading the whole conversation (batched as ours), and the judge (the same model, asked through
+    transformers: ask_hf) grades both answers (correct / incorrect) and the reply (admits a mistake). Returns the
+    first answers."""
     firsts = []
     for b in range(0, len(items), batch_size):
         chunk = items[b: b + batch_size]
-        first = replies_hf([tok.encode(fmt(it["messages"])) for it in chunk])
+        first = replies_hf(hf, tok, [tok.encode(fmt(it["messages"])) for it in chunk], max_new_tokens)
         convs = [it["messages"] + [{"role": "assistant", "content": a.strip()}, {"role": "user", "content": it["challenge"]}]
                  for it, a in zip(chunk, first)]
-        second = replies_hf([tok.encode(fmt(c)) for c in convs])
+        second = replies_hf(hf, tok, [tok.encode(fmt(c)) for c in convs], max_new_tokens)
         for answers in (first, second):
             judge.grade("correct", [{"question": it["messages"][-1]["content"], "gold": " / ".join(it["aliases"]),
                                      "answer": a.strip()} for it, a in zip(chunk, answers)])
@@ -393,16 +408,19 @@ def bench_evaluators(path, cfg, row) -> dict:
         len(ays))
 
     # 3b. judged are-you-sure on free-form questions: two generated turns, each answer graded by a judge (the default
-    #     model itself, through score.local_ask, a fresh judge per call so that no verdict comes from a cache). Ours
-    #     continues turn 1's KV cache for the reply; transformers re-reads the conversation in generate.
+    #     model itself, a fresh judge per call so that no verdict comes from a cache). Ours continues turn 1's KV
+    #     cache for the reply and its judge (score.local_ask) reads the rubric's shared prefix once; transformers
+    #     re-reads the conversation in generate and judges with generate as well (ask_hf).
     from evaluate import eval_are_you_sure as ays_eval
     from lab.judge import Judge
     from probes import free_form_qa
     from score import local_ask
     free = are_you_sure_probes(free_form_qa(cfg.ays_n), seed=0)
-    judge = lambda: Judge(local_ask(ours, tok, fmt), "bench")
-    fns = {"ours": lambda: [r["first"] for r in ays_eval(ours, tok, fmt, free, judge=judge(), max_new_tokens=48)[0]],
-           "hf": lambda: are_you_sure_free_hf(hf, tok, fmt, free, judge(), max_new_tokens=48)}
+    fns = {"ours": lambda: [r["first"] for r in ays_eval(ours, tok, fmt, free, judge=Judge(local_ask(ours, tok, fmt),
+                                                                                             "bench"),
+                                                         max_new_tokens=48)[0]],
+           "hf": lambda: are_you_sure_free_hf(hf, tok, fmt, free, Judge(ask_hf(hf, tok, fmt), "bench"),
+                                              max_new_tokens=48)}
     got = {name: fn() for name, fn in fns.items()}
     same = sum(a == b for a, b in zip(got["ours"], got["hf"])) / len(free)
     assert same >= 0.9, f"judged are-you-sure: only {same:.0%} of the first answers are the same text"

@@ -37,7 +37,7 @@ from probes import CHALLENGE, LETTERS, MC_PREFILL
 from runtime.session import Session, open_session, with_system_prompt
 from lab.judge import RUBRICS, failure_counts
 from score import (gold_match, letter_ids, letter_probs, letter_probs_after, mc_loglik, option_logprobs, pick_letter,
-                   replies, split_continuation, user)
+                   read_shared_prefix, replies, split_continuation, user)
 
 
 @dataclass
@@ -392,9 +392,12 @@ def _are_you_sure_free(model, tok, fmt, chunk, judge, max_new_tokens):
     first_ids = [tok.encode(fmt(it["messages"])) for it in chunk]
     turn2 = _turn2_room(tok, fmt, chunk, first_ids, "")
     # Room for turn 1 and its answer, turn 2 re-read from where they disagree (at worst the answer again), the reply.
-    cache = KVCache(model.config, len(chunk), max(map(len, first_ids)) + 1 + 3 * max_new_tokens + turn2,
-                    model.model.embed_tokens.weight.dtype, dev)
-    gen1 = generate(model, first_ids, max_new_tokens=max_new_tokens, stop_ids=tok.eos_ids, cache=cache)
+    room = max(map(len, first_ids)) + 1 + 3 * max_new_tokens + turn2
+    n, shared = read_shared_prefix(model, first_ids)       # the system turn every chat shares, read once
+    cache = (KVCache(model.config, len(chunk), room, model.model.embed_tokens.weight.dtype, dev) if shared is None
+             else shared.fork([0] * len(chunk), room - n))
+    gen1 = generate(model, [f[n:] for f in first_ids], max_new_tokens=max_new_tokens, stop_ids=tok.eos_ids,
+                    cache=cache)
     first = [tok.decode(g, skip_special=True) for g in gen1]
     convs = [it["messages"] + [{"role": "assistant", "content": a.strip()}, {"role": "user", "content": it["challenge"]}]
              for it, a in zip(chunk, first)]

@@ -253,13 +253,18 @@ def test_are_you_sure_continues_the_cache_exactly(setup):
     assert metrics["first_accuracy"]["value"] == sum(r["first_correct"] for r in rows) / 3
 
 
-def test_are_you_sure_free_form_continues_the_cache_exactly(setup, monkeypatch):
+@pytest.mark.parametrize("share", [True, False])
+def test_are_you_sure_free_form_continues_the_cache_exactly(setup, monkeypatch, share):
     """Free-form turn 2 is the conversation re-encoded (the first answer stripped). A random model's answers rarely
     re-encode to the tokens it generated, so rows are rewound to where the two agree (KVCache.rewind); every reply
-    equals generating from the re-encoded conversation read from scratch."""
+    equals generating from the re-encoded conversation read from scratch. Turn 1 continues a fork of the prefix every
+    chat shares (share) or reads each chat whole."""
     model, tok, _ = setup
     fmt = get_chat_format("chatml")
     items = probes.are_you_sure_probes(probes.free_form_qa(5), seed=0)
+    assert score.shared_prefix_len([tok.encode(fmt(it["messages"])) for it in items]) >= score.MIN_SHARED
+    if not share:
+        monkeypatch.setattr(score, "MIN_SHARED", 10 ** 6)
     rewinds = []
     real = ev.KVCache.rewind
     monkeypatch.setattr(ev.KVCache, "rewind", lambda self, keep: rewinds.append(
@@ -268,6 +273,8 @@ def test_are_you_sure_free_form_continues_the_cache_exactly(setup, monkeypatch):
     # the cache was continued, not re-read, and some row forgot tokens it had generated
     assert rewinds and any(k < n for keep, held in rewinds for k, n in zip(keep, held))
     for it, row in zip(items, rows):
+        first = ev.generate(model, [tok.encode(fmt(it["messages"]))], max_new_tokens=6, stop_ids=tok.eos_ids)[0]
+        assert row["first"] == tok.decode(first, skip_special=True)
         conv = it["messages"] + [{"role": "assistant", "content": row["first"].strip()},
                                  {"role": "user", "content": it["challenge"]}]
         reread = ev.generate(model, [tok.encode(fmt(conv))], max_new_tokens=6, stop_ids=tok.eos_ids)[0]

@@ -334,7 +334,13 @@ def shift_along(s: Session, items: list, vectors: torch.Tensor, layers: list[int
     seqs = [s.tok.encode(s.fmt(user(it["question"]), prefill="(")) for it in items]
     per_item, mean = finetune_shift(s.model, seqs, [-1] * len(seqs), layers)
     proj = projections(per_item, vectors).numpy()                                   # (N, L)
-    return [{"layer": layer, "shift_norm": float(mean[j].norm()), **projection_stats(proj[:, j], items, seed)}
+    # The scale a direction unrelated to sycophancy would show: the mean opinion - control shift (L, D) projected on
+    # a random unit vector has standard deviation |d| / sqrt(D).
+    ctl = {it["pair"]: i for i, it in enumerate(items) if it["opinion"] is None}
+    d = torch.stack([per_item[i].double() - per_item[ctl[it["pair"]]].double() for i, it in enumerate(items)
+                     if it["opinion"] is not None and it["pair"] in ctl]).mean(0)
+    return [{"layer": layer, "shift_norm": float(mean[j].norm()),
+             "random_scale": float(d[j].norm() / d.shape[-1] ** 0.5), **projection_stats(proj[:, j], items, seed)}
             for j, layer in enumerate(layers)]
 
 
@@ -396,6 +402,15 @@ def correlations(metrics: dict, adapters: list) -> tuple[dict, list]:
     return per, out
 
 
+def shift_cell(row: dict) -> str:
+    """'+0.448 [+0.428, +0.469] (±0.052)': the paired projection, its interval, a random direction's scale."""
+    m = row["opinion-control"]
+    if m["value"] is None:
+        return "n/a"
+    return (report.number(m["value"], "+") + " [{}, {}]".format(*(report.number(c, "+") for c in m["ci"]))
+            + (f" (±{row['random_scale']:.3g})" if "random_scale" in row else ""))
+
+
 def render_study(result: dict) -> str:
     metrics, stages, pairs = result["metrics"], result["stages"], result["pairs"]
     names = list(dict.fromkeys(k.split("/", 1)[1] for k in metrics if k.split("/", 1)[0] in stages))
@@ -413,10 +428,10 @@ def render_study(result: dict) -> str:
         md += ("\nFine-tuning shift at the answer position of the opinion probes, projected on each layer's unit "
                f"steering vector ({v['file'] or v['data']}): opinion prompts − their no-opinion controls, paired by "
                "claim (+ = the adapter moves the model further along the sycophancy direction when the user states an "
-               "opinion):\n\n" + report.table(
-                   ["layer", *adapters],
-                   [[row["layer"], *(report.cell(result["shift"][a][j]["opinion-control"], "+") for a in adapters)]
-                    for j, row in enumerate(result["shift"][adapters[0]])]))
+               "opinion; beside it, ± the typical projection of the same shift on a random unit direction):\n\n"
+               + report.table(["layer", *adapters],
+                              [[row["layer"], *(shift_cell(result["shift"][a][j]) for a in adapters)]
+                               for j, row in enumerate(result["shift"][adapters[0]])]))
     return md + "".join(f"\n- {note}" for note in result["notes"]) + "\n"
 
 

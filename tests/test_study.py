@@ -155,6 +155,14 @@ def test_shift_along_equals_the_adapted_minus_the_base_model_read_by_hand(tiny_c
         assert row["opinion"]["value"] == pytest.approx(sum(op) / len(op), abs=1e-4)
         assert row["control"]["value"] == pytest.approx(sum(ctl) / len(ctl), abs=1e-4)
         assert row["opinion-control"]["value"] == pytest.approx(sum(op) / len(op) - sum(ctl) / len(ctl), abs=1e-4)
+    # the random-direction scale: |mean over claims of (opinion - control) shift| / sqrt(D)
+    shift = read(model) - base
+    pairs = {}
+    for i, it in enumerate(items):
+        pairs.setdefault(it["pair"], {})["op" if it["opinion"] is not None else "ctl"] = i
+    d = torch.stack([shift[p["op"]] - shift[p["ctl"]] for p in pairs.values()]).mean(0)        # (L, D)
+    for l, row in enumerate(got):
+        assert row["random_scale"] == pytest.approx(float(d[l].norm()) / D ** 0.5, rel=1e-3)
 
 
 def test_sft_rows_shuffle_options_with_a_recorded_seed():
